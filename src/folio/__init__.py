@@ -1,0 +1,18 @@
+"""folio: train small GPT language models on the computer you have."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load", "generate"]
+
+
+def __getattr__(name: str):
+    # Keep `import folio` light: torch is imported only when the API is used.
+    if name == "load":
+        from folio.sample import load
+        return load
+    if name == "generate":
+        from folio.sample import generate
+        return generate
+    raise AttributeError(name)
