@@ -1,0 +1,416 @@
+"""The training loop, readable top to bottom: set up, then evaluate / step / log until done.
+
+Semantics follow nanoGPT's train.py (same settings, same schedule, same checkpoints) with
+finite defaults, atomic safetensors checkpoints, exact resume and a clean Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from folio import checkpoint, distributed
+from folio.config import TrainConfig, apply, load_preset
+from folio.device import autocast, configure_threads, peak_flops, resolve_device, resolve_dtype
+from folio.errors import CheckpointError, DataError, TrainingError
+from folio.evaluate import estimate_loss
+from folio.loader import Loader, open_tokens, read_meta
+from folio.model import GPT, GPTConfig
+from folio.optim import configure_optimizer, lr_at
+
+KNOWN_DATASETS = ("shakespeare_char", "shakespeare")
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+def train(cfg: TrainConfig, explicit_source: bool = False,
+          explicit_keys: frozenset[str] | set[str] = frozenset()) -> int:
+    """Run `folio train`; returns the process exit code (130 after Ctrl+C)."""
+    info = distributed.from_env()
+    device = distributed.device_for_rank(info, resolve_device(cfg.device))
+    if not explicit_source and device.type != "cpu":
+        # `folio train` with no preset on a GPU trains nanoGPT's GPU-sized char model.
+        preset = {k: v for k, v in load_preset("shakespeare_char").items()
+                  if k not in explicit_keys}
+        cfg = apply(TrainConfig, preset, cfg)
+    distributed.init(info, device, cfg.backend)
+    try:
+        return Trainer(cfg, info, device).run()
+    finally:
+        distributed.shutdown()
+
+
+class StopRequest(AbstractContextManager):
+    """First SIGINT/SIGTERM asks the loop to save and stop; a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nfolio: got {signal.Signals(signum).name}; saving a checkpoint after this step "
+              "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Progress:
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    best_iter: int = -1
+    evaluated_at: int = -1  # iteration whose eval already ran (skip it again after resume)
+
+
+class Trainer:
+    """Holds the objects of one training run; `run()` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device):
+        self.info, self.device = info, device
+        self.master = info.is_master
+        configure_threads(info.local_world_size if device.type == "cpu" else 1)
+        torch.manual_seed(cfg.seed + info.rank)
+        if cfg.gradient_accumulation_steps % info.world_size:
+            raise TrainingError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
+                                f"is not divisible by the {info.world_size} processes; make it "
+                                "a multiple of the process count")
+        self.grad_accum = cfg.gradient_accumulation_steps // info.world_size
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.out_dir = Path(cfg.out_dir)
+        if self.master:
+            check_writable(self.out_dir)
+
+        self.dataset_dir = ensure_dataset(cfg, info)
+        self.meta = read_meta(self.dataset_dir)
+        self.progress = Progress()
+        resume = self._load_resume(cfg) if cfg.init_from == "resume" else None
+        self.model = self._build_model(cfg, resume)
+        self.cfg = cfg = dataclasses.replace(cfg, block_size=self.model.config.block_size)
+        splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
+        self.eval_splits = splits
+        self.loader = Loader(splits["train"], cfg.batch_size, cfg.block_size,
+                             cfg.seed + info.rank, device, "train")
+        Loader(splits["val"], 1, cfg.block_size, 0, device, "val")  # fails early if too short
+
+        self.model.to(device)
+        self.optimizer = configure_optimizer(self.model, cfg, device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        if resume is not None:
+            self._restore(resume)
+        self.compiled = should_compile(cfg, device)
+        body = torch.compile(self.model) if self.compiled else self.model
+        self.train_model = distributed.wrap(body, info, device)
+        self.tokens_per_iter = (cfg.gradient_accumulation_steps * cfg.batch_size
+                                * cfg.block_size)
+        self.flops_per_iter = self.model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
+        self.metrics = self._open_metrics(cfg, resume is not None)
+
+    # ------------------------------------------------------------------ setup steps
+
+    def _load_resume(self, cfg: TrainConfig) -> checkpoint.ResumeState:
+        if (self.out_dir / "ckpt.pt").exists() and not (self.out_dir / "run.json").exists():
+            from folio.nanogpt import resume_state_from_nanogpt
+            state, run_info = resume_state_from_nanogpt(self.out_dir)
+        else:
+            run_info = checkpoint.read_run_info(self.out_dir)
+            state = checkpoint.load_resume(self.out_dir)
+        check_resume_matches(cfg, run_info, self.meta)
+        state.extra["model_config"] = run_info["model"]
+        return state
+
+    def _build_model(self, cfg: TrainConfig, resume: checkpoint.ResumeState | None) -> GPT:
+        if resume is not None:
+            shape = dict(resume.extra["model_config"], dropout=cfg.dropout)
+            model = GPT(GPTConfig(**shape))
+            checkpoint.load_weights_into(model, resume.model, self.out_dir)
+        elif cfg.init_from == "scratch":
+            model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                  dropout=cfg.dropout, bias=cfg.bias))
+        else:
+            from folio.hf import load_pretrained
+            model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+            if self.meta["vocab_size"] > model.config.vocab_size:
+                raise DataError(f"dataset {cfg.dataset} has {self.meta['vocab_size']} tokens, "
+                                f"more than {cfg.init_from}'s {model.config.vocab_size}; prepare "
+                                "it with --tokenizer gpt2")
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        if self.master:
+            print(f"folio: model has {model.num_params() / 1e6:.2f}M parameters "
+                  f"({model.num_params(non_embedding=False) / 1e6:.2f}M with position "
+                  "embeddings)", flush=True)
+        return model
+
+    def _restore(self, resume: checkpoint.ResumeState) -> None:
+        self.optimizer.load_state_dict(resume.optimizer)
+        if "scaler" in resume.extra:
+            self.scaler.load_state_dict(resume.extra["scaler"])
+        checkpoint.restore_rng(resume.rng, self.device)
+        if self.info.enabled:  # only rank 0's stream is stored: every rank reseeds instead
+            self.loader.generator.manual_seed(self.cfg.seed + self.info.rank
+                                              + 1_000_003 * resume.iter_num)
+        else:
+            self.loader.load_state_dict(resume.loader)
+        self.progress = Progress(iter_num=resume.iter_num, best_val_loss=resume.best_val_loss,
+                                 best_iter=resume.extra.get("best_iter", -1),
+                                 evaluated_at=resume.extra.get("evaluated_at", -1))
+
+    def _open_metrics(self, cfg: TrainConfig, resumed: bool):
+        if not self.master:
+            return None
+        from folio.metrics import MetricsLog
+        title = {"dataset": cfg.dataset, "params": self.model.num_params(),
+                 "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}
+        log = MetricsLog(self.out_dir,
+                         wandb_cfg=({"project": cfg.wandb_project, "name": cfg.wandb_run_name,
+                                     "config": dataclasses.asdict(cfg)} if cfg.wandb_log
+                                    else None),
+                         tensorboard=cfg.tensorboard, title_info=title)
+        log.truncate_after(self.progress.iter_num if resumed else -1)
+        return log
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        cfg, p = self.cfg, self.progress
+        self.announce()
+        self.write_info()
+        started = time.perf_counter()
+        ema_ms = None
+        with StopRequest() as stop:
+            while True:
+                if p.iter_num % cfg.eval_interval == 0 and p.evaluated_at != p.iter_num:
+                    self.evaluate_and_save(time.perf_counter() - started)
+                if cfg.eval_only or p.iter_num >= cfg.max_iters:
+                    break
+                t0 = time.perf_counter()
+                lr = lr_at(p.iter_num, cfg)
+                loss = self.step(lr)
+                p.iter_num += 1
+                if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
+                    loss_value = loss.item()  # a host sync: only at log lines
+                    check_finite(loss_value, p.iter_num, "training loss")
+                    ms = (time.perf_counter() - t0) * 1000
+                    ema_ms = ms if ema_ms is None else 0.9 * ema_ms + 0.1 * ms
+                    self.log_step(loss_value, lr, ms, ema_ms, time.perf_counter() - started)
+                if distributed.broadcast_flag(stop.requested, self.info, self.device):
+                    return self.save_on_interrupt()
+        if self.master:
+            self.save(best=False)
+            print(f"folio: done in {format_seconds(time.perf_counter() - started)}; best val "
+                  f"loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: folio sample "
+                  f"--out_dir={self.out_dir}", flush=True)
+            self.metrics.close()
+        return 0
+
+    def step(self, lr: float) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the last micro-loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch()
+            last = micro == self.grad_accum - 1
+            with distributed.no_sync(self.train_model, sync=last), \
+                    autocast(self.device, self.dtype):
+                _, loss = self.train_model(x, y)
+                loss = loss / self.grad_accum  # the mean over all micro-batches
+            self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach() * self.grad_accum
+
+    def evaluate_and_save(self, time_s: float) -> None:
+        cfg, p = self.cfg, self.progress
+        losses = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
+                               cfg.batch_size, cfg.block_size, self.device,
+                               lambda: autocast(self.device, self.dtype),
+                               seed_offset=self.info.rank)
+        losses = {k: distributed.all_reduce_mean(v, self.info, self.device)
+                  for k, v in losses.items()}
+        p.evaluated_at = p.iter_num
+        if not self.master:
+            return
+        check_finite(losses["val"], p.iter_num, "validation loss")
+        self.metrics.log_eval(p.iter_num, p.iter_num * self.tokens_per_iter, time_s,
+                              losses["train"], losses["val"])
+        improved = losses["val"] < p.best_val_loss
+        if improved:
+            p.best_val_loss, p.best_iter = losses["val"], p.iter_num
+        if (improved or cfg.always_save_checkpoint) and p.iter_num > 0 and not cfg.eval_only:
+            self.save(best=True)
+
+    def log_step(self, loss: float, lr: float, ms: float, ema_ms: float, time_s: float) -> None:
+        if not self.master:
+            return
+        p = self.progress
+        tokens_per_sec = self.tokens_per_iter / (ms / 1000)
+        # per-device utilisation: each process does 1/world_size of the iteration's work
+        mfu = (self.flops_per_iter / self.info.world_size / (ms / 1000) / self.peak
+               if self.peak else 0.0)
+        eta = (self.cfg.max_iters - p.iter_num) * ema_ms / 1000
+        self.metrics.log_train(p.iter_num, p.iter_num * self.tokens_per_iter, time_s, loss, lr,
+                               ms, tokens_per_sec, mfu,
+                               max_iters=self.cfg.max_iters, eta_s=eta)
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, best: bool) -> None:
+        """Write resume state (and, if `best`, the sampling weights) atomically."""
+        p = self.progress
+        if best:
+            checkpoint.save_model_weights(self.out_dir / checkpoint.MODEL_FILE, self.model,
+                                          {"iter_num": p.iter_num,
+                                           "val_loss": p.best_val_loss})
+        extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
+                 "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset}
+        state = checkpoint.ResumeState(
+            iter_num=p.iter_num, best_val_loss=p.best_val_loss,
+            model=checkpoint.model_state(self.model), optimizer=self.optimizer.state_dict(),
+            rng=checkpoint.capture_rng(self.device), loader=self.loader.state_dict(),
+            extra=extra)
+        checkpoint.save_resume(self.out_dir, state)
+        self.write_info()
+
+    def save_on_interrupt(self) -> int:
+        if self.master:
+            if all(torch.isfinite(t).all() for t in self.model.parameters()):
+                self.save(best=False)
+                print(f"folio: saved {self.out_dir} at iter {self.progress.iter_num}; continue "
+                      f"with: folio train --init_from=resume --out_dir={self.out_dir} "
+                      "(plus your other settings)", file=sys.stderr, flush=True)
+            else:
+                print("folio: weights are not finite; kept the last good checkpoint",
+                      file=sys.stderr)
+            self.metrics.close()
+        return 130
+
+    def write_info(self) -> None:
+        if not self.master:
+            return
+        p = self.progress
+        checkpoint.write_run_info(self.out_dir, {
+            "config": dataclasses.asdict(self.cfg), "model": self.model.config.to_dict(),
+            "tokenizer": self.meta["tokenizer"], "dataset": self.cfg.dataset,
+            "iter_num": p.iter_num, "best_val_loss": finite_or_none(p.best_val_loss),
+            "best_iter": p.best_iter, "dtype": str(self.dtype).removeprefix("torch."),
+            "compile": self.compiled, "world_size": self.info.world_size,
+            "versions": checkpoint.environment_info(self.device), "git": checkpoint.git_hash(),
+            "device": str(self.device)})
+
+    def announce(self) -> None:
+        if not self.master:
+            return
+        cfg = self.cfg
+        remaining = cfg.max_iters - self.progress.iter_num
+        guess = estimate_seconds(self.flops_per_iter * remaining, self.peak, self.device)
+        dtype = str(self.dtype).removeprefix("torch.")
+        print(f"folio: training on {self.device} ({dtype}, compile "
+              f"{'on' if self.compiled else 'off'}, {self.info.world_size} process"
+              f"{'es' if self.info.enabled else ''}) | iters {self.progress.iter_num}->"
+              f"{cfg.max_iters} | {self.tokens_per_iter:,} tokens/iter | "
+              f"est. {guess} | out_dir {self.out_dir}", flush=True)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
+    """The prepared dataset dir; tiny Shakespeare is prepared on first use."""
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    if not (dataset_dir / "meta.json").exists() and cfg.dataset in KNOWN_DATASETS:
+        if info.is_master:
+            from folio.config import PrepareConfig
+            from folio.data import prepare
+            print(f"folio: dataset {cfg.dataset} is not prepared yet; preparing it", flush=True)
+            prepare(PrepareConfig(dataset=cfg.dataset, data_dir=cfg.data_dir))
+        distributed.barrier(info)
+    elif not (dataset_dir / "meta.json").exists():
+        raise DataError(f"dataset {cfg.dataset!r} not found in {cfg.data_dir}/; prepare it with "
+                        f"`folio prepare PATH --name {cfg.dataset}` or pass --data_dir")
+    return dataset_dir
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".folio-write-test"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a "
+                              "writable --out_dir or free some space") from None
+
+
+def check_resume_matches(cfg: TrainConfig, run_info: dict, meta: dict) -> None:
+    """Resuming with another model shape, vocabulary or dataset is a one-line error."""
+    saved = run_info["model"]
+    for key in MODEL_SHAPE_KEYS:
+        if key in saved and getattr(cfg, key) != saved[key] and key != "block_size":
+            raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
+                                  f"in {cfg.out_dir} has {key}={saved[key]}; drop the setting "
+                                  "or start a new --out_dir")
+    if cfg.block_size != saved.get("block_size", cfg.block_size):
+        raise CheckpointError(f"cannot resume: block_size={cfg.block_size} but the checkpoint "
+                              f"has block_size={saved['block_size']}")
+    saved_tok = run_info.get("tokenizer")
+    if saved_tok is not None and saved_tok != meta["tokenizer"]:
+        raise CheckpointError(f"cannot resume: dataset {cfg.dataset!r} uses a different "
+                              f"vocabulary ({meta['tokenizer'].get('kind')}, "
+                              f"{meta['vocab_size']} tokens) than the checkpoint "
+                              f"({saved_tok.get('kind')}); use the dataset it was trained on")
+
+
+def should_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile == "auto":
+        return device.type == "cuda"
+    return bool(cfg.compile)
+
+
+def check_finite(value: float, iter_num: int, what: str) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(f"{what} is {value} at iter {iter_num}; the last good checkpoint is "
+                            "kept. Try a lower --learning_rate, --dtype=float32 or --grad_clip=1.0")
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def estimate_seconds(flops: float, peak: float, device: torch.device) -> str:
+    """A rough time guess from FLOPs at a typical utilisation; refined by the ETA on log lines."""
+    if not peak:
+        return "time unknown (see ETA)"
+    typical_mfu = 0.3 if device.type == "cuda" else 0.15
+    return f"~{format_seconds(flops / (peak * typical_mfu))}"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

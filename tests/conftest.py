@@ -1,0 +1,73 @@
+"""Shared fixtures: an offline download cache seeded with tiny Shakespeare, tiny runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+# Tests use few threads so helpers and CI runners do not oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def seeded_cache(tmp_path_factory) -> Path:
+    """A FOLIO_CACHE directory holding tiny Shakespeare, as a user's first download leaves it."""
+    if not SHARED_TEXT.is_file():
+        pytest.skip(f"tiny Shakespeare not found at {SHARED_TEXT}")
+    cache = tmp_path_factory.mktemp("folio-cache")
+    (cache / "tinyshakespeare").mkdir()
+    shutil.copy(SHARED_TEXT, cache / "tinyshakespeare" / "input.txt")
+    return cache
+
+
+@pytest.fixture
+def shakespeare_cache(seeded_cache, monkeypatch) -> Path:
+    monkeypatch.setenv("FOLIO_CACHE", str(seeded_cache))
+    return seeded_cache
+
+
+@pytest.fixture(scope="session")
+def char_data_dir(seeded_cache, tmp_path_factory) -> Path:
+    """A data dir with tiny Shakespeare prepared at the character level (shared, read-only)."""
+    from folio.config import PrepareConfig
+    from folio.data import prepare
+
+    data_dir = tmp_path_factory.mktemp("data")
+    old = os.environ.get("FOLIO_CACHE")
+    os.environ["FOLIO_CACHE"] = str(seeded_cache)
+    try:
+        prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(data_dir)))
+    finally:
+        if old is None:
+            del os.environ["FOLIO_CACHE"]
+        else:
+            os.environ["FOLIO_CACHE"] = old
+    return data_dir
+
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2",
+        "--log_interval=5", "--warmup_iters=5"]
+
+
+def tiny_args(data_dir: Path, out_dir: Path, **settings) -> list[str]:
+    """Command-line settings for a tiny, fast char model on tiny Shakespeare."""
+    args = [*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
+    return args + [f"--{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(char_data_dir, tmp_path_factory) -> Path:
+    """A run dir trained for 40 iterations (shared by tests that only read it)."""
+    from folio.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", *tiny_args(char_data_dir, out, max_iters=40, eval_interval=20,
+                                     lr_decay_iters=40)]) == 0
+    return out
