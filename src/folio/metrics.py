@@ -1,0 +1,414 @@
+"""Training metrics: the console lines, `metrics.jsonl` (writer and reader), and a parser
+that turns pasted nanoGPT or folio console output back into the same rows.
+
+Rows are plain dicts with the DESIGN.md keys; `Metrics` holds one run's train and eval rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import re
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from folio import fsutil
+from folio.errors import ConfigError, DataError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TRAIN_KEYS = ("iter", "tokens", "time_s", "loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu")
+EVAL_KEYS = ("iter", "tokens", "time_s", "train_loss", "val_loss")
+
+
+@dataclass
+class Metrics:
+    """One run's rows: `train` (one per log line) and `eval` (one per evaluation), by iter.
+
+    `name` labels the run in plots; `info` is its run.json (or {}) for the plot title.
+    """
+
+    train: list[dict] = field(default_factory=list)
+    eval: list[dict] = field(default_factory=list)
+    name: str = "run"
+    info: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.train or self.eval)
+
+
+# ---------------------------------------------------------------- console lines
+
+def format_duration(seconds: float) -> str:
+    """12s, 1m02s, 3h05m: short enough for a progress line."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_train_line(iter: int, max_iters: int | None, loss: float, lr: float,
+                      ms_per_iter: float, tokens_per_sec: float, mfu: float | None = None,
+                      eta_s: float | None = None) -> str:
+    """`iter 120/2000 | loss 2.1034 | lr 9.80e-04 | 33.1 ms/iter | 23,201 tok/s | mfu 1.23% |
+    eta 1m02s` (mfu is a fraction, printed as a percentage; mfu and eta are left out when None)."""
+    parts = [f"iter {iter}" + (f"/{max_iters}" if max_iters else ""), f"loss {loss:.4f}",
+             f"lr {lr:.2e}", f"{ms_per_iter:.1f} ms/iter", f"{tokens_per_sec:,.0f} tok/s"]
+    if mfu is not None:
+        parts.append(f"mfu {mfu * 100:.2f}%")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def format_eval_line(iter: int, train_loss: float, val_loss: float) -> str:
+    """`eval 250: train loss 1.9543, val loss 2.0516`."""
+    return f"eval {iter}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+
+
+# ---------------------------------------------------------------- reading
+
+def _finite_or_none(x: Any) -> Any:
+    """JSON has no NaN/inf: store them as null (readers see None)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def metrics_path(path: str | Path) -> Path:
+    """`<run_dir>/metrics.jsonl` for a run dir, or the path itself for a file."""
+    path = Path(path)
+    return path / METRICS_FILE if path.is_dir() else path
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The train and eval rows of a metrics.jsonl in file order; lines that are not JSON
+    objects of a known kind (a line torn by a crash) are skipped."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("kind") in ("train", "eval"):
+                rows.append(row)
+    return rows
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    return ([r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"])
+
+
+def read_metrics(path: str | Path) -> Metrics:
+    """Read a run dir (its metrics.jsonl and, for the title, run.json) or a metrics.jsonl."""
+    path = Path(path)
+    file = metrics_path(path)
+    if not file.is_file():
+        raise DataError(f"{path} has no {METRICS_FILE}: give a run dir written by `folio train` "
+                        f"(or a nanoGPT/folio console log file)")
+    train, evals = _split(_read_rows(file))
+    if not train and not evals:
+        raise DataError(f"{file} has no metric rows yet: train for at least one log_interval")
+    run_dir = file.parent
+    return Metrics(train, evals, name=run_dir.name if path.is_dir() else file.stem,
+                   info=_read_run_json(run_dir))
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    """run.json contents, or {} when it is missing or unreadable (plots must not need it)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+# ---------------------------------------------------------------- parsing console logs
+
+_NUM = r"[-+]?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+NANOGPT_TRAIN = re.compile(rf"\biter (\d+): loss ({_NUM}), time ({_NUM})ms(?:, mfu ({_NUM})%)?")
+NANOGPT_EVAL = re.compile(rf"\bstep (\d+): train loss ({_NUM}), val loss ({_NUM})")
+FOLIO_TRAIN = re.compile(
+    rf"\biter (\d+)(?:/\d+)? \| loss ({_NUM}) \| lr ({_NUM}) \| ({_NUM}) ms/iter"
+    rf" \| ({_NUM}) tok/s(?: \| mfu ({_NUM})%)?")
+FOLIO_EVAL = re.compile(rf"\beval (\d+): train loss ({_NUM}), val loss ({_NUM})")
+EXPECTED_LINES = ("nanoGPT `iter 3347: loss 3.4083, time 147.35ms, mfu 0.10%` / "
+                  "`step 250: train loss 1.9543, val loss 2.0516`, or folio "
+                  "`iter 120/2000 | loss 2.1034 | lr 9.80e-04 | 33.1 ms/iter | 23,201 tok/s ...` / "
+                  "`eval 250: train loss 1.9543, val loss 2.0516`")
+
+
+def _num(s: str | None) -> float | None:
+    return None if s is None else float(s.replace(",", ""))
+
+
+def _parse_line(line: str) -> dict | None:
+    """One console line as a train or eval row (tokens/time_s not filled yet), else None."""
+    if m := FOLIO_TRAIN.search(line):
+        it, loss, lr, ms, tps, mfu = m.groups()
+        return {"kind": "train", "iter": int(it), "loss": _num(loss), "lr": _num(lr),
+                "ms_per_iter": _num(ms), "tokens_per_sec": _num(tps),
+                "mfu": None if mfu is None else _num(mfu) / 100}
+    if m := NANOGPT_TRAIN.search(line):
+        it, loss, ms, mfu = m.groups()
+        mfu_frac = None if mfu is None or _num(mfu) < 0 else _num(mfu) / 100  # -100% = unknown
+        return {"kind": "train", "iter": int(it), "loss": _num(loss), "lr": None,
+                "ms_per_iter": _num(ms), "tokens_per_sec": None, "mfu": mfu_frac}
+    if m := (FOLIO_EVAL.search(line) or NANOGPT_EVAL.search(line)):
+        it, train_loss, val_loss = m.groups()
+        return {"kind": "eval", "iter": int(it), "train_loss": _num(train_loss),
+                "val_loss": _num(val_loss)}
+    return None
+
+
+def parse_log(text: str, name: str = "log") -> Metrics:
+    """Rows from pasted nanoGPT or folio console output; other lines are skipped.
+
+    Elapsed time is estimated from ms/iter times the iterations between log lines (eval time
+    is not in the log); tokens from tok/s x ms/iter where folio lines give them, else None.
+    A restarted log (iter going back) keeps the last occurrence of each iteration.
+    """
+    rows = [r for line in re.split(r"[\r\n]+", text) if (r := _parse_line(line))]
+    if not rows:
+        raise DataError(f"no training log lines found in {name}; expected lines like "
+                        f"{EXPECTED_LINES}")
+    train = _dedupe([r for r in rows if r["kind"] == "train"])
+    evals = _dedupe([r for r in rows if r["kind"] == "eval"])
+    _fill_time_and_tokens(train, evals)
+    return Metrics(train, evals, name=name)
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    """Sorted by iter; the last row seen wins (a resumed run re-logs iterations)."""
+    return sorted({r["iter"]: r for r in rows}.values(), key=lambda r: r["iter"])
+
+
+def _fill_time_and_tokens(train: list[dict], evals: list[dict]) -> None:
+    """Estimate cumulative time_s and tokens for train rows; eval rows take the values of the
+    last train row at or before them (0 before the first)."""
+    time_s, tokens, prev = 0.0, 0.0, 0
+    for r in train:
+        steps, prev = r["iter"] - prev, r["iter"]
+        time_s += steps * (r["ms_per_iter"] or 0.0) / 1000
+        if tokens is not None and r["tokens_per_sec"] is not None:
+            tokens += steps * r["tokens_per_sec"] * r["ms_per_iter"] / 1000
+        else:
+            tokens = None  # nanoGPT lines do not say how many tokens an iteration has
+        r["time_s"], r["tokens"] = time_s, None if tokens is None else int(round(tokens))
+    iters = [r["iter"] for r in train]
+    for e in evals:
+        i = bisect.bisect_right(iters, e["iter"]) - 1
+        e["time_s"] = train[i]["time_s"] if i >= 0 else 0.0
+        e["tokens"] = None if tokens is None else (train[i]["tokens"] if i >= 0 else 0)
+
+
+# ---------------------------------------------------------------- writing
+
+class _Console:
+    """Progress output: a tqdm bar under the log lines on a terminal, plain lines otherwise."""
+
+    def __init__(self, max_iters: int | None):
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_iters, unit="it", dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+
+    def line(self, text: str, iter: int | None = None) -> None:
+        if self.bar is None:
+            print(text, flush=True)
+            return
+        self.bar.write(text)
+        if iter is not None:
+            self.bar.update(iter - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _PlotWorker:
+    """Renders loss.png on a background thread so an eval never waits for matplotlib.
+
+    Requests made while a render runs collapse into one more render of the latest rows.
+    """
+
+    def __init__(self, render: Callable[[], None]):
+        self.render = render
+        self.wanted = threading.Event()
+        self.stopping = False
+        self.warned = False
+        self.thread = threading.Thread(target=self._loop, name="folio-loss-png", daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        self.wanted.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wanted.wait()
+            stop = self.stopping
+            self.wanted.clear()
+            try:
+                self.render()
+            except Exception as e:  # a plot must never stop training
+                if not self.warned:
+                    print(f"folio: warning: could not refresh {PLOT_FILE}: {e}", file=sys.stderr)
+                    self.warned = True
+            if stop:
+                return
+
+    def close(self) -> None:
+        """Render once more with the final rows, then stop the thread."""
+        self.stopping = True
+        self.wanted.set()
+        self.thread.join()
+
+
+class MetricsLog:
+    """Appends train/eval rows to `<run_dir>/metrics.jsonl`, prints progress lines, refreshes
+    `loss.png` after each eval, and forwards to wandb / TensorBoard when enabled.
+
+    `wandb_cfg`: {"project", "name", "config"} for `wandb.init`. `title_info`: a run.json-shaped
+    dict ({"model": GPTConfig dict, "config": {"dataset": ...}}) for the plot title.
+    Rows already in metrics.jsonl (a resumed run) are kept; call `truncate_after(iter)` first
+    to drop rows logged after the checkpoint being resumed. Use on rank 0 only.
+    """
+
+    def __init__(self, run_dir: Path, *, console: bool = True, wandb_cfg: dict | None = None,
+                 tensorboard: bool = False, plot_every_eval: bool = True,
+                 title_info: dict | None = None, max_iters: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.max_iters = max_iters
+        self.title_info = title_info if title_info is not None else _read_run_json(self.run_dir)
+        self.lock = threading.Lock()  # rows are read by the plot thread
+        self.train_rows, self.eval_rows = _split(_read_rows(self.path)
+                                                 if self.path.exists() else [])
+        self.file = self._open_for_append()
+        self.wandb = _start_wandb(wandb_cfg, self.run_dir) if wandb_cfg is not None else None
+        self.tb = _start_tensorboard(self.run_dir) if tensorboard else None
+        self.console = _Console(max_iters) if console else None
+        self.plotter = _PlotWorker(self.render_plot) if plot_every_eval else None
+
+    def _open_for_append(self):
+        f = open(self.path, "a", encoding="utf-8")
+        # A crash can leave a torn last line: start the next row on its own line.
+        if f.tell() > 0:
+            with open(self.path, "rb") as r:
+                r.seek(-1, 2)
+                if r.read(1) != b"\n":
+                    f.write("\n")
+        return f
+
+    def _append(self, row: dict) -> None:
+        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
+        self.file.flush()
+
+    def log_train(self, iter: int, tokens: int, time_s: float, loss: float, lr: float,
+                  ms_per_iter: float, tokens_per_sec: float, mfu: float | None) -> None:
+        """One progress row; `mfu` is a fraction of peak (None when the device peak is unknown)."""
+        row = {"kind": "train", "iter": iter, "tokens": tokens, "time_s": time_s, "loss": loss,
+               "lr": lr, "ms_per_iter": ms_per_iter, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+        with self.lock:
+            self.train_rows.append(row)
+        self._append(row)
+        if self.console:
+            eta = ((self.max_iters - iter) * ms_per_iter / 1000) if self.max_iters else None
+            self.console.line(format_train_line(iter, self.max_iters, loss, lr, ms_per_iter,
+                                                tokens_per_sec, mfu, eta), iter)
+        if self.wandb:
+            self.wandb.log({"train/loss": loss, "train/lr": lr, "train/ms_per_iter": ms_per_iter,
+                            "train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu,
+                            "tokens": tokens}, step=iter)
+        if self.tb:
+            for key in ("loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu"):
+                if row[key] is not None:
+                    self.tb.add_scalar(f"train/{key}", row[key], iter)
+
+    def log_eval(self, iter: int, tokens: int, time_s: float, train_loss: float,
+                 val_loss: float) -> None:
+        """One evaluation row; also schedules a loss.png refresh (on a background thread)."""
+        row = {"kind": "eval", "iter": iter, "tokens": tokens, "time_s": time_s,
+               "train_loss": train_loss, "val_loss": val_loss}
+        with self.lock:
+            self.eval_rows.append(row)
+        self._append(row)
+        if self.console:
+            self.console.line(format_eval_line(iter, train_loss, val_loss), iter)
+        if self.wandb:
+            self.wandb.log({"eval/train_loss": train_loss, "eval/val_loss": val_loss,
+                            "tokens": tokens}, step=iter)
+        if self.tb:
+            self.tb.add_scalar("eval/train_loss", train_loss, iter)
+            self.tb.add_scalar("eval/val_loss", val_loss, iter)
+            self.tb.flush()
+        if self.plotter:
+            self.plotter.request()
+
+    def snapshot(self) -> Metrics:
+        """The rows so far, as a `Metrics` (copied, safe to use while training goes on)."""
+        with self.lock:
+            return Metrics(list(self.train_rows), list(self.eval_rows), name=self.run_dir.name,
+                           info=self.title_info)
+
+    def render_plot(self) -> None:
+        """Write loss.png from the rows so far (atomically)."""
+        from folio.plot import plot_png
+        metrics = self.snapshot()
+        if metrics:
+            plot_png([metrics], self.run_dir / PLOT_FILE)
+
+    def truncate_after(self, iter: int) -> None:
+        """Drop rows with iter > `iter` (resuming from a checkpoint at `iter`); atomic rewrite."""
+        self.file.close()
+        rows = [r for r in _read_rows(self.path) if r["iter"] <= iter]
+        fsutil.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        with self.lock:
+            self.train_rows, self.eval_rows = _split(rows)
+        self.file = self._open_for_append()
+
+    def close(self) -> None:
+        """Flush everything; wait for the last loss.png; finish wandb / TensorBoard."""
+        if self.plotter:
+            self.plotter.close()
+            self.plotter = None
+        if self.console:
+            self.console.close()
+        if not self.file.closed:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _start_wandb(cfg: dict, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb_log=True needs wandb: pip install 'folio[wandb]'") from None
+    return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
+                      config=cfg.get("config"), dir=str(run_dir))
+
+
+def _start_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard=True needs tensorboard: "
+                          "pip install 'folio[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
