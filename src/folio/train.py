@@ -179,13 +179,12 @@ class Trainer:
         if not self.master:
             return None
         from folio.metrics import MetricsLog
-        title = {"dataset": cfg.dataset, "params": self.model.num_params(),
-                 "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}
+        title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
         log = MetricsLog(self.out_dir,
                          wandb_cfg=({"project": cfg.wandb_project, "name": cfg.wandb_run_name,
                                      "config": dataclasses.asdict(cfg)} if cfg.wandb_log
                                     else None),
-                         tensorboard=cfg.tensorboard, title_info=title)
+                         tensorboard=cfg.tensorboard, title_info=title, max_iters=cfg.max_iters)
         log.truncate_after(self.progress.iter_num if resumed else -1)
         return log
 
@@ -196,7 +195,6 @@ class Trainer:
         self.announce()
         self.write_info()
         started = time.perf_counter()
-        ema_ms = None
         with StopRequest() as stop:
             while True:
                 if p.iter_num % cfg.eval_interval == 0 and p.evaluated_at != p.iter_num:
@@ -211,8 +209,7 @@ class Trainer:
                     loss_value = loss.item()  # a host sync: only at log lines
                     check_finite(loss_value, p.iter_num, "training loss")
                     ms = (time.perf_counter() - t0) * 1000
-                    ema_ms = ms if ema_ms is None else 0.9 * ema_ms + 0.1 * ms
-                    self.log_step(loss_value, lr, ms, ema_ms, time.perf_counter() - started)
+                    self.log_step(loss_value, lr, ms, time.perf_counter() - started)
                 if distributed.broadcast_flag(stop.requested, self.info, self.device):
                     return self.save_on_interrupt()
         if self.master:
@@ -263,7 +260,7 @@ class Trainer:
         if (improved or cfg.always_save_checkpoint) and p.iter_num > 0 and not cfg.eval_only:
             self.save(best=True)
 
-    def log_step(self, loss: float, lr: float, ms: float, ema_ms: float, time_s: float) -> None:
+    def log_step(self, loss: float, lr: float, ms: float, time_s: float) -> None:
         if not self.master:
             return
         p = self.progress
@@ -271,10 +268,8 @@ class Trainer:
         # per-device utilisation: each process does 1/world_size of the iteration's work
         mfu = (self.flops_per_iter / self.info.world_size / (ms / 1000) / self.peak
                if self.peak else 0.0)
-        eta = (self.cfg.max_iters - p.iter_num) * ema_ms / 1000
         self.metrics.log_train(p.iter_num, p.iter_num * self.tokens_per_iter, time_s, loss, lr,
-                               ms, tokens_per_sec, mfu,
-                               max_iters=self.cfg.max_iters, eta_s=eta)
+                               ms, tokens_per_sec, mfu)
 
     # ------------------------------------------------------------------ saving
 
