@@ -56,11 +56,11 @@ def cmd_train(argv: list[str]) -> int:
     usage = ("usage: folio train [PRESET|CONFIG.toml|CONFIG.py] [--key=value ...]\n"
              f"presets: {', '.join(config.preset_names())}")
     parsed = parse_settings(config.TrainConfig, argv, usage, positional="config")
-    if parsed:
-        from folio.train import train
-        train(parsed.config, explicit_source=bool(parsed.source),
-              explicit_keys=_explicit_keys(argv))
-    return 0
+    if not parsed:
+        return 0
+    from folio.train import train
+    return train(parsed.config, explicit_source=bool(parsed.source),
+                 explicit_keys=_explicit_keys(argv))
 
 
 def _explicit_keys(argv: list[str]) -> set[str]:
@@ -98,7 +98,7 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_import_nanogpt(argv: list[str]) -> int:
-    from folio.hf import import_nanogpt_main
+    from folio.nanogpt import import_nanogpt_main
     return import_nanogpt_main(argv)
 
 
