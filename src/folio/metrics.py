@@ -170,8 +170,8 @@ def _parse_line(line: str) -> dict | None:
 def parse_log(text: str, name: str = "log") -> Metrics:
     """Rows from pasted nanoGPT or folio console output; other lines are skipped.
 
-    Elapsed time is estimated from ms/iter times the iterations between log lines (eval time
-    is not in the log); tokens from tok/s x ms/iter where folio lines give them, else None.
+    Elapsed time and tokens seen are estimated (see `_fill_time_and_tokens`); tokens are None
+    for nanoGPT lines.
     A restarted log (iter going back) keeps the last occurrence of each iteration.
     """
     rows = [r for line in re.split(r"[\r\n]+", text) if (r := _parse_line(line))]
@@ -190,22 +190,36 @@ def _dedupe(rows: list[dict]) -> list[dict]:
 
 
 def _fill_time_and_tokens(train: list[dict], evals: list[dict]) -> None:
-    """Estimate cumulative time_s and tokens for train rows; eval rows take the values of the
-    last train row at or before them (0 before the first)."""
-    time_s, tokens, prev = 0.0, 0.0, 0
+    """Estimate time_s and tokens for parsed rows.
+
+    A log line's ms is the time of its own iteration only, which may include an eval or a
+    compile, so the iterations before it are counted at the smaller of it and the previous
+    line's ms. An eval at iter N starts after the last train line before N plus the
+    iterations in between. Tokens per iteration are tok/s x ms (only folio lines say).
+    """
+    time_s, prev_iter, prev_ms = 0.0, 0, math.inf
     for r in train:
-        steps, prev = r["iter"] - prev, r["iter"]
-        time_s += steps * (r["ms_per_iter"] or 0.0) / 1000
-        if tokens is not None and r["tokens_per_sec"] is not None:
-            tokens += steps * r["tokens_per_sec"] * r["ms_per_iter"] / 1000
-        else:
-            tokens = None  # nanoGPT lines do not say how many tokens an iteration has
-        r["time_s"], r["tokens"] = time_s, None if tokens is None else int(round(tokens))
+        ms = r["ms_per_iter"] or 0.0
+        time_s += (ms + max(r["iter"] - prev_iter - 1, 0) * min(ms, prev_ms)) / 1000
+        prev_iter, prev_ms = r["iter"], ms
+        r["time_s"] = time_s
+        r["tokens"] = _tokens_at(r["iter"], r)
     iters = [r["iter"] for r in train]
     for e in evals:
-        i = bisect.bisect_right(iters, e["iter"]) - 1
-        e["time_s"] = train[i]["time_s"] if i >= 0 else 0.0
-        e["tokens"] = None if tokens is None else (train[i]["tokens"] if i >= 0 else 0)
+        i = bisect.bisect_left(iters, e["iter"]) - 1  # the last train line before the eval
+        if i < 0:
+            e["time_s"], e["tokens"] = 0.0, _tokens_at(e["iter"], train[0] if train else None)
+            continue
+        r = train[i]
+        e["time_s"] = r["time_s"] + (e["iter"] - r["iter"]) * (r["ms_per_iter"] or 0.0) / 1000
+        e["tokens"] = _tokens_at(e["iter"], r)
+
+
+def _tokens_at(iter: int, row: dict | None) -> int | None:
+    """Tokens seen after `iter` iterations at the batch size of train `row` (folio lines)."""
+    if row is None or row["tokens_per_sec"] is None:
+        return None
+    return int(round(iter * row["tokens_per_sec"] * row["ms_per_iter"] / 1000))
 
 
 # ---------------------------------------------------------------- writing
@@ -401,8 +415,13 @@ def _start_wandb(cfg: dict, run_dir: Path):
         import wandb
     except ImportError:
         raise ConfigError("wandb_log=True needs wandb: pip install 'folio[wandb]'") from None
-    return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
-                      config=cfg.get("config"), dir=str(run_dir))
+    try:
+        return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
+                          config=cfg.get("config"), dir=str(run_dir))
+    except wandb.errors.Error as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"wandb could not start ({first_line}): run `wandb login`, or set "
+                          f"WANDB_MODE=offline to log locally") from None
 
 
 def _start_tensorboard(run_dir: Path):
