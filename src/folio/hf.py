@@ -1,0 +1,290 @@
+"""GPT-2 weights from and to Hugging Face transformers: `init_from=gpt2*` and `folio export`.
+
+Hugging Face GPT-2 stores its Linear layers as Conv1D (weight shaped (in, out)); folio and
+nanoGPT use nn.Linear ((out, in)), so those four weights are transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from folio.checkpoint import load_model
+from folio.errors import CheckpointError, ConfigError
+from folio.model import GPT, GPTConfig
+from folio.nanogpt import gpt_from_state_dict
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers
+# Hugging Face GPT-2 uses the tanh GELU approximation; folio's MLP uses the exact GELU (as
+# nanoGPT does). Exports declare the exact one so transformers reproduces folio's logits.
+GELU_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh")
+VOCAB_NOTE = "folio_vocab.json"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("Hugging Face support needs the transformers package: "
+                          "pip install 'folio[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter
+    return transformers
+
+
+# ---------------------------------------------------------------------------- import
+
+def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
+    """A folio GPT holding GPT-2 weights: a model name (gpt2, gpt2-medium, ...) or a local dir."""
+    hf_model = _load_hf_model(name_or_path)
+    config = gpt_config_from_hf(hf_model.config, dropout, source=name_or_path)
+    state = from_hf_state_dict(hf_model.state_dict())
+    del hf_model
+    return gpt_from_state_dict(config, state, source=name_or_path)
+
+
+def _load_hf_model(name_or_path: str):
+    """GPT2LMHeadModel from the HF cache (then the hub) for a name, or from a local dir."""
+    transformers = _transformers()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; init_from=<dir> needs a Hugging "
+                                  "Face GPT-2 directory (config.json + model.safetensors)")
+        return _from_pretrained(transformers, str(path), local_files_only=True)
+    if name_or_path not in GPT2_NAMES:
+        raise ConfigError(f"init_from={name_or_path!r} is neither a GPT-2 model "
+                          f"({', '.join(GPT2_NAMES)}) nor an existing directory")
+    try:  # the cache first: no network round trip when the weights are already here
+        return _from_pretrained(transformers, name_or_path, local_files_only=True)
+    except CheckpointError:
+        pass
+    try:
+        if not _hub_reachable():
+            raise CheckpointError("offline")
+        return _from_pretrained(transformers, name_or_path, local_files_only=False)
+    except CheckpointError:
+        raise CheckpointError(
+            f"cannot load {name_or_path!r}: its weights are not in the Hugging Face cache and "
+            f"the hub is unreachable; run `huggingface-cli download {name_or_path}` where there "
+            "is network, or pass init_from=<local dir with config.json + model.safetensors>"
+        ) from None
+
+
+def _hub_reachable() -> bool:
+    """False when the hub's host name does not resolve (offline), instead of letting
+    huggingface_hub retry for half a minute. Behind a proxy, assume it is reachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.getaddrinfo(host.hostname or "huggingface.co", 443)
+    except OSError:
+        return False
+    return True
+
+
+def _from_pretrained(transformers, name_or_path: str, local_files_only: bool):
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path,
+                                                         local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the config of {name_or_path!r}: {e}") from None
+    if config.model_type != "gpt2":
+        raise CheckpointError(f"{name_or_path} is a {config.model_type!r} model; folio loads "
+                              "GPT-2 models only")
+    try:  # safetensors preferred; a .bin is read by transformers with weights_only=True
+        return transformers.GPT2LMHeadModel.from_pretrained(
+            name_or_path, local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the weights of {name_or_path!r}: {e}") from None
+
+
+def gpt_config_from_hf(hf_config: Any, dropout: float, source: str) -> GPTConfig:
+    """folio's GPTConfig for a transformers GPT2Config; unsupported variants are refused."""
+    n_inner = getattr(hf_config, "n_inner", None)
+    unsupported = [
+        (hf_config.activation_function not in GELU_NAMES, "activation_function"),
+        (n_inner not in (None, 4 * hf_config.n_embd), "n_inner"),
+        (abs(hf_config.layer_norm_epsilon - 1e-5) > 1e-12, "layer_norm_epsilon"),
+        (not getattr(hf_config, "scale_attn_weights", True), "scale_attn_weights"),
+        (getattr(hf_config, "scale_attn_by_inverse_layer_idx", False),
+         "scale_attn_by_inverse_layer_idx"),
+    ]
+    for bad, key in unsupported:
+        if bad:
+            raise CheckpointError(f"{source}: GPT-2 variant with {key}="
+                                  f"{getattr(hf_config, key)!r} is not supported by folio's model")
+    return GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                     n_layer=hf_config.n_layer, n_head=hf_config.n_head,
+                     n_embd=hf_config.n_embd, dropout=dropout, bias=True)
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors renamed/transposed to folio's (nanoGPT's) layout; buffers dropped."""
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(HF_BUFFERS):
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+        state[name] = tensor.float().contiguous()
+    return state
+
+
+# ---------------------------------------------------------------------------- export
+
+def to_hf_state_dict(model: GPT, eot_id: int | None = None
+                     ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(transformers GPT2Config, GPT2LMHeadModel state dict) for a folio GPT.
+
+    The vocab is sliced to the real vocab_size; a bias-free model gets zero biases (the
+    same function, since HF GPT-2 always has biases). eot_id becomes bos/eos_token_id.
+    """
+    transformers = _transformers()
+    cfg = model.config
+    hf_config = transformers.GPT2Config(
+        bos_token_id=eot_id, eos_token_id=eot_id,
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=1e-5, architectures=["GPT2LMHeadModel"])
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.float32)
+        bias = name.removesuffix(".weight") + ".bias"
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:cfg.vocab_size]  # drop the padding rows
+        elif not cfg.bias and name.endswith(".weight") and "wpe" not in name:
+            state[bias] = torch.zeros(tensor.shape[0])  # LayerNorm (C,) or Linear (out, in)
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()  # Linear (out, in) -> Conv1D (in, out)
+        state[name] = tensor.contiguous()
+    return hf_config, state
+
+
+def to_hf_model(model: GPT, eot_id: int | None = None):
+    """A transformers GPT2LMHeadModel computing the same logits as `model`."""
+    transformers = _transformers()
+    hf_config, state = to_hf_state_dict(model, eot_id)
+    hf_model = transformers.GPT2LMHeadModel(hf_config)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf_model.eval()
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write run_dir's weights (and tokenizer, or a vocab note) as a transformers model dir."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+    model, tokenizer, _ = load_model(run_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        to_hf_model(model, tokenizer.eot_id).save_pretrained(tmp)
+        if tokenizer.kind == "gpt2":
+            _write_gpt2_tokenizer(tmp, model.config.block_size)
+        else:
+            _write_vocab_note(tmp, tokenizer, run_dir)
+        _fsync_files(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"export target {out_dir} is a file; pass a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConfigError(f"export target {out_dir} is not empty; pass --force to replace it "
+                          "or choose another directory")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir onto out_dir (an old one is swapped out, then removed)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_files(directory: Path) -> None:
+    from folio.fsutil import fsync_dir
+    for path in directory.iterdir():
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
+    """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
+    from folio.tokenizer import GPT2_FILES, _read_verified
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (directory / hf_name).write_bytes(_read_verified(name, GPT2_FILES[name]))
+    transformers = _transformers()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
+                                                         model_max_length=max_length)
+    tok.save_pretrained(str(directory))
+
+
+def _write_vocab_note(directory: Path, tokenizer: Any, run_dir: str | Path) -> None:
+    """Char-level models have no transformers tokenizer: describe the vocabulary instead."""
+    spec = tokenizer.spec()
+    note = {"format_version": 1, "tokenizer": spec,
+            "usage": "token id i is the character chars[i]; encode text by mapping each "
+                     "character to its index (AutoTokenizer cannot load this vocabulary)"}
+    (directory / VOCAB_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+    (directory / "README.md").write_text(
+        f"# Character-level GPT-2 exported by folio from `{run_dir}`\n\n"
+        "Load the weights with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.\n"
+        f"The vocabulary is {len(spec.get('chars', []))} characters, listed in "
+        f"`{VOCAB_NOTE}`: token id `i` is `chars[i]`.\n"
+        "`AutoTokenizer` does not work for this model; encode/decode with that list:\n\n"
+        "```python\nimport json\nchars = json.load(open('folio_vocab.json'))['tokenizer']"
+        "['chars']\nstoi = {c: i for i, c in enumerate(chars)}\n"
+        "ids = [stoi[c] for c in 'To be']\ntext = ''.join(chars[i] for i in ids)\n```\n",
+        encoding="utf-8")
+
+
+def export_main(argv: list[str]) -> int:
+    """`folio export RUN_DIR --format hf OUT_DIR [--force]`."""
+    from folio.cli import ArgumentParser
+    parser = ArgumentParser(prog="folio export",
+                            description="Write a folio run (or nanoGPT out dir) as a Hugging "
+                                        "Face transformers GPT-2 directory.")
+    parser.add_argument("run_dir", help="folio run dir (or nanoGPT out dir with ckpt.pt)")
+    parser.add_argument("out_dir", help="directory to write (config.json, model.safetensors, "
+                                        "tokenizer files)")
+    parser.add_argument("--format", default="hf", choices=["hf"],
+                        help="output format: hf (transformers GPT2LMHeadModel)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    args = parser.parse_args(argv)
+    out = export_hf(args.run_dir, args.out_dir, force=args.force)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"exported {args.run_dir} -> {out} ({files})")
+    if (out / VOCAB_NOTE).is_file():
+        print(f"character-level vocabulary: see {out / VOCAB_NOTE} (AutoTokenizer cannot "
+              "load it)")
+    return 0
