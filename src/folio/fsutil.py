@@ -8,10 +8,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+def _default_mode() -> int:
+    """rw for everyone the umask allows (mkstemp alone would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH
+            | stat.S_IWOTH) & ~umask
+
+
+DEFAULT_MODE = _default_mode()
 
 
 @contextlib.contextmanager
@@ -20,6 +32,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, DEFAULT_MODE)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -63,6 +76,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), DEFAULT_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -95,9 +95,6 @@ class Trainer:
         self.grad_accum = cfg.gradient_accumulation_steps // info.world_size
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.out_dir = Path(cfg.out_dir)
-        if self.master:
-            check_writable(self.out_dir)
-
         self.dataset_dir = ensure_dataset(cfg, info)
         self.meta = read_meta(self.dataset_dir)
         self.progress = Progress()
@@ -122,6 +119,8 @@ class Trainer:
                                 * cfg.block_size)
         self.flops_per_iter = self.model.flops_per_token(cfg.block_size) * self.tokens_per_iter
         self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
+        if self.master:  # only now: a bad setting must not leave an empty out_dir behind
+            check_writable(self.out_dir)
         self.metrics = self._open_metrics(cfg, resume is not None)
 
     # ------------------------------------------------------------------ setup steps
@@ -166,7 +165,8 @@ class Trainer:
         if "scaler" in resume.extra:
             self.scaler.load_state_dict(resume.extra["scaler"])
         checkpoint.restore_rng(resume.rng, self.device)
-        if self.info.enabled:  # only rank 0's stream is stored: every rank reseeds instead
+        # Only rank 0's stream is stored (and a nanoGPT ckpt.pt has none): reseed instead.
+        if self.info.enabled or not resume.loader:
             self.loader.generator.manual_seed(self.cfg.seed + self.info.rank
                                               + 1_000_003 * resume.iter_num)
         else:
@@ -275,6 +275,15 @@ class Trainer:
 
     def save(self, best: bool) -> None:
         """Write resume state (and, if `best`, the sampling weights) atomically."""
+        try:
+            self._write_checkpoint(best)
+        except OSError as e:  # disk full, quota, permissions: the previous files are intact
+            reason = e.strerror or str(e)
+            raise CheckpointError(f"could not save a checkpoint in {self.out_dir} ({reason}); "
+                                  "the previous checkpoint is kept. Free space or choose another "
+                                  "--out_dir, then resume") from None
+
+    def _write_checkpoint(self, best: bool) -> None:
         p = self.progress
         if best:
             checkpoint.save_model_weights(self.out_dir / checkpoint.MODEL_FILE, self.model,
@@ -349,8 +358,11 @@ def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
 
 
 def check_writable(out_dir: Path) -> None:
+    """Fail before training, not at the first save; also clear temp files a kill left behind."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink()
         probe = out_dir / ".folio-write-test"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
