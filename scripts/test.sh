@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with the pinned dependencies, then run the test suite.
+# Set up the environment, then lint and run the whole test suite (offline, CPU, minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
+bash scripts/setup.sh
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q -r requirements.txt
-python -m pip install -q -e . --no-deps
 ruff check src tests benchmarks
 python -m pytest "$@"

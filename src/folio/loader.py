@@ -6,27 +6,12 @@ rank, and resumes exactly from `state_dict()`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from folio.errors import DataError
-
-
-def read_meta(dataset_dir: Path) -> dict:
-    path = dataset_dir / "meta.json"
-    try:
-        meta = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; run `folio prepare {dataset_dir.name}` "
-                        "(or prepare your own text with `folio prepare PATH`)") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path} is unreadable ({e}); re-run `folio prepare`") from None
-    if not isinstance(meta, dict) or "dtype" not in meta or "tokenizer" not in meta:
-        raise DataError(f"{path} is not a folio meta.json; re-run `folio prepare`")
-    return meta
 
 
 def open_tokens(dataset_dir: Path, split: str, meta: dict) -> np.memmap:
