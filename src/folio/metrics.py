@@ -11,8 +11,6 @@ import json
 import math
 import re
 import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,44 +245,6 @@ class _Console:
             self.bar.close()
 
 
-class _PlotWorker:
-    """Renders loss.png on a background thread so an eval never waits for matplotlib.
-
-    Requests made while a render runs collapse into one more render of the latest rows.
-    """
-
-    def __init__(self, render: Callable[[], None]):
-        self.render = render
-        self.wanted = threading.Event()
-        self.stopping = False
-        self.warned = False
-        self.thread = threading.Thread(target=self._loop, name="folio-loss-png", daemon=True)
-        self.thread.start()
-
-    def request(self) -> None:
-        self.wanted.set()
-
-    def _loop(self) -> None:
-        while True:
-            self.wanted.wait()
-            stop = self.stopping
-            self.wanted.clear()
-            try:
-                self.render()
-            except Exception as e:  # a plot must never stop training
-                if not self.warned:
-                    print(f"folio: warning: could not refresh {PLOT_FILE}: {e}", file=sys.stderr)
-                    self.warned = True
-            if stop:
-                return
-
-    def close(self) -> None:
-        """Render once more with the final rows, then stop the thread."""
-        self.stopping = True
-        self.wanted.set()
-        self.thread.join()
-
-
 class MetricsLog:
     """Appends train/eval rows to `<run_dir>/metrics.jsonl`, prints progress lines, refreshes
     `loss.png` after each eval, and forwards to wandb / TensorBoard when enabled.
@@ -302,14 +262,14 @@ class MetricsLog:
         self.path = self.run_dir / METRICS_FILE
         self.max_iters = max_iters
         self.title_info = title_info if title_info is not None else _read_run_json(self.run_dir)
-        self.lock = threading.Lock()  # rows are read by the plot thread
-        self.train_rows, self.eval_rows = _split(_read_rows(self.path)
-                                                 if self.path.exists() else [])
         self.file = self._open_for_append()
         self.wandb = _start_wandb(wandb_cfg, self.run_dir) if wandb_cfg is not None else None
         self.tb = _start_tensorboard(self.run_dir) if tensorboard else None
         self.console = _Console(max_iters) if console else None
-        self.plotter = _PlotWorker(self.render_plot) if plot_every_eval else None
+        self.plotter = None
+        if plot_every_eval:
+            from folio.plot import BackgroundRefresh
+            self.plotter = BackgroundRefresh(self.run_dir, self.title_info)
 
     def _open_for_append(self):
         f = open(self.path, "a", encoding="utf-8")
@@ -322,6 +282,7 @@ class MetricsLog:
         return f
 
     def _append(self, row: dict) -> None:
+        # Flushed per line: `folio plot` and the loss.png refresher read the file while it grows.
         self.file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
         self.file.flush()
 
@@ -330,8 +291,6 @@ class MetricsLog:
         """One progress row; `mfu` is a fraction of peak (None when the device peak is unknown)."""
         row = {"kind": "train", "iter": iter, "tokens": tokens, "time_s": time_s, "loss": loss,
                "lr": lr, "ms_per_iter": ms_per_iter, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
-        with self.lock:
-            self.train_rows.append(row)
         self._append(row)
         if self.console:
             eta = ((self.max_iters - iter) * ms_per_iter / 1000) if self.max_iters else None
@@ -348,11 +307,9 @@ class MetricsLog:
 
     def log_eval(self, iter: int, tokens: int, time_s: float, train_loss: float,
                  val_loss: float) -> None:
-        """One evaluation row; also schedules a loss.png refresh (on a background thread)."""
+        """One evaluation row; also asks the background process to redraw loss.png."""
         row = {"kind": "eval", "iter": iter, "tokens": tokens, "time_s": time_s,
                "train_loss": train_loss, "val_loss": val_loss}
-        with self.lock:
-            self.eval_rows.append(row)
         self._append(row)
         if self.console:
             self.console.line(format_eval_line(iter, train_loss, val_loss), iter)
@@ -366,37 +323,22 @@ class MetricsLog:
         if self.plotter:
             self.plotter.request()
 
-    def snapshot(self) -> Metrics:
-        """The rows so far, as a `Metrics` (copied, safe to use while training goes on)."""
-        with self.lock:
-            return Metrics(list(self.train_rows), list(self.eval_rows), name=self.run_dir.name,
-                           info=self.title_info)
-
-    def render_plot(self) -> None:
-        """Write loss.png from the rows so far (atomically)."""
-        from folio.plot import plot_png
-        metrics = self.snapshot()
-        if metrics:
-            plot_png([metrics], self.run_dir / PLOT_FILE)
-
     def truncate_after(self, iter: int) -> None:
         """Drop rows with iter > `iter` (resuming from a checkpoint at `iter`); atomic rewrite."""
         self.file.close()
         rows = [r for r in _read_rows(self.path) if r["iter"] <= iter]
         fsutil.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        with self.lock:
-            self.train_rows, self.eval_rows = _split(rows)
         self.file = self._open_for_append()
 
     def close(self) -> None:
-        """Flush everything; wait for the last loss.png; finish wandb / TensorBoard."""
+        """Flush everything; wait for the final loss.png; finish wandb / TensorBoard."""
+        if not self.file.closed:
+            self.file.close()
         if self.plotter:
             self.plotter.close()
             self.plotter = None
         if self.console:
             self.console.close()
-        if not self.file.closed:
-            self.file.close()
         if self.tb:
             self.tb.close()
         if self.wandb:

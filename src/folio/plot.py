@@ -6,10 +6,12 @@ loss for one or many runs as a PNG (matplotlib, headless) and optionally a self-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ X_AXES = {"iter": ("iter", "iteration"), "tokens": ("tokens", "tokens seen"),
           "time": ("time_s", "wall time")}
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22")
+LOG_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # log-y ticks per decade
 VAL_COLOR = "#d62728"  # val markers of a single run stand out from its train curve
 
 
@@ -137,11 +140,12 @@ def describe(info: dict) -> dict[str, str]:
     out = {}
     model = info.get("model") if isinstance(info.get("model"), dict) else None
     if model:
-        n = info.get("n_params") or _count_params(json.dumps(model, sort_keys=True))
+        n = (info["n_params"] if "n_params" in info
+             else _count_params(json.dumps(model, sort_keys=True)))
         shape = "/".join(f"{model[k]}{s}" for k, s in
                          (("n_layer", "L"), ("n_head", "H"), ("n_embd", "d")) if k in model)
-        out["model"] = " ".join(p for p in (f"{format_count(n)} params" if n else "",
-                                            f"({shape})" if shape else "") if p)
+        out["model"] = ", ".join(p for p in (f"{format_count(n)} params" if n else "", shape)
+                                 if p)
     cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
     if cfg.get("dataset"):
         out["dataset"] = str(cfg["dataset"])
@@ -176,23 +180,25 @@ def make_figure(chart: Chart):
     """A matplotlib Figure of `chart` (object API, no pyplot: safe off the main thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, LogLocator, NullLocator
 
-    fig = Figure(figsize=(9, 5.2), dpi=100, layout="constrained")
+    # Fixed margins: a layout engine would double the render time of a refresh during training.
+    fig = Figure(figsize=(9, 5.2), dpi=100)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     single = len(chart.runs) == 1
     for c in chart.runs:
-        name = "" if single else f"{c.label} "
+        name = "" if single else f"{c.label}: "
         ax.plot(c.train_x, c.train_y, color=c.color, alpha=0.25, lw=0.8,
                 label="train loss (raw)" if single else "_nolegend_", gid=f"{c.name}:train")
         ax.plot(c.train_x, c.smooth_y, color=c.color, lw=1.8, gid=f"{c.name}:smooth",
-                label=f"{name}train loss (EMA {chart.smooth})")
+                label=f"{name}train loss, smoothed (EMA span {chart.smooth})")
         if len(c.eval_x):
             best = int(np.nanargmin(c.eval_y)) if np.isfinite(c.eval_y).any() else 0
             ax.plot(c.eval_x, c.eval_y, color=VAL_COLOR if single else c.color, ls=":",
                     lw=1.0, marker="o", ms=5, mfc="white", mew=1.5, gid=f"{c.name}:val",
-                    label=f"{name}val loss (best {c.eval_y[best]:.4f} @ iter "
+                    label=f"{name}val loss (best {c.eval_y[best]:.4f} at iter "
                           f"{int(c.eval_iter[best])})")
     ax.set_title(chart.title, fontsize=12)
     ax.set_xlabel(chart.x_label)
@@ -201,8 +207,10 @@ def make_figure(chart: Chart):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     if chart.logy:
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter("{x:.3g}")
+        # losses span less than a decade: label 1, 1.25, 1.5, 2, ... instead of powers of 10
+        ax.yaxis.set_major_locator(LogLocator(subs=LOG_TICKS))
         ax.yaxis.set_major_formatter("{x:.3g}")
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.margins(x=0.01)
@@ -220,6 +228,68 @@ def plot_png(runs: list[Metrics], path: str | Path, *, x: str = "iter", logy: bo
 
 def save_png(fig, path: str | Path) -> None:
     fsutil.atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+# ---------------------------------------------------------------- refresh during training
+
+class BackgroundRefresh:
+    """Redraws `<run_dir>/loss.png` from metrics.jsonl in a separate low-priority process, so
+    training never waits for matplotlib nor shares the GIL or a busy core with it.
+
+    Requests made while a render runs collapse into one render of the latest rows; `close()`
+    draws once more and waits for it.
+    """
+
+    def __init__(self, run_dir: Path, info: dict):
+        info = dict(info)
+        if isinstance(info.get("model"), dict) and "n_params" not in info:
+            # counted here, where torch is already imported, so the child never imports it
+            info["n_params"] = _count_params(json.dumps(info["model"], sort_keys=True))
+        src = str(Path(__file__).resolve().parents[1])  # so the child imports this folio
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from folio.plot import refresh_loop; "
+             "refresh_loop(sys.argv[1], sys.argv[2])", str(run_dir), json.dumps(info)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+            start_new_session=True)  # Ctrl+C goes to training, which closes us cleanly
+
+    def request(self) -> None:
+        if self.proc.stdin.closed:
+            return
+        try:
+            self.proc.stdin.write(b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # the child died; it said why on stderr
+            self.proc.stdin.close()
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.request()
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def refresh_loop(run_dir: str, info_json: str) -> None:
+    """The child of `BackgroundRefresh`: one render per burst of newline requests on stdin,
+    until stdin closes."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(10)  # training first when cores are busy
+    run_dir, info, warned = Path(run_dir), json.loads(info_json), False
+    while os.read(sys.stdin.fileno(), 4096):  # blocks until a request; b"" once closed
+        try:
+            metrics = read_metrics(run_dir)
+            metrics.info = info
+            plot_png([metrics], run_dir / PLOT_FILE)
+        except Exception as e:  # a plot must never disturb training
+            if not warned:
+                print(f"folio: warning: could not refresh {run_dir / PLOT_FILE}: {e}",
+                      file=sys.stderr)
+                warned = True
 
 
 # ---------------------------------------------------------------- CLI

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from folio.plot import Chart
+from folio.plot import LOG_TICKS, Chart
 
 
 def _points(*columns: np.ndarray) -> list[list[float | None]]:
@@ -23,7 +23,7 @@ def chart_data(chart: Chart) -> dict:
     """The chart as plain JSON data: exactly the series the PNG draws."""
     return {
         "title": chart.title, "xLabel": chart.x_label, "logy": chart.logy,
-        "smooth": chart.smooth,
+        "smooth": chart.smooth, "logTicks": LOG_TICKS,
         "runs": [{"name": c.label, "color": c.color,
                   "train": _points(c.train_x, c.train_y, c.smooth_y),
                   "eval": _points(c.eval_x, c.eval_y, c.eval_iter, c.eval_train_y)}
@@ -104,7 +104,7 @@ function niceTicks(lo, hi, n) {
 function logTicks(lo, hi) {
   const out = [];
   for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++)
-    for (const m of [1, 1.5, 2, 3, 4, 5, 7])
+    for (const m of D.logTicks)
       { const v = m * Math.pow(10, e); if (v >= lo && v <= hi) out.push(+v.toPrecision(6)); }
   return out;
 }
