@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
+import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -157,6 +165,33 @@ def test_console_lines_parse_back_to_the_logged_values(tmp_path, capsys):
         assert p["mfu"] == pytest.approx(w["mfu"])
     assert [(r["iter"], r["val_loss"]) for r in parsed.eval] == \
         [(r["iter"], round(r["val_loss"], 4)) for r in written.eval]
+
+
+TTY_RUN = """
+import sys, time
+from pathlib import Path
+from folio.metrics import MetricsLog
+with MetricsLog(Path(sys.argv[1]), plot_every_eval=False, max_iters=1040) as log:
+    for it in range(1000, 1041, 20):  # a resumed run: the bar starts at 1000
+        log.log_train(it, 0, 0.0, 3.0, 1e-3, 10.0, 1000.0, None)
+        time.sleep(0.15)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX pseudo-terminal")
+def test_on_a_terminal_a_progress_bar_runs_under_the_log_lines(tmp_path):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a 100-column terminal, then the run
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        os.execv(sys.executable, [sys.executable, "-c", TTY_RUN, str(tmp_path)])
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child has exited
+        while chunk := os.read(fd, 4096):
+            out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    assert "iter 1040/1040 | loss 3.0000" in text
+    assert re.search(r"9\d%\|█+.*\| 10[0-4]0/1040", text)  # the bar, at the resumed iteration
 
 
 def test_format_train_line_matches_the_documented_example():

@@ -226,19 +226,21 @@ class _Console:
     """Progress output: a tqdm bar under the log lines on a terminal, plain lines otherwise."""
 
     def __init__(self, max_iters: int | None):
+        self.max_iters = max_iters
+        self.tty = sys.stdout.isatty()
         self.bar = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=max_iters, unit="it", dynamic_ncols=True, leave=False,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
 
-    def line(self, text: str, iter: int | None = None) -> None:
-        if self.bar is None:
+    def line(self, text: str, iter: int) -> None:
+        if not self.tty:
             print(text, flush=True)
             return
+        if self.bar is None:  # started at the first line, so a resumed run's rate is right
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.max_iters, initial=iter, unit="it", dynamic_ncols=True,
+                            leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                                    "[{elapsed}<{remaining}, {rate_fmt}]")
         self.bar.write(text)
-        if iter is not None:
-            self.bar.update(iter - self.bar.n)
+        self.bar.update(iter - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -11,8 +11,10 @@ import functools
 import json
 import math
 import os
+import select
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#17becf", "#7f7f7f", "#bcbd22")
 LOG_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # log-y ticks per decade
 VAL_COLOR = "#d62728"  # val markers of a single run stand out from its train curve
+REST_FACTOR = 30  # loss.png refreshes during training use at most ~1/30 of one core
 
 
 @dataclass
@@ -275,12 +278,19 @@ class BackgroundRefresh:
 
 
 def refresh_loop(run_dir: str, info_json: str) -> None:
-    """The child of `BackgroundRefresh`: one render per burst of newline requests on stdin,
-    until stdin closes."""
+    """The child of `BackgroundRefresh`: renders on newline requests read from stdin, until
+    stdin closes. Requests that arrive while it renders or rests collapse into one render."""
     with contextlib.suppress(AttributeError, OSError):
         os.nice(10)  # training first when cores are busy
-    run_dir, info, warned = Path(run_dir), json.loads(info_json), False
-    while os.read(sys.stdin.fileno(), 4096):  # blocks until a request; b"" once closed
+    fd, run_dir, info = sys.stdin.fileno(), Path(run_dir), json.loads(info_json)
+    warned, next_at = False, 0.0
+    while os.read(fd, 4096):  # blocks until a request; b"" once closed with nothing pending
+        closed = False
+        # Rest REST_FACTOR x the last render time between renders, so drawing takes at most
+        # ~1/REST_FACTOR of one core however often evals come; closing ends the rest at once.
+        while not closed and (left := next_at - time.monotonic()) > 0 and _readable(fd, left):
+            closed = not os.read(fd, 4096)
+        started = time.monotonic()
         try:
             metrics = read_metrics(run_dir)
             metrics.info = info
@@ -290,6 +300,17 @@ def refresh_loop(run_dir: str, info_json: str) -> None:
                 print(f"folio: warning: could not refresh {run_dir / PLOT_FILE}: {e}",
                       file=sys.stderr)
                 warned = True
+        next_at = time.monotonic() + REST_FACTOR * (time.monotonic() - started)
+        if closed:
+            return
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for input on fd (no waiting where pipes cannot be polled)."""
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- CLI
