@@ -170,10 +170,10 @@ def _count_params(model_json: str) -> int | None:
 
 
 def format_count(n: float) -> str:
-    """10.65M, 124.44M, 1.56B, 85.3K."""
+    """10.65M, 124M, 1.56B, 85.30K."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
-            return f"{n / scale:.2f}{suffix}" if n < 100 * scale else f"{n / scale:.1f}{suffix}"
+            return f"{n / scale:.2f}{suffix}" if n < 100 * scale else f"{n / scale:.0f}{suffix}"
     return str(int(n))
 
 
@@ -248,16 +248,19 @@ class BackgroundRefresh:
         if isinstance(info.get("model"), dict) and "n_params" not in info:
             # counted here, where torch is already imported, so the child never imports it
             info["n_params"] = _count_params(json.dumps(info["model"], sort_keys=True))
+        self.args = [sys.executable, "-c", "import sys; from folio.plot import refresh_loop; "
+                     "refresh_loop(sys.argv[1], sys.argv[2])", str(run_dir), json.dumps(info)]
+        self.proc: subprocess.Popen | None = None  # started at the first request
+
+    def _start(self) -> subprocess.Popen:
         src = str(Path(__file__).resolve().parents[1])  # so the child imports this folio
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from folio.plot import refresh_loop; "
-             "refresh_loop(sys.argv[1], sys.argv[2])", str(run_dir), json.dumps(info)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-            start_new_session=True)  # Ctrl+C goes to training, which closes us cleanly
+        return subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                env=env, start_new_session=True)  # Ctrl+C is for training
 
     def request(self) -> None:
+        self.proc = self.proc or self._start()
         if self.proc.stdin.closed:
             return
         try:
@@ -267,6 +270,8 @@ class BackgroundRefresh:
             self.proc.stdin.close()
 
     def close(self, timeout: float = 60.0) -> None:
+        if self.proc is None:  # never asked to draw
+            return
         self.request()
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
