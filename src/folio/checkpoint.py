@@ -35,13 +35,14 @@ TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight; stored onc
 
 # ---------------------------------------------------------------------------- weights
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors, tied head dropped, contiguous and on the CPU, ready to save."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-            if k != TIED_KEY}
+def model_state(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's (or state dict's) tensors, tied head dropped, contiguous on the CPU."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != TIED_KEY}
 
 
-def save_model_weights(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+def save_model_weights(path: Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                       metadata: dict[str, Any]) -> None:
     meta = {k: json.dumps(v) for k, v in metadata.items()}
     atomic_write_with(path, lambda tmp: save_file(model_state(model), tmp, metadata=meta))
 

@@ -13,7 +13,7 @@ from folio.loader import Loader
 EVAL_SEED = 20240601  # the same eval batches every time, independent of the training stream
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses buffers gathered here when training
 def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], eval_iters: int,
                   batch_size: int, block_size: int, device: torch.device,
                   autocast: Callable[[], contextlib.AbstractContextManager], seed_offset: int = 0

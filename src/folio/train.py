@@ -41,24 +41,26 @@ def train(cfg: TrainConfig, explicit_source: bool = False,
         preset = {k: v for k, v in load_preset("shakespeare_char").items()
                   if k not in explicit_keys}
         cfg = apply(TrainConfig, preset, cfg)
-    distributed.init(info, device, cfg.backend)
-    try:
+    with distributed.session(info, device, cfg.backend) as info:
         return Trainer(cfg, info, device).run()
-    finally:
-        distributed.shutdown()
 
 
 class StopRequest(AbstractContextManager):
     """First SIGINT/SIGTERM asks the loop to save and stop; a second one exits at once."""
 
+    REPEAT_S = 1.0  # torchrun re-sends the Ctrl+C its workers already got: one request
+
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and time.monotonic() - self._first < self.REPEAT_S:
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         print(f"\nfolio: got {signal.Signals(signum).name}; saving a checkpoint after this step "
               "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
 
@@ -87,7 +89,7 @@ class Trainer:
         self.info, self.device = info, device
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
-        torch.manual_seed(cfg.seed + info.rank)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.gradient_accumulation_steps % info.world_size:
             raise TrainingError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
                                 f"is not divisible by the {info.world_size} processes; make it "
@@ -100,6 +102,7 @@ class Trainer:
         self.progress = Progress()
         resume = self._load_resume(cfg) if cfg.init_from == "resume" else None
         self.model = self._build_model(cfg, resume)
+        torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
         self.cfg = cfg = dataclasses.replace(cfg, block_size=self.model.config.block_size)
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
         self.eval_splits = splits
@@ -108,13 +111,13 @@ class Trainer:
         Loader(splits["val"], 1, cfg.block_size, 0, device, "val")  # fails early if too short
 
         self.model.to(device)
+        self.compiled = should_compile(cfg, device)
+        self.train_model = distributed.wrap(self.model, info, device, self.dtype,
+                                            compile=self.compiled, fsdp=cfg.fsdp)
         self.optimizer = configure_optimizer(self.model, cfg, device.type)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         if resume is not None:
             self._restore(resume)
-        self.compiled = should_compile(cfg, device)
-        body = torch.compile(self.model) if self.compiled else self.model
-        self.train_model = distributed.wrap(body, info, device)
         self.tokens_per_iter = (cfg.gradient_accumulation_steps * cfg.batch_size
                                 * cfg.block_size)
         self.flops_per_iter = self.model.flops_per_token(cfg.block_size) * self.tokens_per_iter
@@ -161,16 +164,20 @@ class Trainer:
         return model
 
     def _restore(self, resume: checkpoint.ResumeState) -> None:
-        self.optimizer.load_state_dict(resume.optimizer)
+        distributed.load_optimizer_state(self.optimizer, resume.optimizer)
         if "scaler" in resume.extra:
             self.scaler.load_state_dict(resume.extra["scaler"])
-        checkpoint.restore_rng(resume.rng, self.device)
-        # Only rank 0's stream is stored (and a nanoGPT ckpt.pt has none): reseed instead.
-        if self.info.enabled or not resume.loader:
-            self.loader.generator.manual_seed(self.cfg.seed + self.info.rank
-                                              + 1_000_003 * resume.iter_num)
+        rng = distributed.rank_state(resume.rng, self.info)
+        loader = distributed.rank_state(resume.loader, self.info)
+        # Each rank continues its own streams; with another process count (or from a nanoGPT
+        # ckpt.pt, which stores none) every rank reseeds instead.
+        if resume.extra.get("world_size", 1) == self.info.world_size and loader:
+            checkpoint.restore_rng(rng, self.device)
+            self.loader.load_state_dict(loader)
         else:
-            self.loader.load_state_dict(resume.loader)
+            reseed = self.cfg.seed + self.info.rank + 1_000_003 * resume.iter_num
+            torch.manual_seed(reseed)
+            self.loader.generator.manual_seed(reseed)
         self.progress = Progress(iter_num=resume.iter_num, best_val_loss=resume.best_val_loss,
                                  best_iter=resume.extra.get("best_iter", -1),
                                  evaluated_at=resume.extra.get("evaluated_at", -1))
@@ -206,14 +213,15 @@ class Trainer:
                 loss = self.step(lr)
                 p.iter_num += 1
                 if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
-                    loss_value = loss.item()  # a host sync: only at log lines
+                    # a host sync: only at log lines; the mean over every rank's micro-batches
+                    loss_value = distributed.all_reduce_mean(loss.item(), self.info)
                     check_finite(loss_value, p.iter_num, "training loss")
                     ms = (time.perf_counter() - t0) * 1000
                     self.log_step(loss_value, lr, ms, time.perf_counter() - started)
-                if distributed.broadcast_flag(stop.requested, self.info, self.device):
+                if distributed.broadcast_flag(stop.requested, self.info):
                     return self.save_on_interrupt()
+        self.save(best=False)
         if self.master:
-            self.save(best=False)
             print(f"folio: done in {format_seconds(time.perf_counter() - started)}; best val "
                   f"loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: folio sample "
                   f"--out_dir={self.out_dir}", flush=True)
@@ -221,9 +229,10 @@ class Trainer:
         return 0
 
     def step(self, lr: float) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the last micro-loss."""
+        """One optimizer step over grad_accum micro-batches; returns their mean loss."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
             last = micro == self.grad_accum - 1
@@ -232,13 +241,14 @@ class Trainer:
                 _, loss = self.train_model(x, y)
                 loss = loss / self.grad_accum  # the mean over all micro-batches
             self.scaler.scale(loss).backward()
+            total += loss.detach()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach() * self.grad_accum
+        return total
 
     def evaluate_and_save(self, time_s: float) -> None:
         cfg, p = self.cfg, self.progress
@@ -246,14 +256,12 @@ class Trainer:
                                cfg.batch_size, cfg.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
                                seed_offset=self.info.rank)
-        losses = {k: distributed.all_reduce_mean(v, self.info, self.device)
-                  for k, v in losses.items()}
+        losses = {k: distributed.all_reduce_mean(v, self.info) for k, v in losses.items()}
         p.evaluated_at = p.iter_num
-        if not self.master:
-            return
         check_finite(losses["val"], p.iter_num, "validation loss")
-        self.metrics.log_eval(p.iter_num, p.iter_num * self.tokens_per_iter, time_s,
-                              losses["train"], losses["val"])
+        if self.master:
+            self.metrics.log_eval(p.iter_num, p.iter_num * self.tokens_per_iter, time_s,
+                                  losses["train"], losses["val"])
         improved = losses["val"] < p.best_val_loss
         if improved:
             p.best_val_loss, p.best_iter = losses["val"], p.iter_num
@@ -284,25 +292,34 @@ class Trainer:
                                   "--out_dir, then resume") from None
 
     def _write_checkpoint(self, best: bool) -> None:
-        p = self.progress
+        p, info = self.progress, self.info
+        # Every rank takes part in gathering (FSDP shards, per-rank streams); rank 0 writes.
+        weights = distributed.full_state_dict(self.model, info)
+        optimizer = distributed.full_optimizer_state(self.optimizer, info)
+        rng = distributed.gather_rank_states(checkpoint.capture_rng(self.device), info)
+        loader = distributed.gather_rank_states(self.loader.state_dict(), info)
+        if not self.master:
+            return
         if best:
-            checkpoint.save_model_weights(self.out_dir / checkpoint.MODEL_FILE, self.model,
+            checkpoint.save_model_weights(self.out_dir / checkpoint.MODEL_FILE, weights,
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
-                 "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset}
+                 "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset,
+                 "world_size": info.world_size}
         state = checkpoint.ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
-            model=checkpoint.model_state(self.model), optimizer=self.optimizer.state_dict(),
-            rng=checkpoint.capture_rng(self.device), loader=self.loader.state_dict(),
+            model=checkpoint.model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             extra=extra)
         checkpoint.save_resume(self.out_dir, state)
         self.write_info()
 
     def save_on_interrupt(self) -> int:
+        finite = distributed.all_finite(self.model, self.info)
+        if finite:
+            self.save(best=False)
         if self.master:
-            if all(torch.isfinite(t).all() for t in self.model.parameters()):
-                self.save(best=False)
+            if finite:
                 print(f"folio: saved {self.out_dir} at iter {self.progress.iter_num}; continue "
                       f"with: folio train --init_from=resume --out_dir={self.out_dir} "
                       "(plus your other settings)", file=sys.stderr, flush=True)
