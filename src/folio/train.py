@@ -23,11 +23,11 @@ from folio.config import TrainConfig, apply, load_preset
 from folio.device import autocast, configure_threads, peak_flops, resolve_device, resolve_dtype
 from folio.errors import CheckpointError, DataError, TrainingError
 from folio.evaluate import estimate_loss
-from folio.loader import Loader, open_tokens, read_meta
+from folio.loader import Loader, open_tokens
 from folio.model import GPT, GPTConfig
 from folio.optim import configure_optimizer, lr_at
+from folio.tokenizer import read_meta
 
-KNOWN_DATASETS = ("shakespeare_char", "shakespeare")
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
@@ -132,6 +132,10 @@ class Trainer:
         if (self.out_dir / "ckpt.pt").exists() and not (self.out_dir / "run.json").exists():
             from folio.nanogpt import resume_state_from_nanogpt
             state, run_info = resume_state_from_nanogpt(self.out_dir)
+        elif not self.out_dir.is_dir():
+            raise CheckpointError(f"--init_from=resume but {self.out_dir} does not exist; pass "
+                                  "the --out_dir of the run to continue, or start with "
+                                  "--init_from=scratch")
         else:
             run_info = checkpoint.read_run_info(self.out_dir)
             state = checkpoint.load_resume(self.out_dir)
@@ -361,6 +365,7 @@ class Trainer:
 def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     """The prepared dataset dir; tiny Shakespeare is prepared on first use."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    from folio.data import KNOWN_DATASETS
     if not (dataset_dir / "meta.json").exists() and cfg.dataset in KNOWN_DATASETS:
         if info.is_master:
             from folio.config import PrepareConfig
