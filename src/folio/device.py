@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -107,6 +108,18 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = torch.topk(logits.cpu(), k)
         return values.to(logits.device), indices.to(logits.device)
     return torch.topk(logits, k)
+
+
+def vocab_head(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (..., C) -> logits (..., V) with the output embedding `weight` (V, C), for decoding.
+
+    On the CPU a few rows times a contiguous (C, V) copy is 2-3x faster than F.linear's
+    (V, C) layout for a 50k vocabulary; elsewhere the weight is used as is.
+    """
+    if weight.device.type != "cpu":
+        return lambda x: x @ weight.t()
+    head = weight.detach().t().contiguous()  # (C, V)
+    return lambda x: x @ head
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> float:
