@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from folio import checkpoint, distributed
 from folio.config import TrainConfig, apply, load_preset
@@ -289,8 +290,8 @@ class Trainer:
         """Write resume state (and, if `best`, the sampling weights) atomically."""
         try:
             self._write_checkpoint(best)
-        except OSError as e:  # disk full, quota, permissions: the previous files are intact
-            reason = e.strerror or str(e)
+        except (OSError, SafetensorError) as e:  # disk full, quota: previous files are intact
+            reason = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
             raise CheckpointError(f"could not save a checkpoint in {self.out_dir} ({reason}); "
                                   "the previous checkpoint is kept. Free space or choose another "
                                   "--out_dir, then resume") from None
