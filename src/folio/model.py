@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from folio.fastdropout import causal_attention
+from folio.fastloss import fused_linear_cross_entropy
+
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
 
 
@@ -55,6 +58,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Attention dropout that keeps no (B, nh, T, T) tensors (fastdropout.py); off: SDPA.
+        self.fast_dropout = False
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to queries, keys and values, each (B, nh, T, hs)."""
@@ -73,7 +78,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, nh, T, hs)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if dropout and self.fast_dropout:
+            y = causal_attention(q, k, v, dropout)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         return self.project(y)
 
 
@@ -115,6 +123,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        # Training loss without the (B*T, V) logits (fastloss.py); off: nanoGPT's plain path.
+        self.fused_loss = False
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance
         # does not grow with depth.
@@ -154,14 +164,19 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V_padded) and, given targets (B, T), the mean cross-entropy loss.
 
         Without targets only the last position's logits are computed, (B, 1, V_padded).
+        With `fused_loss` set, targets give (None, loss): the logits are never materialised.
         """
         x = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        if self.fused_loss:
+            loss = fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
+                                              targets.reshape(-1))  # (B*T, C) x (V, C) -> ()
+            return None, loss
         logits = self.lm_head(x)  # (B, T, V_padded)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=-1)

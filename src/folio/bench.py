@@ -1,0 +1,289 @@
+"""`folio bench`: training speed on this CPU, the plain eager path against folio's default.
+
+Each case trains the same model on the same batches twice, each path in its own subprocess
+(one after the other) so peak memory and allocator settings never mix, and prints one JSON
+line with both paths and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from folio.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RESULT_MARK = "FOLIO_BENCH_RESULT "
+QUALITY_ITERS = 2000
+QUALITY_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model shape and batch, as a nanoGPT command line would give it."""
+
+    dataset: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+    dropout: float
+    steps: int  # timed steps by default
+    warmup: int  # untimed first steps (compilation, first-touch allocations)
+
+
+CASES = {
+    # the seed user's BPE command: 4 layers, 64 wide, GPT-2's 50,257-token vocabulary
+    "seed_bpe": Case("shakespeare", 4, 4, 64, 64, 8, 0.0, steps=20, warmup=2),
+    # nanoGPT's README CPU command
+    "cpu_char": Case("shakespeare_char", 4, 4, 128, 64, 12, 0.0, steps=50, warmup=3),
+    # nanoGPT's GPU char config (config/train_shakespeare_char.py) run on the CPU
+    "gpu_char": Case("shakespeare_char", 6, 6, 384, 256, 64, 0.2, steps=3, warmup=1),
+}
+
+# A path is a set of knobs; "eager" is nanoGPT's math, "fast" is what `folio train` picks.
+PATHS = {
+    "eager": {"dtype": "float32", "compile": "False", "fused_loss": "0", "fast_dropout": "0",
+              "allocator": "0"},
+    "fast": {"dtype": "auto", "compile": "auto", "fused_loss": "auto", "fast_dropout": "auto",
+             "allocator": "1"},
+}
+KNOBS = tuple(PATHS["eager"])
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark; prints one JSON line per case (and one for --quality)."""
+    if argv[:1] == ["--child"]:
+        return child_main(argv[1:])
+    args = parse(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ConfigError(f"unknown case {unknown[0]!r} in --cases; choose from "
+                          f"{', '.join(CASES)}")
+    variants = parse_variants(args.variants)
+    datasets = {CASES[c].dataset for c in cases} | ({"shakespeare_char"} if args.quality else set())
+    with bench_data_dir(args.data_dir, datasets) as data_dir:
+        for name in cases:
+            case = CASES[name]
+            if args.steps:
+                case = Case(**{**asdict(case), "steps": args.steps})
+            results = {label: run_child(case, knobs, data_dir, name, label)
+                       for label, knobs in variants.items()}
+            for result in results.values():
+                add_mfu(result)
+            print(json.dumps(summarise(name, case, results)), flush=True)
+        if args.quality:
+            print(json.dumps(quality(data_dir, args.quality_iters, variants)), flush=True)
+    return 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from folio.cli import ArgumentParser
+    p = ArgumentParser(prog="folio bench", description=(
+        "Measure CPU training speed: for each case, nanoGPT's plain eager float32 path against "
+        "folio's default path (dtype=auto, compile=auto), each in its own process, one after "
+        "the other. Prints one JSON line per case."))
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated cases (default: all): {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per path (default: per case, " + ", ".join(
+                       f"{k} {c.steps}" for k, c in CASES.items()) + ")")
+    p.add_argument("--quality", action="store_true",
+                   help=f"also train cpu_char for {QUALITY_ITERS} iterations on both paths and "
+                        f"compare final val loss (must agree within {QUALITY_TOLERANCE})")
+    p.add_argument("--quality_iters", type=int, default=QUALITY_ITERS, help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="eager,fast",
+                   help="paths to run: eager, fast, or one with knobs changed, e.g. "
+                        f"fast:fused_loss=0 (knobs: {', '.join(KNOBS)}); ratios use the "
+                        "first two")
+    p.add_argument("--data_dir", default="",
+                   help="where tiny Shakespeare is prepared (default: under FOLIO_CACHE)")
+    args = p.parse_args(argv)
+    if args.steps < 0 or args.quality_iters < 1:
+        raise ConfigError("--steps and --quality_iters must be positive")
+    return args
+
+
+def parse_variants(spec: str) -> dict[str, dict[str, str]]:
+    """'eager,fast:compile=True' -> {label: knobs}."""
+    variants = {}
+    for label in (v.strip() for v in spec.split(",") if v.strip()):
+        base, _, changes = label.partition(":")
+        if base not in PATHS:
+            raise ConfigError(f"--variants: {base!r} is not a path; use eager or fast")
+        knobs = dict(PATHS[base])
+        for change in filter(None, changes.split(":")):
+            key, eq, value = change.partition("=")
+            if key not in KNOBS or not eq:
+                raise ConfigError(f"--variants: bad change {change!r}; use KNOB=VALUE with a "
+                                  f"knob among {', '.join(KNOBS)}")
+            knobs[key] = value
+        variants[label] = knobs
+    if not variants:
+        raise ConfigError("--variants is empty; use e.g. --variants eager,fast")
+    return variants
+
+
+@contextlib.contextmanager
+def bench_data_dir(data_dir: str, datasets: set[str]):
+    """A data dir with tiny Shakespeare prepared at the character and GPT-2 BPE levels.
+
+    The text comes from FOLIO_CACHE when set, else from the shared copy next to the repo
+    (seeded into a temporary cache), else from folio's usual download cache.
+    """
+    from folio.config import PrepareConfig
+    from folio.data import cache_dir, prepare
+    with tempfile.TemporaryDirectory(prefix="folio-bench-") as tmp:
+        if not os.environ.get("FOLIO_CACHE") and SHARED_TEXT.is_file():
+            seeded = Path(tmp) / "cache" / "tinyshakespeare"
+            seeded.mkdir(parents=True)
+            shutil.copy(SHARED_TEXT, seeded / "input.txt")
+            os.environ["FOLIO_CACHE"] = str(seeded.parent)
+        root = Path(data_dir) if data_dir else cache_dir() / "bench-data"
+        for dataset in datasets:
+            if not (root / dataset / "meta.json").is_file():
+                with contextlib.redirect_stdout(sys.stderr):
+                    prepare(PrepareConfig(dataset=dataset, data_dir=str(root)))
+        yield root
+
+
+def run_child(case: Case, knobs: dict[str, str], data_dir: Path, name: str, label: str,
+              iters: int = 0) -> dict:
+    """Run one path in a fresh process and return what it measured."""
+    spec = {"case": asdict(case), "knobs": knobs, "data_dir": str(data_dir), "iters": iters}
+    print(f"folio bench: {name} {label} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "folio.bench", "--child", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-2000:])
+        return {"error": f"exit code {proc.returncode}"}
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def add_mfu(result: dict) -> None:
+    """MFU against this CPU's measured matmul peak in the path's dtype (same figure for all)."""
+    if "error" in result:
+        return
+    import torch
+
+    from folio.device import configure_threads, measured_cpu_matmul_flops
+    configure_threads()
+    peak = measured_cpu_matmul_flops(getattr(torch, result["dtype"]), repeats=20)
+    achieved = result["gflops_per_iter"] * 1e9 / (result["ms_per_iter"] / 1000)  # FLOP/s
+    result.update(mfu=round(achieved / peak, 4), peak_gflops=round(peak / 1e9, 1))
+
+
+def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
+    """One JSON-able line: the case, each path's numbers, and fast / eager ratios."""
+    line = {"case": name, "tokens_per_iter": case.batch_size * case.block_size, **results}
+    labels = list(results)
+    if len(labels) >= 2 and not any("error" in results[k] for k in labels[:2]):
+        base, new = results[labels[0]], results[labels[1]]
+        line["speedup"] = round(new["tokens_per_sec"] / base["tokens_per_sec"], 2)
+        line["rss_ratio"] = round(new["peak_rss_mb"] / base["peak_rss_mb"], 2)
+    return line
+
+
+def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> dict:
+    """Final val loss of cpu_char after `iters` iterations on each path (issue 9, item 3)."""
+    case = CASES["cpu_char"]
+    losses = {label: run_child(case, knobs, data_dir, "quality", label, iters=iters)
+              for label, knobs in variants.items()}
+    line: dict = {"case": "cpu_char_quality", "iters": iters,
+                  **{label: {k: v.get(k) for k in ("val_loss", "dtype", "compile", "seconds")}
+                     for label, v in losses.items()}}
+    first = [v.get("val_loss") for v in losses.values()][:2]
+    if len(first) == 2 and None not in first:
+        diff = abs(first[1] - first[0])
+        line.update(val_loss_diff=round(diff, 4), within_tolerance=diff <= QUALITY_TOLERANCE)
+    return line
+
+
+# ------------------------------------------------------------------------ the child process
+
+def child_main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    result = measure(Case(**spec["case"]), spec["knobs"], Path(spec["data_dir"]),
+                     spec["iters"])
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def measure(case: Case, knobs: dict[str, str], data_dir: Path, iters: int) -> dict:
+    """Build a Trainer with the path's knobs; time steps (or, with `iters`, train and eval)."""
+    import torch
+
+    from folio.config import TrainConfig
+    from folio.device import configure_allocator
+    from folio.distributed import DistInfo
+    from folio.fastdropout import use_fast_dropout
+    from folio.optim import lr_at
+    from folio.train import Trainer
+
+    if knobs["allocator"] == "1":
+        configure_allocator()
+    with tempfile.TemporaryDirectory(prefix="folio-bench-run-") as out_dir:
+        cfg = TrainConfig(
+            dataset=case.dataset, data_dir=str(data_dir), out_dir=out_dir, device="cpu",
+            n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
+            block_size=case.block_size, batch_size=case.batch_size, dropout=case.dropout,
+            bias=False, dtype=knobs["dtype"], compile=knobs["compile"],
+            max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
+            eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
+        if knobs["fused_loss"] != "auto":
+            trainer.model.fused_loss = knobs["fused_loss"] == "1"
+        if knobs["fast_dropout"] != "auto":
+            use_fast_dropout(trainer.model, knobs["fast_dropout"] == "1")
+        fast_dropout = any(getattr(m, "fast_dropout", False) for m in trainer.model.modules())
+        result = {"dtype": str(trainer.dtype).removeprefix("torch."),
+                  "compile": trainer.compiled, "fused_loss": trainer.model.fused_loss,
+                  "fast_dropout": fast_dropout, "threads": torch.get_num_threads()}
+        if iters:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                trainer.run()
+            return {**result, "iters": iters, "val_loss": round(trainer.progress.best_val_loss, 4),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        t0 = time.perf_counter()
+        for i in range(case.warmup):
+            trainer.step(lr_at(i, cfg))
+        warmup_s = time.perf_counter() - t0
+        times = []
+        for i in range(case.warmup, case.warmup + case.steps):
+            t0 = time.perf_counter()
+            loss = trainer.step(lr_at(i, cfg))
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        return {**result, "steps": case.steps, "ms_per_iter": round(seconds * 1000, 1),
+                "min_ms_per_iter": round(min(times) * 1000, 1),
+                "tokens_per_sec": round(trainer.tokens_per_iter / seconds),
+                "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3),
+                "warmup_s": round(warmup_s, 2), "loss": round(loss.item(), 4),
+                "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

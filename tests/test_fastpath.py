@@ -1,0 +1,236 @@
+"""The fast CPU path computes the same loss and gradients as nanoGPT's plain math."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from folio.fastdropout import (
+    FastDropout,
+    causal_attention,
+    dropout,
+    keep_mask,
+    use_fast_dropout,
+)
+from folio.fastloss import fused_linear_cross_entropy
+from folio.model import GPT, GPTConfig
+
+BF16 = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 bits of mantissa
+
+
+def head_inputs(n: int = 37, c: int = 16, v: int = 200, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g).requires_grad_()
+    w = torch.randn(v, c, generator=g).mul_(0.3).requires_grad_()
+    y = torch.randint(v, (n,), generator=g)
+    y[[3, 11]] = -1  # ignored positions, as nanoGPT's ignore_index=-1
+    return h, w, y
+
+
+def reference_loss_and_grads(h, w, y):
+    loss = F.cross_entropy(h @ w.t(), y, ignore_index=-1)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), gh, gw
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37, 1000])
+def test_fused_loss_and_gradients_match_cross_entropy_in_float32(rows):
+    h, w, y = head_inputs()
+    want, want_h, want_w = reference_loss_and_grads(h, w, y)
+    loss = fused_linear_cross_entropy(h, w, y, rows=rows)
+    got_h, got_w = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_under_bf16_autocast_matches_float32_within_bf16_precision():
+    h, w, y = head_inputs(n=64, c=32, v=300)
+    want, want_h, want_w = reference_loss_and_grads(h, w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, y, rows=16)
+    got_h, got_w = torch.autograd.grad(loss, (h, w))
+    assert loss.dtype == torch.float32 and got_w.dtype == torch.float32
+    torch.testing.assert_close(loss, want, **BF16)
+    scale_h, scale_w = want_h.abs().max(), want_w.abs().max()
+    torch.testing.assert_close(got_h / scale_h, want_h / scale_h, **BF16)
+    torch.testing.assert_close(got_w / scale_w, want_w / scale_w, **BF16)
+
+
+def test_fused_loss_scales_gradients_by_the_upstream_gradient():
+    h, w, y = head_inputs()
+    _, want_h, want_w = reference_loss_and_grads(h, w, y)
+    got_h, got_w = torch.autograd.grad(fused_linear_cross_entropy(h, w, y, rows=8) / 4, (h, w))
+    torch.testing.assert_close(got_h, want_h / 4)
+    torch.testing.assert_close(got_w, want_w / 4)
+
+
+def test_fused_loss_without_gradients_gives_the_same_value():
+    h, w, y = head_inputs()
+    want, _, _ = reference_loss_and_grads(h, w, y)
+    with torch.inference_mode():
+        loss = fused_linear_cross_entropy(h, w, y, rows=5)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
+def tiny_gpt(dropout: float = 0.0, vocab_size: int = 300) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                         dropout=dropout, bias=False))
+
+
+def loss_and_grads(model: GPT, x, y, dtype=torch.float32):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits, loss = model(x, y)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def batch(vocab_size: int = 300):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(vocab_size, (4, 16), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def test_model_with_fused_loss_matches_the_plain_path_in_float32():
+    model, (x, y) = tiny_gpt(), batch()
+    logits, want, want_grads = loss_and_grads(model, x, y)
+    model.fused_loss = True
+    no_logits, got, got_grads = loss_and_grads(model, x, y)
+    assert logits.shape == (4, 16, 320) and no_logits is None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_model_fast_path_in_bf16_matches_float32_eager_within_bf16_precision():
+    model, (x, y) = tiny_gpt(), batch()
+    _, want, want_grads = loss_and_grads(model, x, y)
+    model.fused_loss = True
+    _, got, got_grads = loss_and_grads(model, x, y, torch.bfloat16)
+    torch.testing.assert_close(got, want, **BF16)
+    for name, grad in want_grads.items():
+        cosine = F.cosine_similarity(got_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+def test_fast_dropout_model_matches_the_plain_path_when_not_training():
+    model, (x, y) = tiny_gpt(dropout=0.2), batch()
+    model.eval()
+    _, want, _ = loss_and_grads(model, x, y)
+    use_fast_dropout(model)
+    _, got, _ = loss_and_grads(model, x, y)
+    assert got == want
+
+
+def test_use_fast_dropout_switches_layers_and_attention_both_ways():
+    model = tiny_gpt(dropout=0.1)
+    use_fast_dropout(model)
+    assert all(type(m) is FastDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(block.attn.fast_dropout for block in model.transformer.h)
+    use_fast_dropout(model, on=False)
+    assert not any(isinstance(m, FastDropout) for m in model.modules())
+    assert not any(block.attn.fast_dropout for block in model.transformer.h)
+
+
+def test_keep_mask_drops_the_requested_fraction_and_replays_from_its_seed():
+    mask = keep_mask((1000, 1000), 0.2, seed=7)
+    assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.8) < 2e-3
+    assert torch.equal(mask, keep_mask((1000, 1000), 0.2, seed=7))
+    assert not torch.equal(mask, keep_mask((1000, 1000), 0.2, seed=8))
+
+
+def test_fast_dropout_scales_kept_values_and_their_gradient():
+    x = torch.randn(64, 100, requires_grad=True)
+    out = dropout(x, 0.25)
+    out.sum().backward()
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+
+
+def test_fast_dropout_replays_under_manual_seed():
+    x = torch.randn(8, 32)
+    torch.manual_seed(3)
+    a = dropout(x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x, 0.5))
+
+
+def test_causal_attention_with_dropout_matches_the_math_with_the_same_mask():
+    B, nh, T, hs, p = 2, 3, 16, 8, 0.3
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, nh, T, hs, generator=g).requires_grad_() for _ in range(3))
+    upstream = torch.randn(B, nh, T, hs, generator=g)
+    torch.manual_seed(5)
+    got = causal_attention(q, k, v, p)
+    got_grads = torch.autograd.grad(got, (q, k, v), upstream)
+    torch.manual_seed(5)
+    seed = int(torch.randint(1 << 62, (1,)).item())  # the draw causal_attention makes
+    keep = keep_mask((B * nh, T, T), p, seed).view(B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    att = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(future, float("-inf"))
+    want = (att.softmax(-1) * keep / (1 - p)) @ v
+    want_grads = torch.autograd.grad(want, (q, k, v), upstream)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_without_dropout_is_sdpa():
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(causal_attention(q, k, v, 0.0), want)
+
+
+# ---------------------------------------------------------------------------- folio bench
+
+def folio(*args: str, cache=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if cache is not None:
+        env["FOLIO_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "folio", *args], env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+def test_bench_help_lists_its_options():
+    proc = folio("bench", "--help")
+    assert proc.returncode == 0
+    for option in ("--cases", "--steps", "--quality"):
+        assert option in proc.stdout
+
+
+def test_bench_unknown_case_is_a_one_line_error():
+    proc = folio("bench", "--cases", "cpu_chars")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("folio: error:") and "cpu_char" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_short_bench_prints_one_json_line_per_case_with_both_paths(seeded_cache, tmp_path):
+    proc = folio("bench", "--cases", "cpu_char", "--steps", "2", "--data_dir",
+                 str(tmp_path / "data"), cache=seeded_cache)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["case"] == "cpu_char" and line["tokens_per_iter"] == 12 * 64
+    for path in ("eager", "fast"):
+        result = line[path]
+        for key in ("ms_per_iter", "tokens_per_sec", "mfu", "peak_rss_mb", "loss", "dtype",
+                    "compile", "fused_loss", "warmup_s", "threads"):
+            assert key in result, (path, key)
+        assert result["steps"] == 2 and math.isfinite(result["loss"])
+    assert line["eager"]["dtype"] == "float32" and line["eager"]["fused_loss"] is False
+    assert line["fast"]["fused_loss"] is True
+    # both paths train the same model on the same batches
+    assert line["fast"]["loss"] == pytest.approx(line["eager"]["loss"], abs=0.05)
+    assert line["speedup"] > 0 and line["rss_ratio"] > 0
