@@ -100,7 +100,14 @@ def batch(vocab_size: int = 300):
     return x, torch.roll(x, -1, dims=1)
 
 
-def test_model_with_fused_loss_matches_the_plain_path_in_float32():
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 10 rows, so a tiny model's 64 positions take the chunked path."""
+    import folio.fastloss
+    monkeypatch.setattr(folio.fastloss, "CHUNK_BYTES", 4 * 320 * 10)
+
+
+def test_model_with_fused_loss_matches_the_plain_path_in_float32(small_chunks):
     model, (x, y) = tiny_gpt(), batch()
     logits, want, want_grads = loss_and_grads(model, x, y)
     model.fused_loss = True
@@ -111,7 +118,7 @@ def test_model_with_fused_loss_matches_the_plain_path_in_float32():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_model_fast_path_in_bf16_matches_float32_eager_within_bf16_precision():
+def test_model_fast_path_in_bf16_matches_float32_eager_within_bf16_precision(small_chunks):
     model, (x, y) = tiny_gpt(), batch()
     _, want, want_grads = loss_and_grads(model, x, y)
     model.fused_loss = True
@@ -183,6 +190,33 @@ def test_causal_attention_with_dropout_matches_the_math_with_the_same_mask():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tiled_causal_attention_matches_sdpa_when_nothing_is_dropped(monkeypatch):
+    import folio.fastdropout as fd
+    monkeypatch.setattr(fd, "QUERY_BLOCK", 4)  # 5 query blocks, the last one short
+    monkeypatch.setattr(fd, "CHUNK_BYTES", 4 * 4 * 18 * 2)  # 2 sequences per tile
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 18, 8, generator=g).requires_grad_() for _ in range(3))
+    upstream = torch.randn(2, 3, 18, 8, generator=g)
+    got = causal_attention(q, k, v, 1e-9)  # keeps every element: plain causal attention
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got_grads = torch.autograd.grad(got, (q, k, v), upstream)
+    want_grads = torch.autograd.grad(want, (q, k, v), upstream)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_in_bf16_matches_float32_within_bf16_precision():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
+    torch.manual_seed(1)
+    want = causal_attention(q, k, v, 0.1)
+    torch.manual_seed(1)
+    got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, **BF16)
 
 
 def test_causal_attention_without_dropout_is_sdpa():

@@ -65,58 +65,73 @@ class FastDropout(nn.Dropout):
 
 
 class _CausalDropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(hs) + causal) with dropout, times v; O(T) memory per row."""
+    """softmax(q k^T / sqrt(hs) + causal) with dropout, times v, keeping O(T) per query.
+
+    Work goes in tiles of (g sequences x QUERY_BLOCK queries x the keys they may see), so the
+    future half of the scores is never computed and each tile's scores stay in cache. Matmuls
+    run in the inputs' dtype (bf16 under autocast), softmax and accumulation in float32.
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
                 ) -> torch.Tensor:
         B, nh, T, hs = q.shape
-        ctx.dtype = q.dtype  # bf16 under autocast: computed in float32 here
-        qf, kf, vf = (t.float().reshape(B * nh, T, hs) for t in (q, k, v))  # (G, T, hs)
-        G = B * nh
-        rows = max(1, CHUNK_BYTES // (4 * T * T))
+        qf, kf, vf = (t.reshape(B * nh, T, hs) for t in (q, k, v))  # (G, T, hs)
+        tiles = _tiles(B * nh, T)
         seed, scale = _seed(), 1.0 / math.sqrt(hs)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
-        out = torch.empty_like(qf)
-        lse = torch.empty(G, T, 1, dtype=torch.float32, device=q.device)
-        for i, s in enumerate(range(0, G, rows)):
-            e = min(s + rows, G)
-            probs = _probs(qf[s:e], kf[s:e], future, scale)  # (g, T, T)
-            top = probs.amax(dim=-1, keepdim=True)  # (g, T, 1)
+        out = torch.empty_like(qf)  # (G, T, hs)
+        lse = torch.empty(B * nh, T, 1, dtype=torch.float32, device=q.device)
+        for n, (g, t) in enumerate(tiles):
+            probs = _scores(qf, kf, g, t, scale)  # (g, tq, tk)
+            top = probs.amax(dim=-1, keepdim=True)  # (g, tq, 1)
             total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            lse[s:e] = top + total.log()
-            probs.mul_(keep_mask(tuple(probs.shape), p, seed + i)).mul_(1.0 / (1.0 - p) / total)
-            torch.bmm(probs, vf[s:e], out=out[s:e])  # (g, T, hs)
-        ctx.save_for_backward(qf, kf, vf, out, lse, future)
-        ctx.p, ctx.seed, ctx.rows, ctx.scale, ctx.shape = p, seed, rows, scale, q.shape
-        return out.view(B, nh, T, hs).to(ctx.dtype)
+            lse[g, t] = top + total.log()
+            probs.mul_(keep_mask(tuple(probs.shape), p, seed + n)).mul_(1 / (1 - p) / total)
+            out[g, t] = torch.bmm(probs.to(vf.dtype), vf[g, :t.stop])  # (g, tq, hs)
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.p, ctx.seed, ctx.scale, ctx.tiles = p, seed, scale, tiles
+        return out.view(B, nh, T, hs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qf, kf, vf, out, lse, future = ctx.saved_tensors
-        G, T, hs = qf.shape
-        dout = grad_out.float().reshape(G, T, hs)
-        delta = (dout * out).sum(dim=-1, keepdim=True)  # (G, T, 1): rowsum(dP * P)
-        dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-        inv_keep = 1.0 / (1.0 - ctx.p)
-        for i, s in enumerate(range(0, G, ctx.rows)):
-            e = min(s + ctx.rows, G)
-            probs = _probs(qf[s:e], kf[s:e], future, ctx.scale).sub_(lse[s:e]).exp_()
-            kept = keep_mask(tuple(probs.shape), ctx.p, ctx.seed + i).float().mul_(inv_keep)
-            torch.bmm((probs * kept).transpose(1, 2), dout[s:e], out=dv[s:e])  # (g, T, hs)
-            dprobs = torch.bmm(dout[s:e], vf[s:e].transpose(1, 2)).mul_(kept)  # (g, T, T)
-            dscores = dprobs.sub_(delta[s:e]).mul_(probs).mul_(ctx.scale)
-            torch.bmm(dscores, kf[s:e], out=dq[s:e])
-            torch.bmm(dscores.transpose(1, 2), qf[s:e], out=dk[s:e])
-        shape, dtype = ctx.shape, ctx.dtype
-        return dq.view(shape).to(dtype), dk.view(shape).to(dtype), dv.view(shape).to(dtype), None
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        dout = grad_out.reshape(qf.shape).to(qf.dtype)  # (G, T, hs)
+        delta = (dout.float() * out.float()).sum(dim=-1, keepdim=True)  # (G, T, 1)
+        dq = torch.empty_like(qf)
+        dk = torch.zeros(kf.shape, dtype=torch.float32, device=kf.device)  # summed over tiles
+        dv = torch.zeros(vf.shape, dtype=torch.float32, device=vf.device)
+        low = qf.dtype
+        for n, (g, t) in enumerate(ctx.tiles):
+            keys = slice(0, t.stop)
+            probs = _scores(qf, kf, g, t, ctx.scale).sub_(lse[g, t]).exp_()  # (g, tq, tk)
+            kept = keep_mask(tuple(probs.shape), ctx.p, ctx.seed + n).float()
+            kept.mul_(1 / (1 - ctx.p))
+            dv[g, keys] += torch.bmm((probs * kept).transpose(1, 2).to(low), dout[g, t])
+            dprobs = torch.bmm(dout[g, t], vf[g, keys].transpose(1, 2)).float().mul_(kept)
+            dscores = dprobs.sub_(delta[g, t]).mul_(probs).mul_(ctx.scale).to(low)
+            dq[g, t] = torch.bmm(dscores, kf[g, keys])  # (g, tq, hs)
+            dk[g, keys] += torch.bmm(dscores.transpose(1, 2), qf[g, t])
+        shape = grad_out.shape
+        return dq.view(shape), dk.to(low).view(shape), dv.to(low).view(shape), None
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, future: torch.Tensor, scale: float
-           ) -> torch.Tensor:
-    """Scaled causal scores (g, T, T) for q, k (g, T, hs), the future set to -inf."""
-    scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-    return scores.masked_fill_(future, float("-inf"))
+QUERY_BLOCK = 64  # queries per tile: the causal mask then skips (1 - (n+1)/2n) of the scores
+
+
+def _tiles(G: int, T: int) -> list[tuple[slice, slice]]:
+    """(sequences, queries) tiles; the queries of a tile see keys 0 .. queries.stop."""
+    tq = min(T, QUERY_BLOCK)
+    g = max(1, CHUNK_BYTES // (4 * tq * T))
+    return [(slice(s, min(s + g, G)), slice(i, min(i + tq, T)))
+            for s in range(0, G, g) for i in range(0, T, tq)]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, g: slice, t: slice, scale: float
+            ) -> torch.Tensor:
+    """Float32 scaled scores (g, tq, tk) of queries t against keys 0..t.stop, future -inf."""
+    scores = torch.bmm(q[g, t], k[g, :t.stop].transpose(1, 2)).float().mul_(scale)
+    future = torch.ones(t.stop - t.start, t.stop, dtype=torch.bool, device=q.device)
+    return scores.masked_fill_(future.triu_(t.start + 1), float("-inf"))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float

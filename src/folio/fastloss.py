@@ -16,9 +16,9 @@ CHUNK_BYTES = 16 << 20  # float32 logits per chunk: big enough for efficient mat
 IGNORE_INDEX = -1  # targets equal to this do not count (nanoGPT's convention)
 
 
-def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so one chunk's float32 logits take about `chunk_bytes`."""
-    return max(1, chunk_bytes // (4 * vocab))
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk so one chunk's float32 logits take about CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 def _chunked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
@@ -102,6 +102,9 @@ def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
                  if torch.is_autocast_enabled(device_type) else h.dtype)
     rows = rows or chunk_rows(w.size(0))
     with torch.autocast(h.device.type, enabled=False):
+        if h.size(0) <= rows:  # one chunk holds all the logits: plain math has fewer steps
+            logits = h.to(dtype) @ w.to(dtype).t()  # (N, V)
+            return F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return _FusedLinearCrossEntropy.apply(h.float(), w, y, dtype, rows)
         return _chunked_loss(h, w, y, dtype, rows, grads=False)[0]
