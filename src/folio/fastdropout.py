@@ -3,10 +3,10 @@
 PyTorch's CPU dropout draws one Bernoulli sample per element (~10 ns each) and its fused
 attention kernels refuse dropout, so attention with dropout falls back to the math path that
 keeps several (B, nh, T, T) tensors per layer for backward. Here keep-masks come from 16-bit
-slices of 64-bit random words (P(drop) = round(p * 65536) / 65536), regenerated in backward
-from a seed drawn from torch's generator (so `torch.manual_seed` and resume still replay
-them), and attention recomputes its probabilities in backward, chunk by chunk, like flash
-attention does.
+slices of 64-bit random words (P(drop) = round(p * 65536) / 65536) seeded from torch's
+generator, so `torch.manual_seed` and resume replay them; attention keeps no masks at all: it
+regenerates them from their seed and recomputes its probabilities in backward, tile by tile,
+as flash attention does.
 """
 
 from __future__ import annotations
