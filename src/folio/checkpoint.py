@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from folio import __version__
 from folio.errors import CheckpointError
@@ -50,9 +50,8 @@ def save_model_weights(path: Path, model: torch.nn.Module | dict[str, torch.Tens
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON-decoded metadata; a corrupt file is a one-line error."""
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:  # one read: tensors and metadata
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it or use "

@@ -73,7 +73,7 @@ def format_eval_line(iter: int, train_loss: float, val_loss: float) -> str:
 
 # ---------------------------------------------------------------- reading
 
-def _finite_or_none(x: Any) -> Any:
+def finite_or_none(x: Any) -> Any:
     """JSON has no NaN/inf: store them as null (readers see None)."""
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
@@ -285,7 +285,7 @@ class MetricsLog:
 
     def _append(self, row: dict) -> None:
         # Flushed per line: `folio plot` and the loss.png refresher read the file while it grows.
-        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
+        self.file.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}) + "\n")
         self.file.flush()
 
     def log_train(self, iter: int, tokens: int, time_s: float, loss: float, lr: float,

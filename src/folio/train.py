@@ -33,6 +33,7 @@ from folio.errors import CheckpointError, DataError, TrainingError
 from folio.evaluate import estimate_loss
 from folio.fastdropout import use_fast_dropout
 from folio.loader import Loader, open_tokens
+from folio.metrics import finite_or_none, format_duration
 from folio.model import GPT, GPTConfig
 from folio.optim import configure_optimizer, lr_at
 from folio.tokenizer import read_meta
@@ -240,7 +241,7 @@ class Trainer:
                     return self.save_on_interrupt()
         self.save(best=False)
         if self.master:
-            print(f"folio: done in {format_seconds(time.perf_counter() - started)}; best val "
+            print(f"folio: done in {format_duration(time.perf_counter() - started)}; best val "
                   f"loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: folio sample "
                   f"--out_dir={self.out_dir}", flush=True)
             self.metrics.close()
@@ -440,22 +441,9 @@ def check_finite(value: float, iter_num: int, what: str) -> None:
                             "kept. Try a lower --learning_rate, --dtype=float32 or --grad_clip=1.0")
 
 
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def estimate_seconds(flops: float, peak: float, device: torch.device) -> str:
     """A rough time guess from FLOPs at a typical utilisation; refined by the ETA on log lines."""
     if not peak:
         return "time unknown (see ETA)"
     typical_mfu = 0.3 if device.type == "cuda" else 0.15
-    return f"~{format_seconds(flops / (peak * typical_mfu))}"
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"~{format_duration(flops / (peak * typical_mfu))}"
