@@ -1,11 +1,11 @@
 """Training speed on the CPU: nanoGPT's plain eager float32 path vs folio's default path.
 
 A thin wrapper around `folio bench` (src/folio/bench.py); the same options, the same JSON
-lines (one per case, both paths and their ratios):
+lines (one per case, both paths and their ratios). Run it on an otherwise idle machine:
 
-    flock /tmp/folio/cpu.lock python benchmarks/train_speed.py
-    flock /tmp/folio/cpu.lock python benchmarks/train_speed.py --cases seed_bpe --steps 40
-    flock /tmp/folio/cpu.lock python benchmarks/train_speed.py --cases "" --quality
+    python benchmarks/train_speed.py
+    python benchmarks/train_speed.py --cases seed_bpe --steps 40
+    python benchmarks/train_speed.py --cases "" --quality
 """
 
 from __future__ import annotations

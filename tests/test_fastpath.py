@@ -268,3 +268,4 @@ def test_short_bench_prints_one_json_line_per_case_with_both_paths(seeded_cache,
     # both paths train the same model on the same batches
     assert line["fast"]["loss"] == pytest.approx(line["eager"]["loss"], abs=0.05)
     assert line["speedup"] > 0 and line["rss_ratio"] > 0
+    assert line["speedup_ceiling"] > 0

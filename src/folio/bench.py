@@ -2,7 +2,9 @@
 
 Each case trains the same model on the same batches twice, each path in its own subprocess
 (one after the other) so peak memory and allocator settings never mix, and prints one JSON
-line with both paths and their ratios.
+line with both paths and their ratios: `speedup` (tokens/s), `rss_ratio` (peak memory) and
+`speedup_ceiling`, the speedup the second path would show if all its FLOPs ran at this CPU's
+measured matmul peak, i.e. how much room the hardware leaves.
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
         base, new = results[labels[0]], results[labels[1]]
         line["speedup"] = round(new["tokens_per_sec"] / base["tokens_per_sec"], 2)
         line["rss_ratio"] = round(new["peak_rss_mb"] / base["peak_rss_mb"], 2)
+        # what the second path would reach if every FLOP ran at the measured matmul peak
+        bound_ms = new["gflops_per_iter"] / new["peak_gflops"] * 1000
+        line["speedup_ceiling"] = round(base["ms_per_iter"] / bound_ms, 2)
     return line
 
 

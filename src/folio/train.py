@@ -30,7 +30,7 @@ from folio.device import (
     resolve_dtype,
 )
 from folio.errors import CheckpointError, DataError, TrainingError
-from folio.evaluate import estimate_loss
+from folio.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.fastdropout import use_fast_dropout
 from folio.loader import Loader, open_tokens
 from folio.metrics import finite_or_none, format_duration
@@ -127,6 +127,9 @@ class Trainer:
 
         self.model.to(device)
         self.compiled = should_compile(cfg, device)
+        # stack small eval batches on a CPU (the fused loss keeps memory flat); on a GPU the
+        # full logits of a bigger batch would cost memory, and a compiled model a recompile
+        self.eval_tokens = CPU_EVAL_TOKENS if device.type == "cpu" and not self.compiled else 0
         self.train_model = distributed.wrap(self.model, info, device, self.dtype,
                                             compile=self.compiled, fsdp=cfg.fsdp)
         self.optimizer = configure_optimizer(self.model, cfg, device.type)
@@ -274,7 +277,7 @@ class Trainer:
         losses = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
                                cfg.batch_size, cfg.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
-                               seed_offset=self.info.rank)
+                               seed_offset=self.info.rank, max_tokens=self.eval_tokens)
         losses = {k: distributed.all_reduce_mean(v, self.info) for k, v in losses.items()}
         p.evaluated_at = p.iter_num
         check_finite(losses["val"], p.iter_num, "validation loss")
