@@ -1,10 +1,12 @@
 """`folio bench`: training speed on this CPU, the plain eager path against folio's default.
 
 Each case trains the same model on the same batches twice, each path in its own subprocess
-(one after the other) so peak memory and allocator settings never mix, and prints one JSON
-line with both paths and their ratios: `speedup` (tokens/s), `rss_ratio` (peak memory) and
-`speedup_ceiling`, the speedup the second path would show if all its FLOPs ran at this CPU's
-measured matmul peak, i.e. how much room the hardware leaves.
+so peak memory and allocator settings never mix. The processes take turns (a few steps each,
+never at once) so that drifts in the machine's speed, common on shared or throttling
+hardware, hit both paths alike. One JSON line per case gives both paths and the ratios:
+`speedup` (tokens/s), `rss_ratio` (peak memory) and `speedup_ceiling`, the speedup the second
+path would show if all its FLOPs ran at this CPU's measured matmul peak, i.e. how much room
+the hardware leaves.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULT_MARK = "FOLIO_BENCH_RESULT "
 QUALITY_ITERS = 2000
 QUALITY_TOLERANCE = 0.02
+ROUNDS = 5  # turns each path takes (fewer when a case has fewer timed steps)
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,7 @@ def main(argv: list[str]) -> int:
             case = CASES[name]
             if args.steps:
                 case = Case(**{**asdict(case), "steps": args.steps})
-            results = {label: run_child(case, knobs, data_dir, name, label)
-                       for label, knobs in variants.items()}
-            for result in results.values():
-                add_mfu(result)
+            results = time_paths(case, variants, data_dir, name)
             print(json.dumps(summarise(name, case, results)), flush=True)
         if args.quality:
             print(json.dumps(quality(data_dir, args.quality_iters, variants)), flush=True)
@@ -97,8 +97,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     from folio.cli import ArgumentParser
     p = ArgumentParser(prog="folio bench", description=(
         "Measure CPU training speed: for each case, nanoGPT's plain eager float32 path against "
-        "folio's default path (dtype=auto, compile=auto), each in its own process, one after "
-        "the other. Prints one JSON line per case."))
+        "folio's default path (dtype=auto, compile=auto), each in its own process, taking "
+        "turns. Prints one JSON line per case."))
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated cases (default: all): {', '.join(CASES)}")
     p.add_argument("--steps", type=int, default=0,
@@ -163,31 +163,95 @@ def bench_data_dir(data_dir: str, datasets: set[str]):
         yield root
 
 
-def run_child(case: Case, knobs: dict[str, str], data_dir: Path, name: str, label: str,
-              iters: int = 0) -> dict:
-    """Run one path in a fresh process and return what it measured."""
-    spec = {"case": asdict(case), "knobs": knobs, "data_dir": str(data_dir), "iters": iters}
-    print(f"folio bench: {name} {label} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, "-m", "folio.bench", "--child", json.dumps(spec)],
-                          stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-2000:])
-        return {"error": f"exit code {proc.returncode}"}
-    return json.loads(lines[-1][len(RESULT_MARK):])
+class ChildFailed(Exception):
+    pass
 
 
-def add_mfu(result: dict) -> None:
-    """MFU against this CPU's measured 2048^2 matmul rate in the path's dtype (one figure)."""
-    if "error" in result:
-        return
+class Child:
+    """One path's process: it builds its trainer, then answers one request per line."""
+
+    def __init__(self, case: Case, knobs: dict[str, str], data_dir: Path, iters: int = 0):
+        spec = {"case": asdict(case), "knobs": knobs, "data_dir": str(data_dir), "iters": iters}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "folio.bench", "--child", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.output: list[str] = []
+
+    def answer(self, request: str | None = None) -> dict:
+        """Send `request` (if any) and wait for the child's next result line."""
+        if request is not None:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+            self.output.append(line)
+        code = self.proc.wait()
+        sys.stderr.write("".join(self.output[-20:]))
+        raise ChildFailed(f"exit code {code}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def time_paths(case: Case, variants: dict[str, dict[str, str]], data_dir: Path, name: str
+               ) -> dict[str, dict]:
+    """Time each path's steps, the paths taking turns in rounds; {label: result}.
+
+    Between rounds, while the paths wait, this process measures the matmul peak of each
+    path's dtype; the best figure over the rounds is the peak for MFU and the ceiling.
+    """
+    rounds = min(ROUNDS, case.steps)
+    per_round = [case.steps // rounds + (r < case.steps % rounds) for r in range(rounds)]
+    children, results, times, peaks = {}, {}, {}, {}
+    try:
+        for label, knobs in variants.items():  # one at a time: warm-ups never overlap
+            print(f"folio bench: {name} {label} ...", file=sys.stderr, flush=True)
+            children[label] = Child(case, knobs, data_dir)
+            results[label], times[label] = _ask(children[label]), []
+        for steps in per_round:
+            for label, child in children.items():
+                if "error" not in results[label]:
+                    answer = results[label] = {**results[label], **_ask(child, str(steps))}
+                    times[label] += answer.pop("times", [])
+            for dtype in {r["dtype"] for r in results.values() if "error" not in r}:
+                peaks[dtype] = max(peaks.get(dtype, 0.0), matmul_peak(dtype))
+        for label, child in children.items():
+            if "error" not in results[label]:
+                result = {**results[label], **_ask(child, "end")}
+                results[label] = step_figures(result, times[label], peaks[result["dtype"]])
+    finally:
+        for child in children.values():
+            child.close()
+    return results
+
+
+def matmul_peak(dtype: str) -> float:
+    """FLOP/s of a 2048^2 matmul in `dtype` on this CPU, best of 3 (uncached: speed drifts)."""
     import torch
 
     from folio.device import configure_threads, measured_cpu_matmul_flops
     configure_threads()
-    peak = measured_cpu_matmul_flops(getattr(torch, result["dtype"]), n=2048, repeats=10)
-    achieved = result["gflops_per_iter"] * 1e9 / (result["ms_per_iter"] / 1000)  # FLOP/s
-    result.update(mfu=round(achieved / peak, 4), peak_gflops=round(peak / 1e9, 1))
+    return measured_cpu_matmul_flops.__wrapped__(getattr(torch, dtype), n=2048, repeats=3)
+
+
+def _ask(child: Child, request: str | None = None) -> dict:
+    try:
+        return child.answer(request)
+    except (ChildFailed, BrokenPipeError) as e:
+        return {"error": str(e)}
+
+
+def step_figures(result: dict, times: list[float], peak: float) -> dict:
+    """ms/iter (median over all timed steps), tokens/s and MFU against `peak` FLOP/s."""
+    seconds = statistics.median(times)
+    flops, tokens = result["gflops_per_iter"] * 1e9, result.pop("tokens_per_iter")
+    return {**result, "steps": len(times), "ms_per_iter": round(seconds * 1000, 1),
+            "min_ms_per_iter": round(min(times) * 1000, 1),
+            "tokens_per_sec": round(tokens / seconds),
+            "mfu": round(flops / seconds / peak, 4), "peak_gflops": round(peak / 1e9, 1)}
 
 
 def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
@@ -207,8 +271,12 @@ def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
 def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> dict:
     """Final val loss of cpu_char after `iters` iterations on each path (issue 9, item 3)."""
     case = CASES["cpu_char"]
-    losses = {label: run_child(case, knobs, data_dir, "quality", label, iters=iters)
-              for label, knobs in variants.items()}
+    losses = {}
+    for label, knobs in variants.items():
+        print(f"folio bench: quality {label} ...", file=sys.stderr, flush=True)
+        child = Child(case, knobs, data_dir, iters=iters)
+        losses[label] = _ask(child)
+        child.close()
     line: dict = {"case": "cpu_char_quality", "iters": iters,
                   **{label: {k: v.get(k) for k in ("val_loss", "dtype", "compile", "seconds")}
                      for label, v in losses.items()}}
@@ -222,66 +290,76 @@ def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> 
 # ------------------------------------------------------------------------ the child process
 
 def child_main(argv: list[str]) -> int:
+    """Build the trainer, then (timing) answer `N` with N steps' times and `end` with the
+    peak memory, or (quality, `iters` > 0) train and report the val loss."""
+    from folio.optim import lr_at
+
     spec = json.loads(argv[0])
-    result = measure(Case(**spec["case"]), spec["knobs"], Path(spec["data_dir"]),
-                     spec["iters"])
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    case, iters = Case(**spec["case"]), spec["iters"]
+    with tempfile.TemporaryDirectory(prefix="folio-bench-run-") as out_dir:
+        trainer, setup = build_trainer(case, spec["knobs"], Path(spec["data_dir"]), iters,
+                                       out_dir)
+        if iters:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                trainer.run()
+            reply({**setup, "iters": iters, "val_loss": round(trainer.progress.best_val_loss, 4),
+                   "seconds": round(time.perf_counter() - t0, 1)})
+            return 0
+        t0 = time.perf_counter()
+        for i in range(case.warmup):
+            trainer.step(lr_at(i, trainer.cfg))
+        reply({**setup, "warmup_s": round(time.perf_counter() - t0, 2),
+               "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3),
+               "tokens_per_iter": trainer.tokens_per_iter})
+        i = case.warmup
+        for request in sys.stdin:
+            if request.strip() == "end":
+                reply({"peak_rss_mb": peak_rss_mb()})
+                return 0
+            times = []
+            for _ in range(int(request)):
+                t0 = time.perf_counter()
+                loss = trainer.step(lr_at(i, trainer.cfg))
+                times.append(time.perf_counter() - t0)
+                i += 1
+            reply({"times": times, "loss": round(loss.item(), 4)})
     return 0
 
 
-def measure(case: Case, knobs: dict[str, str], data_dir: Path, iters: int) -> dict:
-    """Build a Trainer with the path's knobs; time steps (or, with `iters`, train and eval)."""
+def reply(result: dict) -> None:
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int, out_dir: str):
+    """A Trainer for `case` with the path's knobs, and what the path turned out to use."""
     import torch
 
     from folio.config import TrainConfig
     from folio.device import configure_allocator
     from folio.distributed import DistInfo
     from folio.fastdropout import use_fast_dropout
-    from folio.optim import lr_at
     from folio.train import Trainer
 
     if knobs["allocator"] == "1":
         configure_allocator()
-    with tempfile.TemporaryDirectory(prefix="folio-bench-run-") as out_dir:
-        cfg = TrainConfig(
-            dataset=case.dataset, data_dir=str(data_dir), out_dir=out_dir, device="cpu",
-            n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
-            block_size=case.block_size, batch_size=case.batch_size, dropout=case.dropout,
-            bias=False, dtype=knobs["dtype"], compile=knobs["compile"],
-            max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
-            eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0)
-        with contextlib.redirect_stdout(sys.stderr):
-            trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
-        if knobs["fused_loss"] != "auto":
-            trainer.model.fused_loss = knobs["fused_loss"] == "1"
-        if knobs["fast_dropout"] != "auto":
-            use_fast_dropout(trainer.model, knobs["fast_dropout"] == "1")
-        fast_dropout = any(getattr(m, "fast_dropout", False) for m in trainer.model.modules())
-        result = {"dtype": str(trainer.dtype).removeprefix("torch."),
-                  "compile": trainer.compiled, "fused_loss": trainer.model.fused_loss,
-                  "fast_dropout": fast_dropout, "threads": torch.get_num_threads()}
-        if iters:
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):
-                trainer.run()
-            return {**result, "iters": iters, "val_loss": round(trainer.progress.best_val_loss, 4),
-                    "seconds": round(time.perf_counter() - t0, 1)}
-        t0 = time.perf_counter()
-        for i in range(case.warmup):
-            trainer.step(lr_at(i, cfg))
-        warmup_s = time.perf_counter() - t0
-        times = []
-        for i in range(case.warmup, case.warmup + case.steps):
-            t0 = time.perf_counter()
-            loss = trainer.step(lr_at(i, cfg))
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-        return {**result, "steps": case.steps, "ms_per_iter": round(seconds * 1000, 1),
-                "min_ms_per_iter": round(min(times) * 1000, 1),
-                "tokens_per_sec": round(trainer.tokens_per_iter / seconds),
-                "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3),
-                "warmup_s": round(warmup_s, 2), "loss": round(loss.item(), 4),
-                "peak_rss_mb": peak_rss_mb()}
+    cfg = TrainConfig(
+        dataset=case.dataset, data_dir=str(data_dir), out_dir=out_dir, device="cpu",
+        n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
+        block_size=case.block_size, batch_size=case.batch_size, dropout=case.dropout,
+        bias=False, dtype=knobs["dtype"], compile=knobs["compile"],
+        max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
+        eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0)
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
+    if knobs["fused_loss"] != "auto":
+        trainer.model.fused_loss = knobs["fused_loss"] == "1"
+    if knobs["fast_dropout"] != "auto":
+        use_fast_dropout(trainer.model, knobs["fast_dropout"] == "1")
+    fast_dropout = any(getattr(m, "fast_dropout", False) for m in trainer.model.modules())
+    return trainer, {"dtype": str(trainer.dtype).removeprefix("torch."),
+                     "compile": trainer.compiled, "fused_loss": trainer.model.fused_loss,
+                     "fast_dropout": fast_dropout, "threads": torch.get_num_threads()}
 
 
 def peak_rss_mb() -> int:
