@@ -204,6 +204,18 @@ def test_seed_makes_generation_reproducible(trained):
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_float16_sampling_works_on_the_cpu(tiny_run, trained):
+    model, tokenizer = load(tiny_run, device="cpu", dtype="float16")
+    assert next(model.parameters()).dtype == torch.float16
+    text = "".join(generate(model, tokenizer, "ROMEO:", 30, seed=1))
+    assert len(text) == 30 and set(text) <= set(tokenizer.chars)
+    x = torch.tensor([tokenizer.encode("ROMEO:")])
+    with torch.no_grad():
+        want = trained[0](x)[0].float().log_softmax(-1)
+        got = model(x)[0].float().log_softmax(-1)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+
+
 @pytest.mark.parametrize("settings, fragment", [
     (dict(top_k=0), "top_k=0"), (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=1.5), "top_p=1.5"),
     (dict(temperature=-0.5), "temperature=-0.5"), (dict(stop=[""]), "stop"),

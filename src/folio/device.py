@@ -93,7 +93,7 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
         raise DeviceError(f"dtype={name!r} is unknown; use auto, float32, bfloat16 or float16")
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"dtype=bfloat16 is not supported on {device}; use float16 or float32")
-    if dtype == torch.float16 and device.type == "cpu":
+    if dtype == torch.float16 and device.type == "cpu" and training:  # sampling works
         raise DeviceError("dtype=float16 is not supported for training on the CPU; "
                           "use bfloat16 or float32")
     return dtype
