@@ -127,3 +127,15 @@ def test_training_with_wandb_and_tensorboard_logs_what_metrics_jsonl_has(
     assert [history[r["iter"]]["train/loss"] for r in m.train] == \
         [pytest.approx(r["loss"]) for r in m.train]
     assert (out / "loss.png").is_file()
+
+
+def test_resuming_a_run_continues_its_wandb_run(char_data_dir, tmp_path, wandb_offline):
+    out = tmp_path / "run"
+    args = ["train", *tiny_args(char_data_dir, out, eval_interval=5, lr_decay_iters=10),
+            "--wandb_log=True"]
+    assert folio_main([*args, "--max_iters=5"]) == 0
+    assert folio_main([*args, "--max_iters=10", "--init_from=resume"]) == 0
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {run.name.rsplit("-", 1)[1] for run in runs}
+    assert len(ids) == 1, runs  # both processes logged to one wandb run

@@ -251,8 +251,9 @@ class MetricsLog:
     """Appends train/eval rows to `<run_dir>/metrics.jsonl`, prints progress lines, refreshes
     `loss.png` after each eval, and forwards to wandb / TensorBoard when enabled.
 
-    `wandb_cfg`: {"project", "name", "config"} for `wandb.init`. `title_info`: a run.json-shaped
-    dict ({"model": GPTConfig dict, "config": {"dataset": ...}}) for the plot title.
+    `wandb_cfg`: {"project", "name", "config", "id"} for `wandb.init` (an id resumes that run).
+    `title_info`: a run.json-shaped dict ({"model": GPTConfig dict, "config": {"dataset": ...}})
+    for the plot title.
     Rows already in metrics.jsonl (a resumed run) are kept; call `truncate_after(iter)` first
     to drop rows logged after the checkpoint being resumed. Use on rank 0 only.
     """
@@ -360,8 +361,10 @@ def _start_wandb(cfg: dict, run_dir: Path):
     except ImportError:
         raise ConfigError("wandb_log=True needs wandb: pip install 'folio[wandb]'") from None
     try:
+        run_id = cfg.get("id")  # set when resuming: continue that run
         return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
-                          config=cfg.get("config"), dir=str(run_dir))
+                          config=cfg.get("config"), dir=str(run_dir), id=run_id,
+                          resume="allow" if run_id else None)
     except wandb.errors.Error as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"wandb could not start ({first_line}): run `wandb login`, or set "

@@ -142,7 +142,7 @@ class Trainer:
         self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
         if self.master:  # only now: a bad setting must not leave an empty out_dir behind
             check_writable(self.out_dir)
-        self.metrics = self._open_metrics(cfg, resume is not None)
+        self.metrics = self._open_metrics(cfg, resume)
 
     # ------------------------------------------------------------------ setup steps
 
@@ -204,17 +204,19 @@ class Trainer:
                                  best_iter=resume.extra.get("best_iter", -1),
                                  evaluated_at=resume.extra.get("evaluated_at", -1))
 
-    def _open_metrics(self, cfg: TrainConfig, resumed: bool):
+    def _open_metrics(self, cfg: TrainConfig, resume: checkpoint.ResumeState | None):
+        self.wandb_run_id = resume.extra.get("wandb_run_id") if resume else None
         if not self.master:
             return None
         from folio.metrics import MetricsLog
         title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
-        log = MetricsLog(self.out_dir,
-                         wandb_cfg=({"project": cfg.wandb_project, "name": cfg.wandb_run_name,
-                                     "config": dataclasses.asdict(cfg)} if cfg.wandb_log
-                                    else None),
+        wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name,
+                     "config": dataclasses.asdict(cfg), "id": self.wandb_run_id}
+        log = MetricsLog(self.out_dir, wandb_cfg=wandb_cfg if cfg.wandb_log else None,
                          tensorboard=cfg.tensorboard, title_info=title, max_iters=cfg.max_iters)
-        log.truncate_after(self.progress.iter_num if resumed else -1)
+        log.truncate_after(self.progress.iter_num if resume else -1)
+        if log.wandb:  # a resumed run continues the same wandb run
+            self.wandb_run_id = log.wandb.id
         return log
 
     # ------------------------------------------------------------------ the loop
@@ -328,7 +330,7 @@ class Trainer:
                                            "val_loss": p.best_val_loss})
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
                  "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset,
-                 "world_size": info.world_size}
+                 "world_size": info.world_size, "wandb_run_id": self.wandb_run_id}
         state = checkpoint.ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
             model=checkpoint.model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
