@@ -239,9 +239,9 @@ def _fsync_files(directory: Path) -> None:
 
 def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
     """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
-    from folio.tokenizer import GPT2_FILES, _read_verified
+    from folio.tokenizer import gpt2_vocab_file
     for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        (directory / hf_name).write_bytes(_read_verified(name, GPT2_FILES[name]))
+        (directory / hf_name).write_bytes(gpt2_vocab_file(name))
     transformers = _transformers()
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
                                                          model_max_length=max_length)

