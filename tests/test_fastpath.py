@@ -269,3 +269,12 @@ def test_short_bench_prints_one_json_line_per_case_with_both_paths(seeded_cache,
     assert line["fast"]["loss"] == pytest.approx(line["eager"]["loss"], abs=0.05)
     assert line["speedup"] > 0 and line["rss_ratio"] > 0
     assert line["speedup_ceiling"] > 0
+
+
+def test_bench_variant_this_machine_refuses_is_reported_in_its_json_line(seeded_cache, tmp_path):
+    proc = folio("bench", "--cases", "cpu_char", "--steps", "1", "--variants",
+                 "fast:dtype=float16", "--data_dir", str(tmp_path / "data"), cache=seeded_cache)
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout)
+    assert "float16 is not supported" in line["fast:dtype=float16"]["error"]
+    assert "Traceback" not in proc.stderr

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from folio.errors import ConfigError
+from folio.errors import ConfigError, FolioError
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -297,8 +297,12 @@ def child_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     case, iters = Case(**spec["case"]), spec["iters"]
     with tempfile.TemporaryDirectory(prefix="folio-bench-run-") as out_dir:
-        trainer, setup = build_trainer(case, spec["knobs"], Path(spec["data_dir"]), iters,
-                                       out_dir)
+        try:
+            trainer, setup = build_trainer(case, spec["knobs"], Path(spec["data_dir"]), iters,
+                                           out_dir)
+        except FolioError as e:  # e.g. a variant asking for what this machine lacks
+            reply({"error": str(e)})
+            return 2
         if iters:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):
