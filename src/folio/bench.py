@@ -49,6 +49,10 @@ class Case:
     steps: int  # timed steps by default
     warmup: int  # untimed first steps (compilation, first-touch allocations)
 
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.batch_size * self.block_size  # one micro-batch per step
+
 
 CASES = {
     # the seed user's BPE command: 4 layers, 64 wide, GPT-2's 50,257-token vocabulary
@@ -203,6 +207,8 @@ def time_paths(case: Case, variants: dict[str, dict[str, str]], data_dir: Path, 
     Between rounds, while the paths wait, this process measures the matmul peak of each
     path's dtype; the best figure over the rounds is the peak for MFU and the ceiling.
     """
+    from folio.device import configure_threads
+    configure_threads()  # for the peak measurements in this process
     rounds = min(ROUNDS, case.steps)
     per_round = [case.steps // rounds + (r < case.steps % rounds) for r in range(rounds)]
     children, results, times, peaks = {}, {}, {}, {}
@@ -221,7 +227,8 @@ def time_paths(case: Case, variants: dict[str, dict[str, str]], data_dir: Path, 
         for label, child in children.items():
             if "error" not in results[label]:
                 result = {**results[label], **_ask(child, "end")}
-                results[label] = step_figures(result, times[label], peaks[result["dtype"]])
+                results[label] = step_figures(result, times[label], peaks[result["dtype"]],
+                                              case.tokens_per_iter)
     finally:
         for child in children.values():
             child.close()
@@ -232,9 +239,8 @@ def matmul_peak(dtype: str) -> float:
     """FLOP/s of a 2048^2 matmul in `dtype` on this CPU, best of 3 (uncached: speed drifts)."""
     import torch
 
-    from folio.device import configure_threads, measured_cpu_matmul_flops
-    configure_threads()
-    return measured_cpu_matmul_flops.__wrapped__(getattr(torch, dtype), n=2048, repeats=3)
+    from folio.device import cpu_matmul_flops
+    return cpu_matmul_flops(getattr(torch, dtype), n=2048, repeats=3)
 
 
 def _ask(child: Child, request: str | None = None) -> dict:
@@ -244,10 +250,10 @@ def _ask(child: Child, request: str | None = None) -> dict:
         return {"error": str(e)}
 
 
-def step_figures(result: dict, times: list[float], peak: float) -> dict:
+def step_figures(result: dict, times: list[float], peak: float, tokens: int) -> dict:
     """ms/iter (median over all timed steps), tokens/s and MFU against `peak` FLOP/s."""
     seconds = statistics.median(times)
-    flops, tokens = result["gflops_per_iter"] * 1e9, result.pop("tokens_per_iter")
+    flops = result["gflops_per_iter"] * 1e9
     return {**result, "steps": len(times), "ms_per_iter": round(seconds * 1000, 1),
             "min_ms_per_iter": round(min(times) * 1000, 1),
             "tokens_per_sec": round(tokens / seconds),
@@ -256,7 +262,7 @@ def step_figures(result: dict, times: list[float], peak: float) -> dict:
 
 def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
     """One JSON-able line: the case, each path's numbers, and fast / eager ratios."""
-    line = {"case": name, "tokens_per_iter": case.batch_size * case.block_size, **results}
+    line = {"case": name, "tokens_per_iter": case.tokens_per_iter, **results}
     labels = list(results)
     if len(labels) >= 2 and not any("error" in results[k] for k in labels[:2]):
         base, new = results[labels[0]], results[labels[1]]
@@ -314,8 +320,7 @@ def child_main(argv: list[str]) -> int:
         for i in range(case.warmup):
             trainer.step(lr_at(i, trainer.cfg))
         reply({**setup, "warmup_s": round(time.perf_counter() - t0, 2),
-               "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3),
-               "tokens_per_iter": trainer.tokens_per_iter})
+               "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3)})
         i = case.warmup
         for request in sys.stdin:
             if request.strip() == "end":

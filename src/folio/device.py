@@ -193,6 +193,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
 
 @functools.cache
 def measured_cpu_matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """`cpu_matmul_flops`, measured once per process (start-up choices, MFU)."""
+    return cpu_matmul_flops(dtype, n, repeats)
+
+
+def cpu_matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
     """Best-of-`repeats` FLOP/s of an n x n matmul on this CPU in `dtype` (~0.2 s in fp32)."""
     g = torch.Generator().manual_seed(0)  # never touch the global RNG: resume must be exact
     a = torch.randn(n, n, generator=g).to(dtype)
