@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from folio.model import GPT, GPTConfig
-from folio.sample import generate_tokens
+from folio.infer.sample import generate_tokens
+from folio.model.gpt import GPT, GPTConfig
 
 SHAPES = {
     "char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,

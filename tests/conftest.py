@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from folio.data.prepare import SHAKESPEARE_SHA256
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# Tiny Shakespeare (public domain) ships with the tests, so a fresh clone runs every test.
+SHAKESPEARE_TEXT = REPO / "tests" / "data" / "tinyshakespeare" / "input.txt"
 
 # Tests use few threads so helpers and CI runners do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,11 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def seeded_cache(tmp_path_factory) -> Path:
     """A FOLIO_CACHE directory holding tiny Shakespeare, as a user's first download leaves it."""
-    if not SHARED_TEXT.is_file():
-        pytest.skip(f"tiny Shakespeare not found at {SHARED_TEXT}")
+    digest = hashlib.sha256(SHAKESPEARE_TEXT.read_bytes()).hexdigest()
+    assert digest == SHAKESPEARE_SHA256, f"{SHAKESPEARE_TEXT} is not tiny Shakespeare"
     cache = tmp_path_factory.mktemp("folio-cache")
     (cache / "tinyshakespeare").mkdir()
-    shutil.copy(SHARED_TEXT, cache / "tinyshakespeare" / "input.txt")
+    shutil.copy(SHAKESPEARE_TEXT, cache / "tinyshakespeare" / "input.txt")
     return cache
 
 
@@ -36,7 +40,7 @@ def shakespeare_cache(seeded_cache, monkeypatch) -> Path:
 def char_data_dir(seeded_cache, tmp_path_factory) -> Path:
     """A data dir with tiny Shakespeare prepared at the character level (shared, read-only)."""
     from folio.config import PrepareConfig
-    from folio.data import prepare
+    from folio.data.prepare import prepare
 
     data_dir = tmp_path_factory.mktemp("data")
     old = os.environ.get("FOLIO_CACHE")

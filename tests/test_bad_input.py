@@ -166,7 +166,7 @@ def env(tmp_path, char_data_dir, tiny_run, shakespeare_cache) -> Env:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     from folio.config import PrepareConfig
-    from folio.data import prepare
+    from folio.data.prepare import prepare
     # a dataset too small for large blocks, with another vocabulary
     text = write(tmp_path / "small.txt", "abcdefgh xyz\n" * 40)
     prepare(PrepareConfig(dataset=str(text), name="small", data_dir=str(data)))

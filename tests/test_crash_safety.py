@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from folio.checkpoint import MODEL_FILE, RESUME_FILE, load_model, load_resume, read_run_info
 from folio.cli import main
-from folio.metrics import read_metrics
+from folio.store.rundir import MODEL_FILE, RESUME_FILE, load_model, load_resume, read_run_info
+from folio.watch.metrics import read_metrics
 
 KILLS = 24
 # Evaluate and save at every iteration so that many kills land inside checkpoint writes.

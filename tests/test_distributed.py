@@ -20,12 +20,12 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from folio import checkpoint
 from folio.config import TrainConfig, parse_args
-from folio.distributed import DistInfo
+from folio.data.loader import Loader
 from folio.errors import TrainingError
-from folio.loader import Loader
-from folio.train import Trainer
+from folio.machine.distributed import DistInfo
+from folio.store import rundir
+from folio.train.loop import Trainer
 
 LAUNCH_TIMEOUT_S = 120
 SETTINGS = dict(max_iters=30, lr_decay_iters=30, eval_interval=10, log_interval=1,
@@ -62,7 +62,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 def max_weight_difference(a: Path, b: Path) -> float:
     """Between the latest weights (resume.safetensors) of two runs."""
-    wa, wb = checkpoint.load_resume(a).model, checkpoint.load_resume(b).model
+    wa, wb = rundir.load_resume(a).model, rundir.load_resume(b).model
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
@@ -147,7 +147,7 @@ def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_
     assert difference < 1e-5
     assert max_weight_difference(out, single_run) < 1e-5
 
-    model, tokenizer, info = checkpoint.load_model(out)
+    model, tokenizer, info = rundir.load_model(out)
     assert info["world_size"] == 2 and info["config"]["fsdp"] is True
     assert model.lm_head.weight is model.transformer.wte.weight
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
@@ -176,7 +176,7 @@ def test_sigterm_to_torchrun_saves_once_and_every_process_exits(char_data_dir, t
     assert stderr.count("folio: got SIGTERM") == 2
     assert "folio: saved" in stderr
     assert worker_tracebacks(stderr) == []
-    assert checkpoint.load_resume(out).iter_num > 0
+    assert rundir.load_resume(out).iter_num > 0
 
 
 def test_an_error_in_one_process_ends_all_with_one_line(char_data_dir, tmp_path):

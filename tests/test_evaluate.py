@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from folio.evaluate import batches_per_pass, estimate_loss
-from folio.model import GPT, GPTConfig
+from folio.model.gpt import GPT, GPTConfig
+from folio.train.evaluate import batches_per_pass, estimate_loss
 
 
 @pytest.mark.parametrize("eval_iters, batch, block, max_tokens, want", [

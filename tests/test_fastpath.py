@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from folio.fastdropout import (
+from folio.model.fastdropout import (
     FastDropout,
     causal_attention,
     dropout,
     keep_mask,
     use_fast_dropout,
 )
-from folio.fastloss import fused_linear_cross_entropy
-from folio.model import GPT, GPTConfig
+from folio.model.fastloss import fused_linear_cross_entropy
+from folio.model.gpt import GPT, GPTConfig
 
 BF16 = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 bits of mantissa
 
@@ -103,8 +103,8 @@ def batch(vocab_size: int = 300):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 10 rows, so a tiny model's 64 positions take the chunked path."""
-    import folio.fastloss
-    monkeypatch.setattr(folio.fastloss, "CHUNK_BYTES", 4 * 320 * 10)
+    import folio.model.fastloss
+    monkeypatch.setattr(folio.model.fastloss, "CHUNK_BYTES", 4 * 320 * 10)
 
 
 def test_model_with_fused_loss_matches_the_plain_path_in_float32(small_chunks):
@@ -193,7 +193,7 @@ def test_causal_attention_with_dropout_matches_the_math_with_the_same_mask():
 
 
 def test_tiled_causal_attention_matches_sdpa_when_nothing_is_dropped(monkeypatch):
-    import folio.fastdropout as fd
+    import folio.model.fastdropout as fd
     monkeypatch.setattr(fd, "QUERY_BLOCK", 4)  # 5 query blocks, the last one short
     monkeypatch.setattr(fd, "CHUNK_BYTES", 4 * 4 * 18 * 2)  # 2 sequences per tile
     g = torch.Generator().manual_seed(0)

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (in the test environment: requirements.txt)
 
-transformers = pytest.importorskip("transformers")
-
-from folio import checkpoint  # noqa: E402
 from folio.cli import main  # noqa: E402
+from folio.data.tokenizer import GPT2Tokenizer  # noqa: E402
 from folio.errors import CheckpointError, ConfigError  # noqa: E402
-from folio.hf import load_pretrained  # noqa: E402
-from folio.model import GPT, GPTConfig  # noqa: E402
-from folio.tokenizer import GPT2Tokenizer  # noqa: E402
+from folio.model.gpt import GPT, GPTConfig  # noqa: E402
+from folio.store import rundir  # noqa: E402
+from folio.store.hf import load_pretrained  # noqa: E402
 
 TOL = 1e-4
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. café 🙂"
@@ -54,8 +53,8 @@ def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -
     torch.manual_seed(seed)
     model = GPT(config)
     run_dir.mkdir(parents=True)
-    checkpoint.save_model_weights(run_dir / checkpoint.MODEL_FILE, model, {"iter_num": 0})
-    checkpoint.write_run_info(run_dir, {"config": {}, "model": config.to_dict(),
+    rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
+    rundir.write_run_info(run_dir, {"config": {}, "model": config.to_dict(),
                                         "tokenizer": tokenizer, "iter_num": 0})
     return model
 
@@ -93,7 +92,7 @@ def test_unknown_model_name_is_a_config_error(tmp_path):
 
 def test_gpt2_without_cached_weights_offline_is_one_line_error(tmp_path):
     # A fresh process so HF_HOME (an empty cache) and HF_HUB_OFFLINE take effect at import.
-    code = ("from folio.hf import load_pretrained\nfrom folio.errors import CheckpointError\n"
+    code = ("from folio.store.hf import load_pretrained\nfrom folio.errors import CheckpointError\n"
             "try:\n    load_pretrained('gpt2-medium', dropout=0.0)\n"
             "except CheckpointError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
@@ -130,7 +129,7 @@ def test_export_gpt2_run_loads_in_transformers_with_tokenizer(tmp_path):
 def test_export_char_run_writes_vocabulary_note(tiny_run, tmp_path):
     out = tmp_path / "hf-char"
     assert main(["export", str(tiny_run), "--format=hf", str(out)]) == 0
-    model, tokenizer, _ = checkpoint.load_model(tiny_run)
+    model, tokenizer, _ = rundir.load_model(tiny_run)
     note = json.loads((out / "folio_vocab.json").read_text("utf-8"))
     assert note["tokenizer"] == tokenizer.spec()
     assert "AutoTokenizer" in (out / "README.md").read_text("utf-8")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from folio.errors import DataError
-from folio.metrics import (
+from folio.watch.metrics import (
     EVAL_KEYS,
     TRAIN_KEYS,
     MetricsLog,
@@ -170,7 +170,7 @@ def test_console_lines_parse_back_to_the_logged_values(tmp_path, capsys):
 TTY_RUN = """
 import sys, time
 from pathlib import Path
-from folio.metrics import MetricsLog
+from folio.watch.metrics import MetricsLog
 with MetricsLog(Path(sys.argv[1]), plot_every_eval=False, max_iters=1040) as log:
     for it in range(1000, 1041, 20):  # a resumed run: the bar starts at 1000
         log.log_train(it, 0, 0.0, 3.0, 1e-3, 10.0, 1000.0, None)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from folio.model import GPT, GPTConfig
+from folio.model.gpt import GPT, GPTConfig
 
 
 def tiny(**overrides) -> GPT:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_TEXT, tiny_args
+from conftest import SHAKESPEARE_TEXT, tiny_args
 
-from folio import checkpoint
 from folio.cli import main
 from folio.errors import CheckpointError
-from folio.model import GPT, GPTConfig
-from folio.nanogpt import (
+from folio.model.gpt import GPT, GPTConfig
+from folio.store import rundir
+from folio.store.nanogpt import (
     is_nanogpt_dir,
     read_meta_pkl,
     read_nanogpt_out_dir,
@@ -26,9 +26,7 @@ SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False)
 
 
 def shakespeare_chars() -> list[str]:
-    if not SHARED_TEXT.is_file():
-        pytest.skip(f"tiny Shakespeare not found at {SHARED_TEXT}")
-    return sorted(set(SHARED_TEXT.read_text("utf-8")))
+    return sorted(set(SHAKESPEARE_TEXT.read_text("utf-8")))
 
 
 def nanogpt_optimizer_state(state: dict[str, torch.Tensor]) -> dict:
@@ -156,14 +154,14 @@ def test_import_nanogpt_writes_a_folio_run_dir(char_out_dir, tmp_path):
     out, source, _ = char_out_dir
     run = tmp_path / "folio-run"
     assert main(["import-nanogpt", str(out), str(run)]) == 0
-    info = checkpoint.read_run_info(run)
+    info = rundir.read_run_info(run)
     assert info["iter_num"] == 250 and info["tokenizer"]["kind"] == "char"
     assert info["config"]["n_layer"] == 2 and info["config"]["dataset"] == "shakespeare_char"
     assert {"model.safetensors", "resume.safetensors"} <= set(info["files"])
-    model, tokenizer, _ = checkpoint.load_model(run)
+    model, tokenizer, _ = rundir.load_model(run)
     idx = torch.tensor([tokenizer.encode("KING:")])
     assert torch.equal(logits(model, idx, 65), logits(source, idx, 65))
-    resume = checkpoint.load_resume(run)
+    resume = rundir.load_resume(run)
     assert resume.iter_num == 250 and len(resume.optimizer["state"]) == len(
         list(model.parameters()))
     assert main(["import-nanogpt", str(out), str(run)]) == 2  # never overwrites a run
@@ -220,13 +218,12 @@ def test_train_resumes_from_a_nanogpt_out_dir(char_data_dir, tmp_path):
     args = tiny_args(char_data_dir, out, init_from="resume", max_iters=255, eval_interval=5,
                      lr_decay_iters=300)
     assert main(["train", *args]) == 0
-    info = checkpoint.read_run_info(out)
+    info = rundir.read_run_info(out)
     assert info["iter_num"] == 255
-    assert checkpoint.load_resume(out).iter_num == 255
+    assert rundir.load_resume(out).iter_num == 255
 
 
 def test_sample_from_a_nanogpt_out_dir(char_out_dir, capsys):
-    pytest.importorskip("folio.sample")
     out, _, chars = char_out_dir
     assert main(["sample", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1",
                  "--max_new_tokens=20", "--device=cpu", "--seed=1"]) == 0
@@ -235,7 +232,8 @@ def test_sample_from_a_nanogpt_out_dir(char_out_dir, capsys):
 
 
 def test_export_of_a_nanogpt_out_dir_loads_in_transformers(char_out_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     out, source, chars = char_out_dir
     assert main(["export", str(out), "--format", "hf", str(tmp_path / "hf")]) == 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",

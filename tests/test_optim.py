@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from folio.config import TrainConfig
-from folio.model import GPT, GPTConfig
-from folio.optim import configure_optimizer, lr_at
+from folio.model.gpt import GPT, GPTConfig
+from folio.train.optim import configure_optimizer, lr_at
 
 CFG = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=1000)
 

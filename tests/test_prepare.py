@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from folio import data
 from folio.cli import main
-from folio.tokenizer import GPT2Tokenizer, load_tokenizer
+from folio.data import prepare as data
+from folio.data.tokenizer import GPT2Tokenizer, load_tokenizer
 
 SHAKESPEARE_LINES = {
     "shakespeare_char": ["length of dataset in characters: 1,115,394", "vocab size: 65 (char)",

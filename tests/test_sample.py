@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from folio.cli import main
+from folio.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from folio.errors import ConfigError
-from folio.kvcache import CachedDecoder, RecomputeDecoder
-from folio.model import GPT, GPTConfig
-from folio.sample import (
+from folio.infer.decode import CachedDecoder, RecomputeDecoder
+from folio.infer.sample import (
     SEPARATOR,
     TextStream,
     generate,
@@ -23,7 +23,7 @@ from folio.sample import (
     top_k_candidates,
     top_p_candidates,
 )
-from folio.tokenizer import CharTokenizer, GPT2Tokenizer
+from folio.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from folio.errors import DataError
-from folio.tokenizer import (
+from folio.data.tokenizer import (
     GPT2_FILES,
     CharTokenizer,
     GPT2Tokenizer,
@@ -19,6 +18,7 @@ from folio.tokenizer import (
     load_tokenizer,
     tokenizer_from_spec,
 )
+from folio.errors import DataError
 
 NON_ASCII = "héllo wörld — 日本語 🎭\nnaïve café, Ωμέγα; emoji 👩‍🔬 and tabs\t!"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args
 
-from folio.checkpoint import load_model, read_run_info
 from folio.cli import main
-from folio.metrics import read_metrics
+from folio.store.rundir import load_model, read_run_info
+from folio.watch.metrics import read_metrics
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -10,9 +10,9 @@ __all__ = ["__version__", "load", "generate"]
 def __getattr__(name: str):
     # Keep `import folio` light: torch is imported only when the API is used.
     if name == "load":
-        from folio.sample import load
+        from folio.infer.sample import load
         return load
     if name == "generate":
-        from folio.sample import generate
+        from folio.infer.sample import generate
         return generate
     raise AttributeError(name)

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from folio.checkpoint import load_model
 from folio.errors import CheckpointError, ConfigError
-from folio.model import GPT, GPTConfig
-from folio.nanogpt import gpt_from_state_dict
+from folio.model.gpt import GPT, GPTConfig
+from folio.store.nanogpt import gpt_from_state_dict
+from folio.store.rundir import load_model
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -239,7 +239,7 @@ def _fsync_files(directory: Path) -> None:
 
 def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
     """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
-    from folio.tokenizer import gpt2_vocab_file
+    from folio.data.tokenizer import gpt2_vocab_file
     for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         (directory / hf_name).write_bytes(gpt2_vocab_file(name))
     transformers = _transformers()

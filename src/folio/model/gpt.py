@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from folio.fastdropout import causal_attention
-from folio.fastloss import fused_linear_cross_entropy
+from folio.model.fastdropout import causal_attention
+from folio.model.fastloss import fused_linear_cross_entropy
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
 

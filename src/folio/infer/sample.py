@@ -16,13 +16,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from folio.checkpoint import load_model
 from folio.config import SampleConfig
-from folio.device import resolve_device, resolve_dtype, topk
+from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
-from folio.kvcache import CachedDecoder, RecomputeDecoder
-from folio.model import GPT
-from folio.tokenizer import Tokenizer
+from folio.infer.decode import CachedDecoder, RecomputeDecoder
+from folio.machine.device import resolve_device, resolve_dtype, topk
+from folio.model.gpt import GPT
+from folio.store.rundir import load_model
 
 SEPARATOR = "\n---------------\n"  # between samples on stdout, as nanoGPT prints
 # When the window outgrows block_size, drop this fraction of it (at least one token) and

@@ -22,7 +22,7 @@ import numpy as np
 
 from folio import fsutil
 from folio.errors import ConfigError, DataError
-from folio.metrics import PLOT_FILE, Metrics, parse_log, read_metrics
+from folio.watch.metrics import PLOT_FILE, Metrics, parse_log, read_metrics
 
 # --x choice -> (row key, axis label)
 X_AXES = {"iter": ("iter", "iteration"), "tokens": ("tokens", "tokens seen"),
@@ -162,7 +162,7 @@ def _count_params(model_json: str) -> int | None:
     try:
         import torch
 
-        from folio.model import GPT, GPTConfig
+        from folio.model.gpt import GPT, GPTConfig
         with torch.device("meta"):
             return GPT(GPTConfig(**json.loads(model_json))).num_params()
     except Exception:  # an unknown/old model dict: the title just leaves the count out
@@ -248,7 +248,7 @@ class BackgroundRefresh:
         if isinstance(info.get("model"), dict) and "n_params" not in info:
             # counted here, where torch is already imported, so the child never imports it
             info["n_params"] = _count_params(json.dumps(info["model"], sort_keys=True))
-        self.args = [sys.executable, "-c", "import sys; from folio.plot import refresh_loop; "
+        self.args = [sys.executable, "-c", "import sys; from folio.watch.plot import refresh_loop; "
                      "refresh_loop(sys.argv[1], sys.argv[2])", str(run_dir), json.dumps(info)]
         self.proc: subprocess.Popen | None = None  # started at the first request
 
@@ -387,7 +387,7 @@ def main(argv: list[str]) -> int:
     save_png(make_figure(chart), png)
     written = [str(png)]
     if args.html:
-        from folio.plot_html import render_html
+        from folio.watch.plot_html import render_html
         fsutil.atomic_write_text(args.html, render_html(chart))
         written.append(str(args.html))
     n_evals = sum(len(c.eval_x) for c in chart.runs)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from folio.device import vocab_head
-from folio.model import GPT
+from folio.machine.device import vocab_head
+from folio.model.gpt import GPT
 
 
 class KVCache:

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from folio import checkpoint, distributed
 from folio.config import TrainConfig, apply, load_preset
-from folio.device import (
+from folio.data.loader import Loader, check_split_length, open_tokens
+from folio.data.tokenizer import read_meta
+from folio.errors import CheckpointError, DataError, TrainingError
+from folio.machine import distributed
+from folio.machine.device import (
     autocast,
     configure_allocator,
     configure_threads,
@@ -29,14 +32,12 @@ from folio.device import (
     resolve_device,
     resolve_dtype,
 )
-from folio.errors import CheckpointError, DataError, TrainingError
-from folio.evaluate import CPU_EVAL_TOKENS, estimate_loss
-from folio.fastdropout import use_fast_dropout
-from folio.loader import Loader, check_split_length, open_tokens
-from folio.metrics import finite_or_none, format_duration
-from folio.model import GPT, GPTConfig
-from folio.optim import configure_optimizer, lr_at
-from folio.tokenizer import read_meta
+from folio.model.fastdropout import use_fast_dropout
+from folio.model.gpt import GPT, GPTConfig
+from folio.store import rundir
+from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
+from folio.train.optim import configure_optimizer, lr_at
+from folio.watch.metrics import finite_or_none, format_duration
 
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
@@ -146,32 +147,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup steps
 
-    def _load_resume(self, cfg: TrainConfig) -> checkpoint.ResumeState:
+    def _load_resume(self, cfg: TrainConfig) -> rundir.ResumeState:
         if (self.out_dir / "ckpt.pt").exists() and not (self.out_dir / "run.json").exists():
-            from folio.nanogpt import resume_state_from_nanogpt
+            from folio.store.nanogpt import resume_state_from_nanogpt
             state, run_info = resume_state_from_nanogpt(self.out_dir)
         elif not self.out_dir.is_dir():
             raise CheckpointError(f"--init_from=resume but {self.out_dir} does not exist; pass "
                                   "the --out_dir of the run to continue, or start with "
                                   "--init_from=scratch")
         else:
-            run_info = checkpoint.read_run_info(self.out_dir)
-            state = checkpoint.load_resume(self.out_dir)
+            run_info = rundir.read_run_info(self.out_dir)
+            state = rundir.load_resume(self.out_dir)
         check_resume_matches(cfg, run_info, self.meta)
         state.extra["model_config"] = run_info["model"]
         return state
 
-    def _build_model(self, cfg: TrainConfig, resume: checkpoint.ResumeState | None) -> GPT:
+    def _build_model(self, cfg: TrainConfig, resume: rundir.ResumeState | None) -> GPT:
         if resume is not None:
             shape = dict(resume.extra["model_config"], dropout=cfg.dropout)
             model = GPT(GPTConfig(**shape))
-            checkpoint.load_weights_into(model, resume.model, self.out_dir)
+            rundir.load_weights_into(model, resume.model, self.out_dir)
         elif cfg.init_from == "scratch":
             model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                   dropout=cfg.dropout, bias=cfg.bias))
         else:
-            from folio.hf import load_pretrained
+            from folio.store.hf import load_pretrained
             model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
             if self.meta["vocab_size"] > model.config.vocab_size:
                 raise DataError(f"dataset {cfg.dataset} has {self.meta['vocab_size']} tokens, "
@@ -185,7 +186,7 @@ class Trainer:
                   "embeddings)", flush=True)
         return model
 
-    def _restore(self, resume: checkpoint.ResumeState) -> None:
+    def _restore(self, resume: rundir.ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
         if "scaler" in resume.extra:
             self.scaler.load_state_dict(resume.extra["scaler"])
@@ -194,7 +195,7 @@ class Trainer:
         # Each rank continues its own streams; with another process count (or from a nanoGPT
         # ckpt.pt, which stores none) every rank reseeds instead.
         if resume.extra.get("world_size", 1) == self.info.world_size and loader:
-            checkpoint.restore_rng(rng, self.device)
+            rundir.restore_rng(rng, self.device)
             self.loader.load_state_dict(loader)
         else:
             reseed = self.cfg.seed + self.info.rank + 1_000_003 * resume.iter_num
@@ -204,11 +205,11 @@ class Trainer:
                                  best_iter=resume.extra.get("best_iter", -1),
                                  evaluated_at=resume.extra.get("evaluated_at", -1))
 
-    def _open_metrics(self, cfg: TrainConfig, resume: checkpoint.ResumeState | None):
+    def _open_metrics(self, cfg: TrainConfig, resume: rundir.ResumeState | None):
         self.wandb_run_id = resume.extra.get("wandb_run_id") if resume else None
         if not self.master:
             return None
-        from folio.metrics import MetricsLog
+        from folio.watch.metrics import MetricsLog
         title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
         wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name,
                      "config": dataclasses.asdict(cfg), "id": self.wandb_run_id}
@@ -320,22 +321,22 @@ class Trainer:
         # Every rank takes part in gathering (FSDP shards, per-rank streams); rank 0 writes.
         weights = distributed.full_state_dict(self.model, info)
         optimizer = distributed.full_optimizer_state(self.optimizer, info)
-        rng = distributed.gather_rank_states(checkpoint.capture_rng(self.device), info)
+        rng = distributed.gather_rank_states(rundir.capture_rng(self.device), info)
         loader = distributed.gather_rank_states(self.loader.state_dict(), info)
         if not self.master:
             return
         if best:
-            checkpoint.save_model_weights(self.out_dir / checkpoint.MODEL_FILE, weights,
+            rundir.save_model_weights(self.out_dir / rundir.MODEL_FILE, weights,
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
                  "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset,
                  "world_size": info.world_size, "wandb_run_id": self.wandb_run_id}
-        state = checkpoint.ResumeState(
+        state = rundir.ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
-            model=checkpoint.model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
+            model=rundir.model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             extra=extra)
-        checkpoint.save_resume(self.out_dir, state)
+        rundir.save_resume(self.out_dir, state)
         self.write_info()
 
     def save_on_interrupt(self) -> int:
@@ -357,13 +358,13 @@ class Trainer:
         if not self.master:
             return
         p = self.progress
-        checkpoint.write_run_info(self.out_dir, {
+        rundir.write_run_info(self.out_dir, {
             "config": dataclasses.asdict(self.cfg), "model": self.model.config.to_dict(),
             "tokenizer": self.meta["tokenizer"], "dataset": self.cfg.dataset,
             "iter_num": p.iter_num, "best_val_loss": finite_or_none(p.best_val_loss),
             "best_iter": p.best_iter, "dtype": str(self.dtype).removeprefix("torch."),
             "compile": self.compiled, "world_size": self.info.world_size,
-            "versions": checkpoint.environment_info(self.device), "git": checkpoint.git_hash(),
+            "versions": rundir.environment_info(self.device), "git": rundir.git_hash(),
             "device": str(self.device)})
 
     def announce(self) -> None:
@@ -385,11 +386,11 @@ class Trainer:
 def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     """The prepared dataset dir; tiny Shakespeare is prepared on first use."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
-    from folio.data import KNOWN_DATASETS
+    from folio.data.prepare import KNOWN_DATASETS
     if not (dataset_dir / "meta.json").exists() and cfg.dataset in KNOWN_DATASETS:
         if info.is_master:
             from folio.config import PrepareConfig
-            from folio.data import prepare
+            from folio.data.prepare import prepare
             print(f"folio: dataset {cfg.dataset} is not prepared yet; preparing it", flush=True)
             prepare(PrepareConfig(dataset=cfg.dataset, data_dir=cfg.data_dir))
         distributed.barrier(info)

@@ -271,7 +271,7 @@ class MetricsLog:
         self.console = _Console(max_iters) if console else None
         self.plotter = None
         if plot_every_eval:
-            from folio.plot import BackgroundRefresh
+            from folio.watch.plot import BackgroundRefresh
             self.plotter = BackgroundRefresh(self.run_dir, self.title_info)
 
     def _open_for_append(self):

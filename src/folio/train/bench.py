@@ -27,8 +27,8 @@ from pathlib import Path
 
 from folio.errors import ConfigError, FolioError
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# In a source checkout the tests carry tiny Shakespeare; an installed folio downloads it.
+REPO_TEXT = Path(__file__).resolve().parents[3] / "tests" / "data" / "tinyshakespeare" / "input.txt"
 RESULT_MARK = "FOLIO_BENCH_RESULT "
 QUALITY_ITERS = 2000
 QUALITY_TOLERANCE = 0.02
@@ -148,16 +148,16 @@ def parse_variants(spec: str) -> dict[str, dict[str, str]]:
 def bench_data_dir(data_dir: str, datasets: set[str]):
     """A data dir with tiny Shakespeare prepared at the character and GPT-2 BPE levels.
 
-    The text comes from FOLIO_CACHE when set, else from the shared copy next to the repo
+    The text comes from FOLIO_CACHE when set, else from the copy in a source checkout's tests/data
     (seeded into a temporary cache), else from folio's usual download cache.
     """
     from folio.config import PrepareConfig
-    from folio.data import cache_dir, prepare
+    from folio.data.prepare import cache_dir, prepare
     with tempfile.TemporaryDirectory(prefix="folio-bench-") as tmp:
-        if not os.environ.get("FOLIO_CACHE") and SHARED_TEXT.is_file():
+        if not os.environ.get("FOLIO_CACHE") and REPO_TEXT.is_file():
             seeded = Path(tmp) / "cache" / "tinyshakespeare"
             seeded.mkdir(parents=True)
-            shutil.copy(SHARED_TEXT, seeded / "input.txt")
+            shutil.copy(REPO_TEXT, seeded / "input.txt")
             os.environ["FOLIO_CACHE"] = str(seeded.parent)
         root = Path(data_dir) if data_dir else cache_dir() / "bench-data"
         for dataset in datasets:
@@ -177,7 +177,7 @@ class Child:
     def __init__(self, case: Case, knobs: dict[str, str], data_dir: Path, iters: int = 0):
         spec = {"case": asdict(case), "knobs": knobs, "data_dir": str(data_dir), "iters": iters}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "folio.bench", "--child", json.dumps(spec)],
+            [sys.executable, "-m", "folio.train.bench", "--child", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.output: list[str] = []
 
@@ -207,7 +207,7 @@ def time_paths(case: Case, variants: dict[str, dict[str, str]], data_dir: Path, 
     Between rounds, while the paths wait, this process measures the matmul peak of each
     path's dtype; the best figure over the rounds is the peak for MFU and the ceiling.
     """
-    from folio.device import configure_threads
+    from folio.machine.device import configure_threads
     configure_threads()  # for the peak measurements in this process
     rounds = min(ROUNDS, case.steps)
     per_round = [case.steps // rounds + (r < case.steps % rounds) for r in range(rounds)]
@@ -239,7 +239,7 @@ def matmul_peak(dtype: str) -> float:
     """FLOP/s of a 2048^2 matmul in `dtype` on this CPU, best of 3 (uncached: speed drifts)."""
     import torch
 
-    from folio.device import cpu_matmul_flops
+    from folio.machine.device import cpu_matmul_flops
     return cpu_matmul_flops(getattr(torch, dtype), n=2048, repeats=3)
 
 
@@ -298,7 +298,7 @@ def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> 
 def child_main(argv: list[str]) -> int:
     """Build the trainer, then (timing) answer `N` with N steps' times and `end` with the
     peak memory, or (quality, `iters` > 0) train and report the val loss."""
-    from folio.optim import lr_at
+    from folio.train.optim import lr_at
 
     spec = json.loads(argv[0])
     case, iters = Case(**spec["case"]), spec["iters"]
@@ -345,10 +345,10 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
     import torch
 
     from folio.config import TrainConfig
-    from folio.device import configure_allocator
-    from folio.distributed import DistInfo
-    from folio.fastdropout import use_fast_dropout
-    from folio.train import Trainer
+    from folio.machine.device import configure_allocator
+    from folio.machine.distributed import DistInfo
+    from folio.model.fastdropout import use_fast_dropout
+    from folio.train.loop import Trainer
 
     if knobs["allocator"] == "1":
         configure_allocator()

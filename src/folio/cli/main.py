@@ -47,7 +47,7 @@ def cmd_prepare(argv: list[str]) -> int:
              "[--data_dir DIR] [--val_fraction F] [--source PATH_OR_URL]")
     parsed = parse_settings(config.PrepareConfig, argv, usage, positional="dataset")
     if parsed:
-        from folio.data import prepare
+        from folio.data.prepare import prepare
         prepare(parsed.config)
     return 0
 
@@ -58,7 +58,7 @@ def cmd_train(argv: list[str]) -> int:
     parsed = parse_settings(config.TrainConfig, argv, usage, positional="config")
     if not parsed:
         return 0
-    from folio.train import train
+    from folio.train.loop import train
     return train(parsed.config, explicit_source=bool(parsed.source),
                  explicit_keys=_explicit_keys(argv))
 
@@ -77,28 +77,28 @@ def cmd_sample(argv: list[str]) -> int:
     usage = "usage: folio sample [RUN_DIR] [--out_dir=RUN_DIR] [--start=TEXT|FILE:path] ..."
     parsed = parse_settings(config.SampleConfig, argv, usage, positional="out_dir")
     if parsed:
-        from folio.sample import run
+        from folio.infer.sample import run
         run(parsed.config)
     return 0
 
 
 def cmd_plot(argv: list[str]) -> int:
-    from folio.plot import main as plot_main
+    from folio.watch.plot import main as plot_main
     return plot_main(argv)
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from folio.bench import main as bench_main
+    from folio.train.bench import main as bench_main
     return bench_main(argv)
 
 
 def cmd_export(argv: list[str]) -> int:
-    from folio.hf import export_main
+    from folio.store.hf import export_main
     return export_main(argv)
 
 
 def cmd_import_nanogpt(argv: list[str]) -> int:
-    from folio.nanogpt import import_nanogpt_main
+    from folio.store.nanogpt import import_nanogpt_main
     return import_nanogpt_main(argv)
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from folio import __version__
 from folio.errors import CheckpointError
 from folio.fsutil import atomic_write_json, atomic_write_with
-from folio.model import GPT, GPTConfig
+from folio.model.gpt import GPT, GPTConfig
 
 FORMAT_VERSION = 1
 RUN_INFO = "run.json"
@@ -209,10 +209,10 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[GPT, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, run info) from a folio run dir or a nanoGPT out dir."""
-    from folio.tokenizer import tokenizer_from_spec
+    from folio.data.tokenizer import tokenizer_from_spec
     run_dir = Path(run_dir)
     if not (run_dir / RUN_INFO).exists() and (run_dir / "ckpt.pt").exists():
-        from folio.nanogpt import read_nanogpt_out_dir
+        from folio.store.nanogpt import read_nanogpt_out_dir
         model, tokenizer, info, _ = read_nanogpt_out_dir(run_dir)
         return model.to(device).eval(), tokenizer, info
     info = read_run_info(run_dir)

@@ -26,7 +26,7 @@ import numpy as np
 from folio.config import AUTO, PrepareConfig, nearest_key
 from folio.errors import DataError
 from folio.fsutil import atomic_open, atomic_write_json
-from folio.tokenizer import (
+from folio.data.tokenizer import (
     META_FORMAT_VERSION,
     CharTokenizer,
     GPT2Tokenizer,

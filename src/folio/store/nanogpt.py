@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from folio import checkpoint, config
+from folio import config
 from folio.config import TrainConfig
 from folio.errors import CheckpointError, ConfigError
-from folio.model import GPT, GPTConfig
+from folio.model.gpt import GPT, GPTConfig
+from folio.store import rundir
 
 CKPT = "ckpt.pt"
 META = "meta.pkl"
@@ -164,7 +165,7 @@ def find_meta(out_dir: Path, dataset: str | None) -> Path | None:
 
 def tokenizer_for(meta_path: Path | None):
     """Char tokenizer from meta.pkl, else GPT-2 BPE (what nanoGPT's sample.py assumes)."""
-    from folio.tokenizer import tokenizer_from_spec
+    from folio.data.tokenizer import tokenizer_from_spec
     if meta_path is None:
         return tokenizer_from_spec({"kind": "gpt2"})
     itos = read_meta_pkl(meta_path)["itos"]
@@ -186,7 +187,7 @@ def read_nanogpt_out_dir(out_dir: str | Path, meta: str | Path | None = None,
     info mirrors run.json: "config" (nanoGPT's train config), "model", "tokenizer",
     "iter_num", "best_val_loss", plus "source" and "meta". The optimizer state is nanoGPT's
     AdamW state_dict (groups: dim >= 2 params, then the rest, in named_parameters order, as
-    folio.optim builds them), its embedding moments zero-padded like the embedding.
+    folio.train.optim builds them), its embedding moments zero-padded like the embedding.
     """
     out_dir = Path(out_dir)
     path = out_dir / CKPT
@@ -252,7 +253,7 @@ def pad_optimizer_state(optimizer: dict, state: dict[str, torch.Tensor], rows: i
 
 def resume_state_from_nanogpt(out_dir: str | Path, meta: str | Path | None = None,
                               dataset: str | None = None
-                              ) -> tuple[checkpoint.ResumeState, dict[str, Any]]:
+                              ) -> tuple[rundir.ResumeState, dict[str, Any]]:
     """What `init_from=resume` needs from a nanoGPT out dir: (resume state, run info).
 
     nanoGPT stores no RNG or loader state, so those start fresh.
@@ -262,9 +263,9 @@ def resume_state_from_nanogpt(out_dir: str | Path, meta: str | Path | None = Non
         raise CheckpointError(f"{Path(out_dir) / CKPT} has no optimizer state, so it cannot be "
                               "resumed; finetune from its weights after `folio import-nanogpt`")
     iter_num = info["iter_num"]
-    state = checkpoint.ResumeState(
+    state = rundir.ResumeState(
         iter_num=iter_num, best_val_loss=info["best_val_loss"],
-        model=checkpoint.model_state(model), optimizer=optimizer,
+        model=rundir.model_state(model), optimizer=optimizer,
         extra={"best_iter": iter_num, "evaluated_at": iter_num,
                "dataset": info["config"].get("dataset")})
     return state, info
@@ -296,20 +297,20 @@ def import_nanogpt(out_dir: str | Path, run_dir: str | Path, meta: str | Path | 
     run_dir.mkdir(parents=True, exist_ok=True)
     iter_num, best = info["iter_num"], info["best_val_loss"]
     finite_best = best if math.isfinite(best) else None
-    checkpoint.save_model_weights(run_dir / checkpoint.MODEL_FILE, model,
+    rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model,
                                   {"iter_num": iter_num, "val_loss": finite_best})
     if optimizer is not None:
-        checkpoint.save_resume(run_dir, checkpoint.ResumeState(
-            iter_num=iter_num, best_val_loss=best, model=checkpoint.model_state(model),
+        rundir.save_resume(run_dir, rundir.ResumeState(
+            iter_num=iter_num, best_val_loss=best, model=rundir.model_state(model),
             optimizer=optimizer, extra={"best_iter": iter_num, "evaluated_at": iter_num}))
     device = torch.device("cpu")
-    checkpoint.write_run_info(run_dir, {
+    rundir.write_run_info(run_dir, {
         "config": train_config_from_nanogpt(info["config"], model.config, run_dir),
         "model": model.config.to_dict(), "tokenizer": tokenizer.spec(),
         "dataset": info["config"].get("dataset"), "iter_num": iter_num,
         "best_val_loss": finite_best, "best_iter": iter_num,
         "imported_from": {"nanogpt": info["ckpt"], "meta": info["meta"]},
-        "versions": checkpoint.environment_info(device), "git": checkpoint.git_hash(),
+        "versions": rundir.environment_info(device), "git": rundir.git_hash(),
         "device": str(device)})
     return run_dir
 
@@ -329,7 +330,7 @@ def import_nanogpt_main(argv: list[str]) -> int:
                                           "ckpt.pt's config)")
     args = parser.parse_args(argv)
     run_dir = import_nanogpt(args.nanogpt_out_dir, args.run_dir, args.meta, args.dataset)
-    info = checkpoint.read_run_info(run_dir)
+    info = rundir.read_run_info(run_dir)
     print(f"imported {args.nanogpt_out_dir} -> {run_dir} (iter {info['iter_num']}, "
           f"{info['tokenizer']['kind']} tokenizer, files: {', '.join(info['files'])})")
     return 0

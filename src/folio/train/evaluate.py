@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from folio.loader import Loader
+from folio.data.loader import Loader
 
 EVAL_SEED = 20240601  # the same eval batches every time, independent of the training stream
 CPU_EVAL_TOKENS = 8192  # tokens per forward pass when small eval batches are stacked on a CPU

@@ -1,0 +1,5 @@
+"""The `folio` command line: every command's parser, and nothing else."""
+
+from folio.cli.main import main
+
+__all__ = ["main"]

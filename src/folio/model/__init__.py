@@ -1,0 +1,1 @@
+"""The GPT: one forward pass for training, evaluation and cached decoding, and its kernels."""

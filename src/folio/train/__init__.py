@@ -1,0 +1,1 @@
+"""Training: the loop, optimizers and schedules, loss estimation, and the speed bench."""

@@ -1,0 +1,1 @@
+"""Watching runs: metrics.jsonl and console lines, nanoGPT log parsing, loss plots."""
