@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests benchmarks
-python -m pytest "$@"
+python -m pytest -rs "$@"  # -rs: every skip prints its reason

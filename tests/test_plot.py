@@ -14,8 +14,9 @@ import pytest
 from test_metrics import NANOGPT_LOG, log_rows
 
 from folio.cli import main as folio_main
+from folio.watch.chart import ema, make_chart
 from folio.watch.metrics import MetricsLog, parse_log, read_metrics
-from folio.watch.plot import ema, make_chart, make_figure, plot_png
+from folio.watch.plot import make_figure, plot_png
 from folio.watch.plot_html import render_html
 
 MODEL = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 32,

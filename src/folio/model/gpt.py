@@ -6,6 +6,8 @@ dtype or distributed code lives here; inference-time caching lives in sample.py.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -193,3 +195,14 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+
+
+@functools.lru_cache(maxsize=16)
+def count_params(shape_json: str) -> int | None:
+    """Non-embedding parameter count (as nanoGPT prints it) of a run.json model section given
+    as JSON, from the model built on the meta device (no memory, no compute); None if unknown."""
+    try:
+        with torch.device("meta"):
+            return GPT(GPTConfig(**json.loads(shape_json))).num_params()
+    except Exception:  # an unknown/old model dict: callers just leave the count out
+        return None

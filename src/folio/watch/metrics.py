@@ -17,6 +17,7 @@ from typing import Any
 
 from folio import fsutil
 from folio.errors import ConfigError, DataError
+from folio.watch.refresh import BackgroundRefresh
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -271,7 +272,6 @@ class MetricsLog:
         self.console = _Console(max_iters) if console else None
         self.plotter = None
         if plot_every_eval:
-            from folio.watch.plot import BackgroundRefresh
             self.plotter = BackgroundRefresh(self.run_dir, self.title_info)
 
     def _open_for_append(self):

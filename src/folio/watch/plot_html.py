@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from folio.watch.plot import LOG_TICKS, Chart
+from folio.watch.chart import LOG_TICKS, Chart
 
 
 def _points(*columns: np.ndarray) -> list[list[float | None]]:
