@@ -6,6 +6,7 @@ import json
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,30 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-def read_wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of the offline run under run_dir: its .wandb file is a LevelDB-style
-    log (7-byte file header, 32 KiB blocks of crc/length/type-framed chunks) of protobufs."""
-    from wandb.proto import wandb_internal_pb2
+def read_wandb_history(run_dir: Path, timeout: float = 30.0) -> list[dict]:
+    """The history rows of the offline run under run_dir.
 
+    wandb's writer is a separate process (wandb-core) that may still be writing when
+    `finish()` returns, so wait (bounded) until the log holds the run's exit record."""
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    data = files[0].read_bytes()
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(files[0])
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{files[0]} has no exit record after {timeout} s"
+        time.sleep(0.1)
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a .wandb file: a LevelDB-style log (7-byte file header, 32 KiB
+    blocks of crc/length/type-framed chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
     assert data[:4] == b":W&B"
     records, chunks, pos, block = [], b"", 7, 32768
     while pos + 7 <= len(data):
@@ -50,16 +67,11 @@ def read_wandb_history(run_dir: Path) -> list[dict]:
         chunks += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk ends a record
-            records.append(chunks)
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
             chunks = b""
-    history = []
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                            for i in record.history.item})
-    return history
+    return records
 
 
 def test_wandb_offline_leaves_a_local_run_with_the_metrics(tmp_path, wandb_offline):

@@ -1,0 +1,1 @@
+"""Text in, token files out: sources, tokenizers, `prepare`, and the batch loader."""
