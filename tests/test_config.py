@@ -31,12 +31,12 @@ beta2 = 0.99
 
 
 def train(*argv: str) -> TrainConfig:
-    return parse_args(TrainConfig, list(argv), positional="config").config
+    return parse_args(TrainConfig, list(argv), config_file=True).config
 
 
-def error(cls: type, *argv: str, positional: str = "config") -> str:
+def error(cls: type, *argv: str) -> str:
     with pytest.raises(ConfigError) as e:
-        parse_args(cls, list(argv), positional=positional)
+        parse_args(cls, list(argv), config_file=cls is TrainConfig)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -161,10 +161,9 @@ def test_wrong_type_in_toml_names_key_and_value(tmp_path):
 
 
 def test_prepare_takes_the_dataset_as_positional():
-    cfg = parse_args(PrepareConfig, ["my.txt", "--tokenizer", "gpt2"], positional="dataset").config
+    cfg = parse_args(PrepareConfig, ["my.txt", "--tokenizer", "gpt2"]).config
     assert (cfg.dataset, cfg.tokenizer) == ("my.txt", "gpt2")
-    assert "unexpected argument 'b.txt'" in error(PrepareConfig, "a.txt", "b.txt",
-                                                  positional="dataset")
+    assert "unexpected argument 'b.txt'" in error(PrepareConfig, "a.txt", "b.txt")
 
 
 @pytest.mark.parametrize("name", preset_names())
