@@ -56,6 +56,12 @@ def run_import_nanogpt(cfg: config.ImportNanoGPTConfig) -> int:
     return 0
 
 
+def train_as_run(cfg: config.TrainConfig) -> config.TrainConfig:
+    """The config `folio train` would train here: with the device's defaults applied."""
+    from folio.machine.device import resolve_device
+    return config.device_defaults(cfg, resolve_device(cfg.device).type)[0]
+
+
 def presets_note() -> str:
     return f"presets: {', '.join(config.preset_names())}"
 
@@ -72,13 +78,14 @@ class Command:
     run: Callable[[Any], int]
     config_file: bool = False  # a first bare argument names a preset or config file
     note: Callable[[], str] | None = None  # more lines for its --help
+    as_run: Callable[[Any], Any] | None = None  # what --print-config shows, if not the parse
 
 
 COMMANDS: dict[str, Command] = {
     "prepare": Command(config.PrepareConfig, "tokenize a dataset (shakespeare_char, "
                        "shakespeare, or your text files)", run_prepare),
     "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
-                     run_train, config_file=True, note=presets_note),
+                     run_train, config_file=True, note=presets_note, as_run=train_as_run),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
@@ -121,7 +128,7 @@ def run_command(name: str, argv: list[str]) -> int:
         print(config.help_text(command.settings, usage(name, command)))
         return 0
     if parsed.print_config:
-        print(config.format_config(parsed.config))
+        print(config.format_config((command.as_run or (lambda c: c))(parsed.config)))
         return 0
     return command.run(parsed.config)
 
