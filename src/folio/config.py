@@ -50,9 +50,12 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, min: float
 
 
 def settings(cls: type) -> type:
-    """`@dataclass`, and each instance records in `given` the names of the fields its caller
-    set (by keyword or position). `apply` and `replace` keep it up to date;
+    """`@dataclass` whose fields are validated (`validate_fields`, unless the class has its own
+    `__post_init__`), and whose instances record in `given` the names of the fields the caller
+    set (by keyword or position). `apply` and `replace` keep `given` up to date;
     `dataclasses.replace` cannot, and marks every field as given."""
+    if "__post_init__" not in cls.__dict__:
+        cls.__post_init__ = lambda self: validate_fields(self)  # defined further down
     cls = dataclass(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     init = cls.__init__
@@ -190,9 +193,6 @@ class PlotConfig:
     smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
                                  "(None: about 1/30 of the curve; 1: no smoothing)", min=1)
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
 
 @settings
 class BenchConfig:
@@ -209,9 +209,6 @@ class BenchConfig:
     data_dir: str = setting("", "where tiny Shakespeare is prepared (default: under "
                             "FOLIO_CACHE)")
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
 
 @settings
 class ExportConfig:
@@ -224,9 +221,6 @@ class ExportConfig:
     format: str = setting("hf", "output format: hf (transformers GPT2LMHeadModel)",
                           choices=("hf",))
     force: bool = setting(False, "replace a non-empty OUT_DIR")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
 
 
 @settings
@@ -241,9 +235,6 @@ class ImportNanoGPTConfig:
                         "data/<dataset>/meta.pkl)")
     dataset: str = setting("", "dataset name for finding meta.pkl (default: from ckpt.pt's "
                            "config)")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
 
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
