@@ -73,6 +73,8 @@ def bench_note() -> str:
 
 @dataclass(frozen=True)
 class Command:
+    """One `folio` command: the settings class its line parses into, and what runs them."""
+
     settings: type
     summary: str  # its line in `folio --help`
     run: Callable[[Any], int]
