@@ -1,6 +1,6 @@
 """Training speed on the CPU: nanoGPT's plain eager float32 path vs folio's default path.
 
-A thin wrapper around `folio bench` (src/folio/bench.py); the same options, the same JSON
+A thin wrapper around `folio bench` (src/folio/train/bench.py); the same options, the same JSON
 lines (one per case, both paths and their ratios). Run it on an otherwise idle machine:
 
     python benchmarks/train_speed.py

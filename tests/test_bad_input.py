@@ -149,6 +149,18 @@ CASES = [
          "iter"),
     Case("plot_unwritable_output", lambda e: ["plot", str(e.run), "-o",
                                               f"{write(e.tmp / 'f', 'x')}/loss.png"], "loss.png"),
+    Case("plot_without_inputs", lambda e: ["plot", "--logy"], "RUN_DIR|LOGFILE|-"),
+    Case("plot_unknown_short_option", lambda e: ["plot", str(e.run), "-x", "tokens"], "-x"),
+    # ---- export, import-nanogpt, bench
+    Case("export_without_out_dir", lambda e: ["export", str(e.run), "--format", "hf"],
+         "OUT_DIR"),
+    Case("export_unknown_format", lambda e: ["export", str(e.run), "--format=onnx",
+                                             str(e.tmp / "o")], "format"),
+    Case("import_nanogpt_of_a_folio_run", lambda e: ["import-nanogpt", str(e.run),
+                                                     str(e.tmp / "r")], "ckpt.pt"),
+    Case("import_nanogpt_extra_argument", lambda e: ["import-nanogpt", "a", "b", "c"],
+         "unexpected argument 'c'"),
+    Case("bench_unknown_case", lambda e: ["bench", "--cases=gpu"], "cpu_char"),
     Case("unknown_command", lambda e: ["trian"], "train"),
 ]
 

@@ -11,10 +11,12 @@ from folio.config import (
     PrepareConfig,
     SampleConfig,
     TrainConfig,
+    device_defaults,
     format_config,
     parse_args,
     parse_python_config,
     preset_names,
+    replace,
 )
 from folio.errors import ConfigError
 
@@ -31,12 +33,12 @@ beta2 = 0.99
 
 
 def train(*argv: str) -> TrainConfig:
-    return parse_args(TrainConfig, list(argv), positional="config").config
+    return parse_args(TrainConfig, list(argv), config_file=True).config
 
 
-def error(cls: type, *argv: str, positional: str = "config") -> str:
+def error(cls: type, *argv: str) -> str:
     with pytest.raises(ConfigError) as e:
-        parse_args(cls, list(argv), positional=positional)
+        parse_args(cls, list(argv), config_file=cls is TrainConfig)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -161,10 +163,9 @@ def test_wrong_type_in_toml_names_key_and_value(tmp_path):
 
 
 def test_prepare_takes_the_dataset_as_positional():
-    cfg = parse_args(PrepareConfig, ["my.txt", "--tokenizer", "gpt2"], positional="dataset").config
+    cfg = parse_args(PrepareConfig, ["my.txt", "--tokenizer", "gpt2"]).config
     assert (cfg.dataset, cfg.tokenizer) == ("my.txt", "gpt2")
-    assert "unexpected argument 'b.txt'" in error(PrepareConfig, "a.txt", "b.txt",
-                                                  positional="dataset")
+    assert "unexpected argument 'b.txt'" in error(PrepareConfig, "a.txt", "b.txt")
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -203,3 +204,51 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("folio: error: ") and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- given settings
+
+def test_a_config_knows_which_fields_it_was_given(tmp_path):
+    assert TrainConfig().given == frozenset()
+    assert TrainConfig(n_layer=2, out_dir="x").given == {"n_layer", "out_dir"}
+    assert TrainConfig("x").given == {"out_dir"}  # by position too
+    path = tmp_path / "c.toml"
+    path.write_text("n_layer = 3\nn_head = 2\n", encoding="utf-8")
+    cfg = train(str(path), "--n_embd=96", "--no-bias")
+    assert cfg.given == {"n_layer", "n_head", "n_embd", "bias"}
+    assert replace(cfg, dropout=0.1).given == cfg.given | {"dropout"}
+    assert train("--n_layer=4").given == {"n_layer"}  # given, even when it is the default
+    assert train("--n_layer=4") == TrainConfig()  # equality compares settings only
+
+
+# ---------------------------------------------------------------------------- device defaults
+
+SEED_MPS_LINE = ["--dataset=shakespeare", "--n_layer=4", "--n_head=4", "--n_embd=64",
+                 "--block_size=64", "--batch_size=8", "--max_iters=2000", "--device=mps",
+                 "--compile=False"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_bare_train_on_a_gpu_gets_the_gpu_preset_and_says_so(device):
+    cfg, note = device_defaults(train(f"--device={device}", "--dtype=float32"), device)
+    assert cfg == train("shakespeare_char", f"--device={device}", "--dtype=float32")
+    assert "shakespeare_char" in note and device in note and "6 layers" in note
+    cfg, _ = device_defaults(train("--out_dir=mine", "--init_from=resume"), device)
+    assert (cfg.n_layer, cfg.out_dir, cfg.init_from) == (6, "mine", "resume")  # given: kept
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_any_model_or_training_setting_means_the_plain_defaults_on_a_gpu(device):
+    seed = train(*SEED_MPS_LINE)
+    assert device_defaults(seed, device) == (seed, "")
+    assert (seed.dropout, seed.learning_rate, seed.out_dir) == (0.0, 1e-3, "out")
+    python = TrainConfig(n_layer=2, out_dir="x")
+    assert device_defaults(python, device) == (python, "")
+    for argv in (["--max_iters=100"], ["--dataset=mytext"], ["--init_from=gpt2"],
+                 ["shakespeare_char_cpu"]):
+        cfg = train(*argv)
+        assert device_defaults(cfg, device) == (cfg, ""), argv
+
+
+def test_a_cpu_never_changes_a_default():
+    assert device_defaults(TrainConfig(), "cpu") == (TrainConfig(), "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import pytest
 from conftest import tiny_args
 
 from folio.cli import main
+from folio.config import TrainConfig
 from folio.store.rundir import load_model, read_run_info
+from folio.train.loop import train
 from folio.watch.metrics import read_metrics
 
 
@@ -39,6 +42,16 @@ def test_nanogpt_py_config_and_overrides_drive_a_real_run(char_data_dir, tmp_pat
     assert any("training on cpu" in line and "10 " in line.replace("->", " ") for line in first)
     model, tokenizer, _ = load_model(out)
     assert tokenizer.vocab_size == 65 and model.config.n_layer == 3
+
+
+def test_train_from_python_trains_exactly_its_config(char_data_dir, tmp_path, capsys):
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=4,
+                      eval_interval=4, eval_iters=2, warmup_iters=2, device="cpu",
+                      compile=False, dtype="float32", data_dir=str(char_data_dir),
+                      out_dir=str(tmp_path / "run"))
+    assert train(cfg) == 0
+    assert read_run_info(tmp_path / "run")["config"] == dataclasses.asdict(cfg)
+    assert capsys.readouterr().out.startswith("folio: model has 0.")  # no device default note
 
 
 def test_eval_losses_fall_and_are_logged(tiny_run):

@@ -2,6 +2,8 @@
 
 Sources, later ones winning: dataclass defaults < preset or config file (TOML, or a
 nanoGPT-style `.py` of literal assignments read with `ast`, never executed) < `--key=value`.
+Every settings object knows which fields were given (`cfg.given`), wherever from, so defaults
+that depend on the device (`device_defaults`) never replace a setting the user chose.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import math
 import sys
 import types
@@ -31,15 +34,44 @@ PRESET_ALIASES = {"train_shakespeare_char": "shakespeare_char", "train_gpt2": "g
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-            max: float | None = None, above: float | None = None) -> Any:
-    """A dataclass field with a one-line help text and optional range checks."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above}
+            max: float | None = None, above: float | None = None, positional: str = "",
+            required: bool = False, short: str = "") -> Any:
+    """A dataclass field with a one-line help text and optional range checks.
+
+    `positional` (a metavar, e.g. "RUN_DIR") lets a bare argument fill the field as well as
+    `--name`; bare arguments fill such fields in order, and a list field takes all the rest.
+    `required` fields must be given (a non-empty value); `short` is a one-letter alias (`-o`).
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above,
+            "positional": positional, "required": required, "short": short}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-@dataclass
+def settings(cls: type) -> type:
+    """`@dataclass` whose fields are validated (`validate_fields`, unless the class has its own
+    `__post_init__`), and whose instances record in `given` the names of the fields the caller
+    set (by keyword or position). `apply` and `replace` keep `given` up to date;
+    `dataclasses.replace` cannot, and marks every field as given."""
+    if "__post_init__" not in cls.__dict__:
+        cls.__post_init__ = lambda self: validate_fields(self)  # defined further down
+    cls = dataclass(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._given = frozenset(names[:len(args)]) | frozenset(kwargs)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls.given = property(lambda self: self._given,
+                         doc="names of the fields set explicitly (CLI, config file or code)")
+    return cls
+
+
+@settings
 class TrainConfig:
     """Everything `folio train` reads. Names and meanings follow nanoGPT's train.py."""
 
@@ -99,11 +131,12 @@ class TrainConfig:
         check_device_name(self.device)
 
 
-@dataclass
+@settings
 class SampleConfig:
     """Everything `folio sample` reads. Names and meanings follow nanoGPT's sample.py."""
 
-    out_dir: str = setting("out", "run directory to sample from (folio or nanoGPT)")
+    out_dir: str = setting("out", "run directory to sample from (folio or nanoGPT)",
+                           positional="RUN_DIR")
     start: str = setting("\n", "prompt text, or FILE:path to read it from a file")
     num_samples: int = setting(10, "number of samples", min=1)
     max_new_tokens: int = setting(500, "tokens generated per sample", min=1)
@@ -123,12 +156,13 @@ class SampleConfig:
         check_device_name(self.device)
 
 
-@dataclass
+@settings
 class PrepareConfig:
-    """Everything `folio prepare` reads."""
+    """Everything `folio prepare` reads: a dataset tokenized into train.bin, val.bin and
+    meta.json under data_dir."""
 
     dataset: str = setting("shakespeare_char", "shakespeare_char | shakespeare | PATH (.txt, dir, "
-                           ".jsonl)")
+                           ".jsonl)", positional="DATASET|PATH")
     tokenizer: str = setting(AUTO, "char | gpt2 (auto: by dataset; char for files)",
                              choices=(AUTO, "char", "gpt2"))
     name: str = setting("", "output name under data_dir (default: from the dataset)")
@@ -144,7 +178,67 @@ class PrepareConfig:
                               "number between 0 and 1 (exclusive), e.g. 0.1")
 
 
-Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig)
+@settings
+class PlotConfig:
+    """Everything `folio plot` reads: loss curves of runs or of pasted nanoGPT/folio logs."""
+
+    inputs: list[str] = setting([], "run dirs, metrics.jsonl files or console logs (- reads a "
+                                "pasted log from stdin)", positional="RUN_DIR|LOGFILE|-",
+                                required=True)
+    output: str = setting("", "PNG path (default: RUN_DIR/loss.png for one run dir, else "
+                          "./loss.png)", short="o")
+    html: str = setting("", "also write an interactive self-contained HTML file here")
+    x: str = setting("iter", "x axis", choices=("iter", "tokens", "time"))
+    logy: bool = setting(False, "log-scale loss axis")
+    smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
+                                 "(None: about 1/30 of the curve; 1: no smoothing)", min=1)
+
+
+@settings
+class BenchConfig:
+    """Everything `folio bench` reads: CPU training speed, nanoGPT's plain eager float32 path
+    against folio's default path, each in its own process, taking turns."""
+
+    cases: str = setting("all", "comma-separated case names (see cases above), or all")
+    steps: int = setting(0, "timed steps per path (0: each case's own number)", min=0)
+    quality: bool = setting(False, "also train cpu_char for quality_iters iterations on both "
+                            "paths and compare the final val loss")
+    quality_iters: int = setting(2000, "iterations of the --quality comparison", min=1)
+    variants: str = setting("eager,fast", "paths to run: eager, fast, or one with knobs "
+                            "changed, e.g. fast:fused_loss=0; ratios use the first two")
+    data_dir: str = setting("", "where tiny Shakespeare is prepared (default: under "
+                            "FOLIO_CACHE)")
+
+
+@settings
+class ExportConfig:
+    """Everything `folio export` reads: a run written as a Hugging Face transformers GPT-2."""
+
+    run_dir: str = setting("", "folio run dir (or nanoGPT out dir with ckpt.pt)",
+                           positional="RUN_DIR", required=True)
+    out_dir: str = setting("", "directory to write (config.json, model.safetensors, tokenizer "
+                           "files)", positional="OUT_DIR", required=True)
+    format: str = setting("hf", "output format: hf (transformers GPT2LMHeadModel)",
+                          choices=("hf",))
+    force: bool = setting(False, "replace a non-empty OUT_DIR")
+
+
+@settings
+class ImportNanoGPTConfig:
+    """Everything `folio import-nanogpt` reads: a nanoGPT out dir (ckpt.pt, optional char
+    meta.pkl) converted into a folio run dir; nothing is unpickled beyond plain data."""
+
+    nanogpt_out_dir: str = setting("", "nanoGPT out dir holding ckpt.pt",
+                                   positional="NANOGPT_OUT_DIR", required=True)
+    run_dir: str = setting("", "folio run dir to create", positional="RUN_DIR", required=True)
+    meta: str = setting("", "char-level meta.pkl (default: beside ckpt.pt, then "
+                        "data/<dataset>/meta.pkl)")
+    dataset: str = setting("", "dataset name for finding meta.pkl (default: from ckpt.pt's "
+                           "config)")
+
+
+Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
+                 ExportConfig, ImportNanoGPTConfig)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -164,6 +258,8 @@ def validate_fields(cfg: Any) -> None:
         value = coerce(f.name, value, hints[f.name])
         object.__setattr__(cfg, f.name, value)
         m = f.metadata
+        if m["required"] and value in ("", []):
+            raise ConfigError(f"missing {m['positional'] or '--' + f.name}: {m['help']}")
         is_auto = value == AUTO and m["choices"] is None
         if value is None or isinstance(value, (list, bool)) or is_auto:
             continue
@@ -321,7 +417,8 @@ def nearest_key(key: str, keys: list[str]) -> str:
 
 def apply(cls: type[Config], values: dict[str, Any], base: Config | None = None,
           origin: str = "") -> Config:
-    """A new config with `values` applied over `base` (or the defaults), fully validated."""
+    """A new config with `values` applied over `base` (or the defaults), fully validated.
+    Its `given` is the base's plus the keys of `values`."""
     current = dataclasses.asdict(base) if base is not None else {}
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
@@ -332,7 +429,45 @@ def apply(cls: type[Config], values: dict[str, Any], base: Config | None = None,
         if typing.get_origin(hints[key]) is list and isinstance(value, str):
             value = [*current.get(key, []), value]
         current[key] = value
-    return cls(**current)
+    cfg = cls(**current)
+    cfg._given = (base.given if base is not None else frozenset()) | frozenset(values)
+    return cfg
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    """`dataclasses.replace` that keeps `given` (adding the changed names)."""
+    return apply(type(cfg), changes, cfg)
+
+
+# ---------------------------------------------------------------------------- device defaults
+
+# Settings that say where and how to run, or where the run lives, rather than what to train:
+# giving only these leaves `folio train` bare. init_from counts only as scratch or resume.
+PLACE_KEYS = frozenset({"device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
+                        "data_dir", "out_dir", "init_from", "eval_only", "seed", "wandb_log",
+                        "wandb_project", "wandb_run_name", "tensorboard"})
+GPU_PRESET = "shakespeare_char"
+
+
+def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, str]:
+    """The one place where the device changes a default; returns (config, note for the log).
+
+    A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) on a GPU
+    (cuda or mps) trains nanoGPT's GPU char model, the `shakespeare_char` preset, keeping the
+    settings that were given. Any other setting, from the command line, a file or Python,
+    means the plain defaults for the rest, the same on every device; so does a CPU. The note
+    is "" when nothing was applied.
+    """
+    bare = not (cfg.given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume")
+    if device_type == "cpu" or not bare:
+        return cfg, ""
+    preset = {k: v for k, v in load_preset(GPU_PRESET).items() if k not in cfg.given}
+    resolved = apply(TrainConfig, preset, cfg)
+    resolved._given = cfg.given  # the preset stands in for defaults; nobody chose it
+    return resolved, (f"no model or training settings given, so on {device_type} folio trains "
+                      f"the {GPU_PRESET} preset ({resolved.n_layer} layers, {resolved.n_embd} "
+                      f"wide, out_dir {resolved.out_dir}); any such setting, or a preset, "
+                      "gives the plain defaults instead")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -345,72 +480,118 @@ class ParsedArgs:
     source: str = ""  # preset or config file named on the command line, if any
 
 
-def parse_args(cls: type[Config], argv: list[str], positional: str | None = None,
-               base: dict[str, Any] | None = None) -> ParsedArgs:
-    """Parse `[POSITIONAL] [--key=value | --key value | --flag | --no-flag ...]`.
+def parse_args(cls: type[Config], argv: list[str], *, config_file: bool = False) -> ParsedArgs:
+    """Parse `[BARE ...] [--key=value | --key value | --flag | --no-flag | -x value ...]`.
 
-    `positional` names what a bare first argument means: "config" (a preset or config file)
-    or a field name (e.g. "dataset"). `base` supplies settings applied before the file.
+    Bare arguments fill the class's positional fields in order, a list field taking all the
+    rest; with `config_file` the first one names a preset or config file instead (train).
+    After `--` every argument is bare.
     """
-    names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    shorts = {f.metadata["short"]: f.name for f in fields if f.metadata["short"]}
     overrides: dict[str, Any] = {}
+    bare: list[str] = []
     result = ParsedArgs(config=None)
-    i = 0
+    i, options = 0, True
     while i < len(argv):
         arg = argv[i]
         i += 1
-        if arg in ("-h", "--help"):
+        if not options or arg == "-" or not arg.startswith("-"):
+            bare.append(arg)
+        elif arg == "--":
+            options = False
+        elif arg in ("-h", "--help"):
             result.help = True
-            continue
-        if arg in ("--print-config", "--print_config"):
+        elif arg in ("--print-config", "--print_config"):
             result.print_config = True
-            continue
-        if not arg.startswith("--"):
-            if positional is None or (result.source or positional in overrides):
-                raise ConfigError(f"unexpected argument {arg!r}; settings look like --key=value")
-            if positional == "config":
-                result.source = arg
-            else:
-                overrides[positional] = arg
-            continue
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        negated = not eq and key.startswith("no_") and key[3:] in names and hints[key[3:]] is bool
-        if negated:
-            key, value = key[3:], "False"
-        elif key not in names:
-            raise ConfigError(f"unknown setting --{key}{nearest_key(key, names)}")
-        elif not eq:
-            takes_flag = bool in typing.get_args(hints[key]) or hints[key] is bool
-            nxt = argv[i] if i < len(argv) else None
-            if takes_flag and (nxt is None or nxt.startswith("--") or
-                               nxt.lower() not in ("true", "false", "1", "0", "auto")):
-                value = "True"
-            elif nxt is None:
-                raise ConfigError(f"--{key} needs a value, e.g. --{key}=VALUE")
-            else:
-                value, i = nxt, i + 1
-        if typing.get_origin(hints[key]) is list:
-            overrides.setdefault(key, [])
-            overrides[key].append(value)
         else:
-            overrides[key] = value
+            key, value, i = _option(arg, argv, i, hints, shorts)
+            if typing.get_origin(hints[key]) is list:
+                overrides.setdefault(key, []).append(value)
+            else:
+                overrides[key] = value
     if result.help:
         return result
-    cfg = apply(cls, base or {}) if base else None
+    if config_file and bare:
+        result.source = bare.pop(0)
+    _fill_positionals(fields, hints, bare, overrides)
+    cfg = None
     if result.source:
-        cfg = apply(cls, load_config_source(result.source), cfg, origin=result.source)
+        cfg = apply(cls, load_config_source(result.source), origin=result.source)
     result.config = apply(cls, overrides, cfg)
     return result
 
 
-def help_text(cls: type, usage: str) -> str:
-    """`--help`: every key with its default and one line of meaning."""
-    lines = [usage, "", "settings (--key=value or --key value):"]
+def _option(arg: str, argv: list[str], i: int, hints: dict[str, Any],
+            shorts: dict[str, str]) -> tuple[str, str, int]:
+    """(setting name, value text, index of the next argument) for the option `arg`, which
+    came just before argv[i]."""
+    if arg.startswith("--"):
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq and key.startswith("no_") and hints.get(key[3:]) is bool:
+            return key[3:], "False", i
+        if key not in hints:
+            raise ConfigError(f"unknown setting --{key}{nearest_key(key, list(hints))}")
+    else:
+        short, eq, value = arg[1:].partition("=")
+        if short not in shorts:
+            raise ConfigError(f"unknown option {arg.partition('=')[0]}; settings look like "
+                              "--key=value (see --help)")
+        key = shorts[short]
+    if eq:
+        return key, value, i
+    takes_flag = bool in typing.get_args(hints[key]) or hints[key] is bool
+    nxt = argv[i] if i < len(argv) else None
+    if takes_flag and (nxt is None or nxt.startswith("--") or
+                       nxt.lower() not in ("true", "false", "1", "0", "auto")):
+        return key, "True", i
+    if nxt is None:
+        raise ConfigError(f"--{key} needs a value, e.g. --{key}=VALUE")
+    return key, nxt, i + 1
+
+
+def _fill_positionals(fields: tuple, hints: dict[str, Any], bare: list[str],
+                      overrides: dict[str, Any]) -> None:
+    """Bare arguments into the positional fields, in order; a list field takes the rest."""
+    slots = [f for f in fields if f.metadata["positional"]]
+    for arg in bare:
+        if not slots:
+            raise ConfigError(f"unexpected argument {arg!r}; settings look like --key=value")
+        name = slots[0].name
+        if typing.get_origin(hints[name]) is list:
+            overrides.setdefault(name, []).append(arg)
+            continue
+        if name in overrides:
+            raise ConfigError(f"{slots[0].metadata['positional']} given twice: {arg!r} and "
+                              f"--{name}={overrides[name]}")
+        overrides[name] = arg
+        slots.pop(0)
+
+
+def synopsis(cls: type) -> str:
+    """The arguments of a command for its usage line, e.g. `RUN_DIR OUT_DIR [--key=value ...]`."""
+    words = []
     for f in dataclasses.fields(cls):
+        metavar = f.metadata["positional"]
+        if metavar:
+            many = typing.get_origin(typing.get_type_hints(cls)[f.name]) is list
+            word = f"{metavar} [{metavar} ...]" if many else metavar
+            words.append(word if f.metadata["required"] else f"[{word}]")
+    return " ".join([*words, "[--key=value ...]"])
+
+
+def help_text(cls: type, usage: str) -> str:
+    """`--help`: every setting with its default (or [required]) and one line of meaning."""
+    lines = [usage, "", "settings (--key=value or --key value; CAPITALS: also a bare argument):"]
+    for f in dataclasses.fields(cls):
+        m = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name:<28} {f.metadata['help']} [default: {default!r}]")
+        names = [m["positional"]] * bool(m["positional"]) + [f"-{m['short']}"] * bool(m["short"])
+        flag = ", ".join([*names, f"--{f.name}"])
+        lines.append(f"  {flag:<30} {m['help']} "
+                     f"[{'required' if m['required'] else f'default: {default!r}'}]")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """The `folio` command line: every command's parser, and nothing else."""
 
-from folio.cli.main import ArgumentParser, main
+from folio.cli.main import main
 
-__all__ = ["ArgumentParser", "main"]
+__all__ = ["main"]

@@ -1,137 +1,151 @@
-"""The `folio` command: parses arguments and hands typed settings to the module that acts.
+"""The `folio` command: each command's settings class, usage and runner, and the dispatch.
 
-Every FolioError becomes one line on stderr and a non-zero exit code.
+Every command parses through `config.parse_args` into its settings dataclass and hands that
+to one library function. Every FolioError becomes one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from folio import config
-from folio.errors import FolioError
+from folio.errors import ConfigError, FolioError
 
-USAGE = """usage: folio COMMAND [ARGS]
+# Runners import their library lazily, so `folio --help` and bad input never wait for torch.
+
+def run_prepare(cfg: config.PrepareConfig) -> int:
+    from folio.data.prepare import prepare
+    prepare(cfg)
+    return 0
+
+
+def run_train(cfg: config.TrainConfig) -> int:
+    from folio.train.loop import train
+    return train(cfg)
+
+
+def run_sample(cfg: config.SampleConfig) -> int:
+    from folio.infer.sample import run
+    run(cfg)
+    return 0
+
+
+def run_plot(cfg: config.PlotConfig) -> int:
+    from folio.watch.plot import plot_runs
+    plot_runs(cfg)
+    return 0
+
+
+def run_bench(cfg: config.BenchConfig) -> int:
+    from folio.train.bench import bench
+    return bench(cfg)
+
+
+def run_export(cfg: config.ExportConfig) -> int:
+    from folio.store.hf import export
+    export(cfg)
+    return 0
+
+
+def run_import_nanogpt(cfg: config.ImportNanoGPTConfig) -> int:
+    from folio.store.nanogpt import import_run
+    import_run(cfg)
+    return 0
+
+
+def train_as_run(cfg: config.TrainConfig) -> config.TrainConfig:
+    """The config `folio train` would train here: with the device's defaults applied."""
+    from folio.machine.device import resolve_device
+    return config.device_defaults(cfg, resolve_device(cfg.device).type)[0]
+
+
+def presets_note() -> str:
+    return f"presets: {', '.join(config.preset_names())}"
+
+
+def bench_note() -> str:
+    from folio.train.bench import describe_cases
+    return f"cases:\n{describe_cases()}"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `folio` command: the settings class its line parses into, and what runs them."""
+
+    settings: type
+    summary: str  # its line in `folio --help`
+    run: Callable[[Any], int]
+    config_file: bool = False  # a first bare argument names a preset or config file
+    note: Callable[[], str] | None = None  # more lines for its --help
+    as_run: Callable[[Any], Any] | None = None  # what --print-config shows, if not the parse
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(config.PrepareConfig, "tokenize a dataset (shakespeare_char, "
+                       "shakespeare, or your text files)", run_prepare),
+    "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
+                     run_train, config_file=True, note=presets_note, as_run=train_as_run),
+    "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
+                      "nanoGPT's sample.py settings)", run_sample),
+    "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
+                    run_plot),
+    "bench": Command(config.BenchConfig, "measure training speed on this machine", run_bench,
+                     note=bench_note),
+    "export": Command(config.ExportConfig, "write a run as a Hugging Face transformers model",
+                      run_export),
+    "import-nanogpt": Command(config.ImportNanoGPTConfig, "convert a nanoGPT out dir (ckpt.pt) "
+                              "into a folio run dir", run_import_nanogpt),
+}
+
+USAGE = f"""usage: folio COMMAND [ARGS]
 
 Train small GPT language models on the computer you have.
 
 commands:
-  prepare         tokenize a dataset (shakespeare_char, shakespeare, or your text files)
-  train           train a GPT (accepts nanoGPT's train.py settings)
-  sample          generate text from a trained run (accepts nanoGPT's sample.py settings)
-  plot            draw loss curves from runs or from a pasted nanoGPT log
-  bench           measure training speed on this machine
-  export          write a run as a Hugging Face transformers model
-  import-nanogpt  convert a nanoGPT out dir (ckpt.pt) into a folio run dir
+{chr(10).join(f"  {name:<15} {c.summary}" for name, c in COMMANDS.items())}
 
 `folio COMMAND --help` lists a command's settings. Quick start:
   folio prepare shakespeare_char && folio train && folio sample --out_dir=out-shakespeare-char
 """
 
 
-def parse_settings(cls: type, argv: list[str], usage: str, positional: str | None):
-    """Parse dataclass settings; print help or the resolved config when asked."""
-    parsed = config.parse_args(cls, argv, positional=positional)
+def usage(name: str, command: Command) -> str:
+    """A command's usage line, what it does, and its notes (presets, cases)."""
+    lead = "[PRESET|CONFIG.toml|CONFIG.py] " if command.config_file else ""
+    lines = [f"usage: folio {name} {lead}{config.synopsis(command.settings)}", "",
+             " ".join((command.settings.__doc__ or "").split())]
+    if command.note:
+        lines.append(command.note())
+    return "\n".join(lines)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse argv into the command's settings; print help or the config, or run it."""
+    command = COMMANDS[name]
+    parsed = config.parse_args(command.settings, argv, config_file=command.config_file)
     if parsed.help:
-        print(config.help_text(cls, usage))
-        return None
-    if parsed.print_config:
-        print(config.format_config(parsed.config))
-        return None
-    return parsed
-
-
-def cmd_prepare(argv: list[str]) -> int:
-    usage = ("usage: folio prepare DATASET|PATH [--tokenizer char|gpt2] [--name NAME] "
-             "[--data_dir DIR] [--val_fraction F] [--source PATH_OR_URL]")
-    parsed = parse_settings(config.PrepareConfig, argv, usage, positional="dataset")
-    if parsed:
-        from folio.data.prepare import prepare
-        prepare(parsed.config)
-    return 0
-
-
-def cmd_train(argv: list[str]) -> int:
-    usage = ("usage: folio train [PRESET|CONFIG.toml|CONFIG.py] [--key=value ...]\n"
-             f"presets: {', '.join(config.preset_names())}")
-    parsed = parse_settings(config.TrainConfig, argv, usage, positional="config")
-    if not parsed:
+        print(config.help_text(command.settings, usage(name, command)))
         return 0
-    from folio.train.loop import train
-    return train(parsed.config, explicit_source=bool(parsed.source),
-                 explicit_keys=_explicit_keys(argv))
-
-
-def _explicit_keys(argv: list[str]) -> set[str]:
-    """Setting names given on the command line (so auto-defaults never override them)."""
-    keys = set()
-    for arg in argv:
-        if arg.startswith("--"):
-            key = arg[2:].partition("=")[0].replace("-", "_")
-            keys.add(key[3:] if key.startswith("no_") else key)
-    return keys
-
-
-def cmd_sample(argv: list[str]) -> int:
-    usage = "usage: folio sample [RUN_DIR] [--out_dir=RUN_DIR] [--start=TEXT|FILE:path] ..."
-    parsed = parse_settings(config.SampleConfig, argv, usage, positional="out_dir")
-    if parsed:
-        from folio.infer.sample import run
-        run(parsed.config)
-    return 0
-
-
-def cmd_plot(argv: list[str]) -> int:
-    from folio.watch.plot import main as plot_main
-    return plot_main(argv)
-
-
-def cmd_bench(argv: list[str]) -> int:
-    from folio.train.bench import main as bench_main
-    return bench_main(argv)
-
-
-def cmd_export(argv: list[str]) -> int:
-    from folio.store.hf import export_main
-    return export_main(argv)
-
-
-def cmd_import_nanogpt(argv: list[str]) -> int:
-    from folio.store.nanogpt import import_nanogpt_main
-    return import_nanogpt_main(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "prepare": cmd_prepare,
-    "train": cmd_train,
-    "sample": cmd_sample,
-    "plot": cmd_plot,
-    "bench": cmd_bench,
-    "export": cmd_export,
-    "import-nanogpt": cmd_import_nanogpt,
-}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises a FolioError instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise config.ConfigError(f"{message} (see `{self.prog} --help`)")
+    if parsed.print_config:
+        print(config.format_config((command.as_run or (lambda c: c))(parsed.config)))
+        return 0
+    return command.run(parsed.config)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        hint = config.nearest_key(command, list(COMMANDS)).replace("--", "")
-        print(f"folio: error: unknown command {command!r}{hint}", file=sys.stderr)
-        return 2
+    command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
     try:
-        return COMMANDS[command](rest)
+        if command in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if command not in COMMANDS:
+            hint = config.nearest_key(command, list(COMMANDS)).replace("--", "")
+            raise ConfigError(f"unknown command {command!r}{hint}")
+        return run_command(command, rest)
     except FolioError as e:
         print(f"folio: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from folio.config import ExportConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
 from folio.store.nanogpt import gpt_from_state_dict
@@ -268,23 +269,12 @@ def _write_vocab_note(directory: Path, tokenizer: Any, run_dir: str | Path) -> N
         encoding="utf-8")
 
 
-def export_main(argv: list[str]) -> int:
-    """`folio export RUN_DIR --format hf OUT_DIR [--force]`."""
-    from folio.cli import ArgumentParser
-    parser = ArgumentParser(prog="folio export",
-                            description="Write a folio run (or nanoGPT out dir) as a Hugging "
-                                        "Face transformers GPT-2 directory.")
-    parser.add_argument("run_dir", help="folio run dir (or nanoGPT out dir with ckpt.pt)")
-    parser.add_argument("out_dir", help="directory to write (config.json, model.safetensors, "
-                                        "tokenizer files)")
-    parser.add_argument("--format", default="hf", choices=["hf"],
-                        help="output format: hf (transformers GPT2LMHeadModel)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    args = parser.parse_args(argv)
-    out = export_hf(args.run_dir, args.out_dir, force=args.force)
+def export(cfg: ExportConfig) -> Path:
+    """`folio export`: write cfg.run_dir as cfg.format (hf) into cfg.out_dir and say so."""
+    out = export_hf(cfg.run_dir, cfg.out_dir, force=cfg.force)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"exported {args.run_dir} -> {out} ({files})")
+    print(f"exported {cfg.run_dir} -> {out} ({files})")
     if (out / VOCAB_NOTE).is_file():
         print(f"character-level vocabulary: see {out / VOCAB_NOTE} (AutoTokenizer cannot "
               "load it)")
-    return 0
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from folio import config
-from folio.config import TrainConfig
+from folio.config import ImportNanoGPTConfig, TrainConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
 from folio.store import rundir
@@ -315,22 +315,11 @@ def import_nanogpt(out_dir: str | Path, run_dir: str | Path, meta: str | Path | 
     return run_dir
 
 
-def import_nanogpt_main(argv: list[str]) -> int:
-    """`folio import-nanogpt NANOGPT_OUT_DIR [--meta PATH] [--dataset NAME] FOLIO_RUN_DIR`."""
-    from folio.cli import ArgumentParser
-    parser = ArgumentParser(prog="folio import-nanogpt",
-                            description="Convert a nanoGPT out dir (ckpt.pt, optional char "
-                                        "meta.pkl) into a folio run dir. Nothing is unpickled "
-                                        "beyond tensors and plain data.")
-    parser.add_argument("nanogpt_out_dir", help="nanoGPT out dir holding ckpt.pt")
-    parser.add_argument("run_dir", help="folio run dir to create")
-    parser.add_argument("--meta", help="char-level meta.pkl (default: beside ckpt.pt, then "
-                                       "data/<dataset>/meta.pkl)")
-    parser.add_argument("--dataset", help="dataset name for finding meta.pkl (default: from "
-                                          "ckpt.pt's config)")
-    args = parser.parse_args(argv)
-    run_dir = import_nanogpt(args.nanogpt_out_dir, args.run_dir, args.meta, args.dataset)
+def import_run(cfg: ImportNanoGPTConfig) -> Path:
+    """`folio import-nanogpt`: convert cfg.nanogpt_out_dir into cfg.run_dir and say so."""
+    run_dir = import_nanogpt(cfg.nanogpt_out_dir, cfg.run_dir, cfg.meta or None,
+                             cfg.dataset or None)
     info = rundir.read_run_info(run_dir)
-    print(f"imported {args.nanogpt_out_dir} -> {run_dir} (iter {info['iter_num']}, "
+    print(f"imported {cfg.nanogpt_out_dir} -> {run_dir} (iter {info['iter_num']}, "
           f"{info['tokenizer']['kind']} tokenizer, files: {', '.join(info['files'])})")
-    return 0
+    return run_dir

@@ -11,7 +11,6 @@ the hardware leaves.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,12 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from folio.config import BenchConfig, PrepareConfig, TrainConfig
 from folio.errors import ConfigError, FolioError
 
 # In a source checkout the tests carry tiny Shakespeare; an installed folio downloads it.
 REPO_TEXT = Path(__file__).resolve().parents[3] / "tests" / "data" / "tinyshakespeare" / "input.txt"
 RESULT_MARK = "FOLIO_BENCH_RESULT "
-QUALITY_ITERS = 2000
 QUALITY_TOLERANCE = 0.02
 ROUNDS = 5  # turns each path takes (fewer when a case has fewer timed steps)
 
@@ -73,55 +72,33 @@ PATHS = {
 KNOBS = tuple(PATHS["eager"])
 
 
-def main(argv: list[str]) -> int:
-    """Run the benchmark; prints one JSON line per case (and one for --quality)."""
-    if argv[:1] == ["--child"]:
-        return child_main(argv[1:])
-    args = parse(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+def bench(cfg: BenchConfig) -> int:
+    """`folio bench`: prints one JSON line per case (and one for cfg.quality)."""
+    cases = list(CASES) if cfg.cases == "all" else [c.strip() for c in cfg.cases.split(",")
+                                                     if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ConfigError(f"unknown case {unknown[0]!r} in --cases; choose from "
-                          f"{', '.join(CASES)}")
-    variants = parse_variants(args.variants)
-    datasets = {CASES[c].dataset for c in cases} | ({"shakespeare_char"} if args.quality else set())
-    with bench_data_dir(args.data_dir, datasets) as data_dir:
+                          f"{', '.join(CASES)} or all")
+    variants = parse_variants(cfg.variants)
+    datasets = {CASES[c].dataset for c in cases} | ({"shakespeare_char"} if cfg.quality else set())
+    with bench_data_dir(cfg.data_dir, datasets) as data_dir:
         for name in cases:
             case = CASES[name]
-            if args.steps:
-                case = Case(**{**asdict(case), "steps": args.steps})
+            if cfg.steps:
+                case = Case(**{**asdict(case), "steps": cfg.steps})
             results = time_paths(case, variants, data_dir, name)
             print(json.dumps(summarise(name, case, results)), flush=True)
-        if args.quality:
-            print(json.dumps(quality(data_dir, args.quality_iters, variants)), flush=True)
+        if cfg.quality:
+            print(json.dumps(quality(data_dir, cfg.quality_iters, variants)), flush=True)
     return 0
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    from folio.cli import ArgumentParser
-    p = ArgumentParser(prog="folio bench", description=(
-        "Measure CPU training speed: for each case, nanoGPT's plain eager float32 path against "
-        "folio's default path (dtype=auto, compile=auto), each in its own process, taking "
-        "turns. Prints one JSON line per case."))
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated cases (default: all): {', '.join(CASES)}")
-    p.add_argument("--steps", type=int, default=0,
-                   help="timed steps per path (default: per case, " + ", ".join(
-                       f"{k} {c.steps}" for k, c in CASES.items()) + ")")
-    p.add_argument("--quality", action="store_true",
-                   help=f"also train cpu_char for {QUALITY_ITERS} iterations on both paths and "
-                        f"compare final val loss (must agree within {QUALITY_TOLERANCE})")
-    p.add_argument("--quality_iters", type=int, default=QUALITY_ITERS, help=argparse.SUPPRESS)
-    p.add_argument("--variants", default="eager,fast",
-                   help="paths to run: eager, fast, or one with knobs changed, e.g. "
-                        f"fast:fused_loss=0 (knobs: {', '.join(KNOBS)}); ratios use the "
-                        "first two")
-    p.add_argument("--data_dir", default="",
-                   help="where tiny Shakespeare is prepared (default: under FOLIO_CACHE)")
-    args = p.parse_args(argv)
-    if args.steps < 0 or args.quality_iters < 1:
-        raise ConfigError("--steps and --quality_iters must be positive")
-    return args
+def describe_cases() -> str:
+    """The cases, one line each, for `folio bench --help`."""
+    return "\n".join(f"  {name:<10} {c.n_layer} layers, {c.n_embd} wide, {c.dataset}, batch "
+                     f"{c.batch_size}x{c.block_size}, {c.steps} timed steps"
+                     for name, c in CASES.items())
 
 
 def parse_variants(spec: str) -> dict[str, dict[str, str]]:
@@ -151,7 +128,6 @@ def bench_data_dir(data_dir: str, datasets: set[str]):
     The text comes from FOLIO_CACHE when set, else from the copy in a source checkout's tests/data
     (seeded into a temporary cache), else from folio's usual download cache.
     """
-    from folio.config import PrepareConfig
     from folio.data.prepare import cache_dir, prepare
     with tempfile.TemporaryDirectory(prefix="folio-bench-") as tmp:
         if not os.environ.get("FOLIO_CACHE") and REPO_TEXT.is_file():
@@ -177,7 +153,7 @@ class Child:
     def __init__(self, case: Case, knobs: dict[str, str], data_dir: Path, iters: int = 0):
         spec = {"case": asdict(case), "knobs": knobs, "data_dir": str(data_dir), "iters": iters}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "folio.train.bench", "--child", json.dumps(spec)],
+            [sys.executable, "-m", "folio.train.bench", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.output: list[str] = []
 
@@ -344,7 +320,6 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
     """A Trainer for `case` with the path's knobs, and what the path turned out to use."""
     import torch
 
-    from folio.config import TrainConfig
     from folio.machine.device import configure_allocator
     from folio.machine.distributed import DistInfo
     from folio.model.fastdropout import use_fast_dropout
@@ -377,5 +352,5 @@ def peak_rss_mb() -> int:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # a Child
+    sys.exit(child_main(sys.argv[1:]))

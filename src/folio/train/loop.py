@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from folio.config import TrainConfig, apply, load_preset
+from folio.config import TrainConfig, device_defaults
 from folio.data.loader import Loader, check_split_length, open_tokens
 from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
@@ -42,18 +42,19 @@ from folio.watch.metrics import finite_or_none, format_duration
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
-def train(cfg: TrainConfig, explicit_source: bool = False,
-          explicit_keys: frozenset[str] | set[str] = frozenset()) -> int:
-    """Run `folio train`; returns the process exit code (130 after Ctrl+C)."""
+def train(cfg: TrainConfig) -> int:
+    """Train what `cfg` says; returns the process exit code (130 after Ctrl+C).
+
+    The only default the device changes is decided by `config.device_defaults`, from the
+    settings `cfg` was not given; the first line printed says when it applied.
+    """
     info = distributed.from_env()
     device = distributed.device_for_rank(info, resolve_device(cfg.device))
     if device.type == "cpu":
         configure_allocator()
-    if not explicit_source and device.type != "cpu":
-        # `folio train` with no preset on a GPU trains nanoGPT's GPU-sized char model.
-        preset = {k: v for k, v in load_preset("shakespeare_char").items()
-                  if k not in explicit_keys}
-        cfg = apply(TrainConfig, preset, cfg)
+    cfg, note = device_defaults(cfg, device.type)
+    if note and info.is_master:
+        print(f"folio: {note}", flush=True)
     with distributed.session(info, device, cfg.backend) as info:
         return Trainer(cfg, info, device).run()
 

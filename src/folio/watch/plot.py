@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from folio import fsutil
+from folio.config import PlotConfig
 from folio.errors import ConfigError, DataError
 from folio.watch.chart import LOG_TICKS, VAL_COLOR, X_AXES, Chart, make_chart
 from folio.watch.metrics import PLOT_FILE, Metrics, parse_log, read_metrics
@@ -118,7 +119,7 @@ def _readable(fd: int, timeout: float) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- the plot command
 
 def load_input(arg: str) -> Metrics:
     """A run dir, a metrics.jsonl, a console log file, or `-` (a log on stdin)."""
@@ -155,43 +156,25 @@ def _unique_names(runs: list[Metrics], args: list[str]) -> None:
             m.name = arg
 
 
-def build_parser():
-    from folio.cli import ArgumentParser
-    p = ArgumentParser(prog="folio plot", description=(
-        "Draw train and val loss curves from run dirs, metrics.jsonl files, or nanoGPT/folio "
-        "console logs (`-` reads a pasted log from stdin)."))
-    p.add_argument("inputs", nargs="+", metavar="RUN_DIR|LOGFILE|-")
-    p.add_argument("-o", "--output", type=Path,
-                   help=f"PNG path (default: RUN_DIR/{PLOT_FILE} for one run dir, else "
-                        f"./{PLOT_FILE})")
-    p.add_argument("--html", type=Path, help="also write an interactive self-contained HTML")
-    p.add_argument("--x", choices=list(X_AXES), default="iter", help="x axis (default iter)")
-    p.add_argument("--logy", action="store_true", help="log-scale loss axis")
-    p.add_argument("--smooth", type=int, metavar="N",
-                   help="EMA span in log points for the smoothed train curve (default: auto)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.smooth is not None and args.smooth < 1:
-        raise ConfigError(f"--smooth {args.smooth}: give a span of at least 1 (1 = no smoothing)")
-    single_dir = len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
-    png = args.output or (Path(args.inputs[0]) / PLOT_FILE if single_dir else Path(PLOT_FILE))
+def plot_runs(cfg: PlotConfig) -> list[Path]:
+    """`folio plot`: draw cfg.inputs as a PNG (and HTML if asked); returns the files written."""
+    single_dir = len(cfg.inputs) == 1 and Path(cfg.inputs[0]).is_dir()
+    png = Path(cfg.output) if cfg.output else (
+        Path(cfg.inputs[0]) / PLOT_FILE if single_dir else Path(PLOT_FILE))
+    html = Path(cfg.html) if cfg.html else None
     check_writable(png, "-o")
-    if args.html:
-        check_writable(args.html, "--html")
-    runs = [load_input(a) for a in args.inputs]
-    _unique_names(runs, args.inputs)
-    chart = make_chart(runs, args.x, logy=args.logy, smooth=args.smooth)
+    if html:
+        check_writable(html, "--html")
+    runs = [load_input(a) for a in cfg.inputs]
+    _unique_names(runs, cfg.inputs)
+    chart = make_chart(runs, cfg.x, logy=cfg.logy, smooth=cfg.smooth)
     save_png(make_figure(chart), png)
-    written = [str(png)]
-    if args.html:
+    written = [png]
+    if html:
         from folio.watch.plot_html import render_html
-        fsutil.atomic_write_text(args.html, render_html(chart))
-        written.append(str(args.html))
+        fsutil.atomic_write_text(html, render_html(chart))
+        written.append(html)
     n_evals = sum(len(c.eval_x) for c in chart.runs)
-    print(f"wrote {' and '.join(written)} ({len(runs)} run{'s' * (len(runs) > 1)}, "
+    print(f"wrote {' and '.join(map(str, written))} ({len(runs)} run{'s' * (len(runs) > 1)}, "
           f"{sum(len(c.train_x) for c in chart.runs)} train points, {n_evals} evals)")
-    return 0
-
+    return written
