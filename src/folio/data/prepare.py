@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 
 from folio.config import AUTO, PrepareConfig, nearest_key
-from folio.errors import DataError
-from folio.fsutil import atomic_open, atomic_write_json
 from folio.data.tokenizer import (
     META_FORMAT_VERSION,
     CharTokenizer,
@@ -33,6 +31,8 @@ from folio.data.tokenizer import (
     Tokenizer,
     read_meta,
 )
+from folio.errors import DataError
+from folio.fsutil import atomic_open, atomic_write_json
 
 __all__ = ["prepare", "read_meta", "cache_dir", "KNOWN_DATASETS"]
 
