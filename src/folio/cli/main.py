@@ -93,7 +93,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from folio.store.hf import export_main
+    from folio.store.export import export_main
     return export_main(argv)
 
 
