@@ -24,7 +24,7 @@ from folio.config import TrainConfig, parse_args
 from folio.data.loader import Loader
 from folio.errors import TrainingError
 from folio.machine.distributed import DistInfo
-from folio.store import rundir
+from folio.store import rundir, sources
 from folio.train.loop import Trainer
 
 LAUNCH_TIMEOUT_S = 120
@@ -147,8 +147,8 @@ def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_
     assert difference < 1e-5
     assert max_weight_difference(out, single_run) < 1e-5
 
-    model, tokenizer, info = rundir.load_model(out)
-    assert info["world_size"] == 2 and info["config"]["fsdp"] is True
+    model, tokenizer, info = sources.load_model(out)
+    assert info.world_size == 2 and info.config["fsdp"] is True
     assert model.lm_head.weight is model.transformer.wte.weight
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
     with torch.no_grad():

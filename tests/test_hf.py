@@ -16,7 +16,7 @@ from folio.cli import main  # noqa: E402
 from folio.data.tokenizer import GPT2Tokenizer  # noqa: E402
 from folio.errors import CheckpointError, ConfigError  # noqa: E402
 from folio.model.gpt import GPT, GPTConfig  # noqa: E402
-from folio.store import rundir  # noqa: E402
+from folio.store import rundir, sources  # noqa: E402
 from folio.store.hf import load_pretrained  # noqa: E402
 
 TOL = 1e-4
@@ -49,13 +49,12 @@ def hf_gpt2_dir(tmp_path) -> tuple[Path, object]:
 
 
 def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -> GPT:
-    """A folio run dir with random weights, written through checkpoint.py's own writers."""
+    """A folio run dir with random weights, written through rundir's own writers."""
     torch.manual_seed(seed)
     model = GPT(config)
     run_dir.mkdir(parents=True)
     rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
-    rundir.write_run_info(run_dir, {"config": {}, "model": config.to_dict(),
-                                        "tokenizer": tokenizer, "iter_num": 0})
+    rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), tokenizer=tokenizer))
     return model
 
 
@@ -129,7 +128,7 @@ def test_export_gpt2_run_loads_in_transformers_with_tokenizer(tmp_path):
 def test_export_char_run_writes_vocabulary_note(tiny_run, tmp_path):
     out = tmp_path / "hf-char"
     assert main(["export", str(tiny_run), "--format=hf", str(out)]) == 0
-    model, tokenizer, _ = rundir.load_model(tiny_run)
+    model, tokenizer, _ = sources.load_model(tiny_run)
     note = json.loads((out / "folio_vocab.json").read_text("utf-8"))
     assert note["tokenizer"] == tokenizer.spec()
     assert "AutoTokenizer" in (out / "README.md").read_text("utf-8")
@@ -139,6 +138,23 @@ def test_export_char_run_writes_vocabulary_note(tiny_run, tmp_path):
     with torch.no_grad():
         hf_logits = hf_model.eval()(idx).logits
     assert max_diff(folio_logits(model, idx), hf_logits, "folio char run -> HF") <= TOL
+
+
+def test_an_exported_char_run_samples_like_the_run(tiny_run, tmp_path, capsys):
+    out = tmp_path / "hf-char"
+    assert main(["export", str(tiny_run), "--format=hf", str(out)]) == 0
+    model, tokenizer, _ = sources.load_model(tiny_run)
+    back, back_tokenizer, info = sources.load_model(out)
+    assert back_tokenizer.spec() == tokenizer.spec() and info.source == "hf"
+    idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light")])
+    assert max_diff(folio_logits(back, idx), folio_logits(model, idx), "char roundtrip") <= TOL
+    sample = ["sample", "--max_new_tokens=20", "--num_samples=1", "--temperature=0",
+              "--device=cpu"]
+    capsys.readouterr()
+    assert main([*sample, str(tiny_run)]) == 0
+    from_run = capsys.readouterr().out
+    assert main([*sample, str(out)]) == 0
+    assert capsys.readouterr().out == from_run
 
 
 def test_hf_roundtrip_export_then_import(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shlex
@@ -14,13 +15,13 @@ from conftest import SHAKESPEARE_TEXT, tiny_args
 from folio.cli import main
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import rundir
+from folio.store import rundir, sources
 from folio.store.nanogpt import (
-    is_nanogpt_dir,
     read_meta_pkl,
     read_nanogpt_out_dir,
     resume_state_from_nanogpt,
 )
+from folio.store.rundir import is_nanogpt_dir
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False)
 
@@ -119,8 +120,8 @@ def test_nanogpt_char_checkpoint_loads_with_matching_logits(char_out_dir):
     assert model.config == GPTConfig(vocab_size=65, dropout=0.0, **SHAPE)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not model.transformer.wte.weight[65:].any()  # zero padding up to 128 rows
-    assert info["iter_num"] == 250 and info["best_val_loss"] == pytest.approx(1.4697)
-    assert info["tokenizer"] == {"kind": "char", "chars": chars}
+    assert info.iter_num == 250 and info.best_val_loss == pytest.approx(1.4697)
+    assert info.tokenizer == {"kind": "char", "chars": chars}
     idx = torch.tensor([tokenizer.encode("ROMEO:\nBut soft, what light")])
     diff = (logits(model, idx, 65) - logits(source, idx, 65)).abs().max().item()
     print(f"max abs logit diff (nanoGPT ckpt.pt -> folio): {diff:.3e}")
@@ -138,7 +139,7 @@ def test_meta_pkl_is_found_by_dataset_or_given_explicitly(char_out_dir, tmp_path
     with pytest.raises(CheckpointError, match="--meta"):  # 65-row model, gpt2 fallback
         read_nanogpt_out_dir(out)
     _, tokenizer, info, _ = read_nanogpt_out_dir(out, meta=moved)
-    assert tokenizer.spec()["chars"] == chars and info["meta"] == str(moved)
+    assert tokenizer.spec()["chars"] == chars and info.imported_from["meta"] == str(moved)
 
 
 def test_gpt2_checkpoint_with_padded_vocab_uses_the_real_vocab(tmp_path):
@@ -155,10 +156,10 @@ def test_import_nanogpt_writes_a_folio_run_dir(char_out_dir, tmp_path):
     run = tmp_path / "folio-run"
     assert main(["import-nanogpt", str(out), str(run)]) == 0
     info = rundir.read_run_info(run)
-    assert info["iter_num"] == 250 and info["tokenizer"]["kind"] == "char"
-    assert info["config"]["n_layer"] == 2 and info["config"]["dataset"] == "shakespeare_char"
-    assert {"model.safetensors", "resume.safetensors"} <= set(info["files"])
-    model, tokenizer, _ = rundir.load_model(run)
+    assert info.iter_num == 250 and info.tokenizer["kind"] == "char"
+    assert info.config["n_layer"] == 2 and info.config["dataset"] == "shakespeare_char"
+    assert {"model.safetensors", "resume.safetensors"} <= set(info.files)
+    model, tokenizer, _ = sources.load_model(run)
     idx = torch.tensor([tokenizer.encode("KING:")])
     assert torch.equal(logits(model, idx, 65), logits(source, idx, 65))
     resume = rundir.load_resume(run)
@@ -203,10 +204,22 @@ def test_meta_pkl_with_non_plain_data_is_refused(tmp_path):
         read_meta_pkl(path)
 
 
+def test_import_and_training_write_run_json_with_the_same_keys(char_out_dir, tiny_run,
+                                                                tmp_path):
+    out, _, _ = char_out_dir
+    assert main(["import-nanogpt", str(out), str(tmp_path / "run")]) == 0
+    imported = json.loads((tmp_path / "run" / rundir.RUN_INFO).read_text())
+    trained = json.loads((tiny_run / rundir.RUN_INFO).read_text())
+    assert list(imported) == list(trained)
+    assert imported["format_version"] == trained["format_version"] == rundir.RUN_FORMAT_VERSION
+    assert (imported["source"], trained["source"]) == ("nanogpt", "train")
+    assert set(imported["config"]) == set(trained["config"])  # both a full TrainConfig
+
+
 def test_resume_state_from_a_nanogpt_dir(char_out_dir):
     out, _, _ = char_out_dir
     state, info = resume_state_from_nanogpt(out)
-    assert state.iter_num == 250 and info["model"]["vocab_size"] == 65
+    assert state.iter_num == 250 and info.model["vocab_size"] == 65
     assert state.model["transformer.wte.weight"].shape == (128, 32)
 
 
@@ -219,7 +232,7 @@ def test_train_resumes_from_a_nanogpt_out_dir(char_data_dir, tmp_path):
                      lr_decay_iters=300)
     assert main(["train", *args]) == 0
     info = rundir.read_run_info(out)
-    assert info["iter_num"] == 255
+    assert info.iter_num == 255
     assert rundir.load_resume(out).iter_num == 255
 
 

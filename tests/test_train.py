@@ -16,7 +16,8 @@ from conftest import tiny_args
 
 from folio.cli import main
 from folio.config import TrainConfig
-from folio.store.rundir import load_model, read_run_info
+from folio.store.rundir import read_run_info
+from folio.store.sources import load_model
 from folio.train.loop import train
 from folio.watch.metrics import read_metrics
 
@@ -33,11 +34,11 @@ def test_nanogpt_py_config_and_overrides_drive_a_real_run(char_data_dir, tmp_pat
     args = [a for a in tiny_args(char_data_dir, out) if not a.startswith("--n_layer")]
     assert main(["train", str(config), *args, "--n_embd", "32"]) == 0
     info = read_run_info(out)
-    assert info["config"]["n_layer"] == 3  # from the file
-    assert info["model"]["n_embd"] == 32  # the command line wins over the file
-    assert info["config"]["learning_rate"] == 2e-3
-    assert info["iter_num"] == 10
-    assert {"model.safetensors", "resume.safetensors", "metrics.jsonl"} <= set(info["files"])
+    assert info.config["n_layer"] == 3  # from the file
+    assert info.model["n_embd"] == 32  # the command line wins over the file
+    assert info.config["learning_rate"] == 2e-3
+    assert info.iter_num == 10
+    assert {"model.safetensors", "resume.safetensors", "metrics.jsonl"} <= set(info.files)
     first = capsys.readouterr().out.splitlines()
     assert any("training on cpu" in line and "10 " in line.replace("->", " ") for line in first)
     model, tokenizer, _ = load_model(out)
@@ -50,7 +51,7 @@ def test_train_from_python_trains_exactly_its_config(char_data_dir, tmp_path, ca
                       compile=False, dtype="float32", data_dir=str(char_data_dir),
                       out_dir=str(tmp_path / "run"))
     assert train(cfg) == 0
-    assert read_run_info(tmp_path / "run")["config"] == dataclasses.asdict(cfg)
+    assert read_run_info(tmp_path / "run").config == dataclasses.asdict(cfg)
     assert capsys.readouterr().out.startswith("folio: model has 0.")  # no device default note
 
 
@@ -132,9 +133,9 @@ def test_sigint_saves_a_resumable_checkpoint(char_data_dir, tmp_path):
     assert "Traceback" not in stderr
     assert "--init_from=resume" in stderr
     info = read_run_info(out)
-    assert info["iter_num"] >= 5
+    assert info.iter_num >= 5
     resumed = start_training(char_data_dir, out, "--init_from=resume")
-    wait_for_iterations(out, info["iter_num"] + 3, resumed)
+    wait_for_iterations(out, info.iter_num + 3, resumed)
     resumed.send_signal(signal.SIGTERM)
     _, stderr = resumed.communicate(timeout=60)
     assert resumed.returncode == 130, stderr

@@ -83,6 +83,7 @@ class TrainConfig:
     eval_only: bool = setting(False, "evaluate once and exit")
     always_save_checkpoint: bool = setting(False, "save at every eval, not only when val improves")
     init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir")
+    overwrite: bool = setting(False, "let a fresh run replace the run already saved in out_dir")
     seed: int = setting(1337, "random seed (each DDP rank adds its rank)", min=0)
     # logging
     wandb_log: bool = setting(False, "log metrics to Weights & Biases (pip install folio[wandb])")

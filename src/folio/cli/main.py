@@ -45,7 +45,7 @@ def run_bench(cfg: config.BenchConfig) -> int:
 
 
 def run_export(cfg: config.ExportConfig) -> int:
-    from folio.store.hf import export
+    from folio.store.export import export
     export(cfg)
     return 0
 

@@ -11,7 +11,6 @@ import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from folio.errors import ConfigError, DataError
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
 from folio.machine.device import resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
-from folio.store.rundir import load_model
+from folio.store.rundir import RunInfo
+from folio.store.sources import load_model
 
 SEPARATOR = "\n---------------\n"  # between samples on stdout, as nanoGPT prints
 # When the window outgrows block_size, drop this fraction of it (at least one token) and
@@ -43,8 +43,8 @@ def load(run_dir: str | Path, device: str = "auto", dtype: str = "auto",
 
 
 def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto",
-             compile: bool = False) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """`load` plus the run's info (run.json contents)."""
+             compile: bool = False) -> tuple[GPT, Tokenizer, RunInfo]:
+    """`load` plus the run's info (what its run.json says)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model, tokenizer, info = load_model(run_dir, torch_device)
@@ -239,12 +239,12 @@ def _text_pieces(tokens: Iterator[int], stream: TextStream, eot_id: int | None
 
 # ---------------------------------------------------------------------------- CLI
 
-def describe(cfg: SampleConfig, model: GPT, info: dict[str, Any]) -> str:
+def describe(cfg: SampleConfig, model: GPT, info: RunInfo) -> str:
     """The settings line printed on stderr before the samples."""
     weight = model.lm_head.weight
-    where = f"iter {info.get('iter_num', '?')}"
-    if isinstance(info.get("best_val_loss"), (int, float)):
-        where += f", val loss {info['best_val_loss']:.4f}"
+    where = f"iter {info.iter_num}"
+    if info.best_val_loss is not None:
+        where += f", val loss {info.best_val_loss:.4f}"
     return (f"folio: sampling {cfg.out_dir} ({where}, {model.num_params() / 1e6:.2f}M params) "
             f"on {weight.device} {str(weight.dtype).removeprefix('torch.')}: "
             f"{cfg.num_samples} x {cfg.max_new_tokens} tokens, temperature {cfg.temperature}, "

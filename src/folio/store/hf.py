@@ -1,4 +1,4 @@
-"""GPT-2 weights from and to Hugging Face transformers: `init_from=gpt2*` and `folio export`.
+"""GPT-2 weights from and to Hugging Face transformers (`init_from=gpt2*`, `folio export`).
 
 Hugging Face GPT-2 stores its Linear layers as Conv1D (weight shaped (in, out)); folio and
 nanoGPT use nn.Linear ((out, in)), so those four weights are transposed on the way in and out.
@@ -9,32 +9,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from folio.config import ExportConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store.nanogpt import gpt_from_state_dict
-from folio.store.rundir import load_model
+from folio.store.weights import BUFFERS, gpt_from_state
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_proj.weight")
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers
 # Hugging Face GPT-2 uses the tanh GELU approximation; folio's MLP uses the exact GELU (as
 # nanoGPT does). Exports declare the exact one so transformers reproduces folio's logits.
 GELU_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh")
-VOCAB_NOTE = "folio_vocab.json"
+VOCAB_NOTE = "folio_vocab.json"  # a char-level export's vocabulary (no HF tokenizer)
+GPT2_VOCAB = 50257
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -54,12 +50,27 @@ def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
     config = gpt_config_from_hf(hf_model.config, dropout, source=name_or_path)
     state = from_hf_state_dict(hf_model.state_dict())
     del hf_model
-    return gpt_from_state_dict(config, state, source=name_or_path)
+    return gpt_from_state(config, state, source=name_or_path)
+
+
+def tokenizer_spec(directory: Path, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer of a GPT-2 dir: a folio char vocabulary (folio_vocab.json) or GPT-2's BPE."""
+    note = directory / VOCAB_NOTE
+    if note.is_file():
+        try:
+            return json.loads(note.read_text("utf-8"))["tokenizer"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{note} is not a folio vocabulary note ({e})") from None
+    if vocab_size != GPT2_VOCAB:
+        raise CheckpointError(f"{directory}: a {vocab_size}-token model without {VOCAB_NOTE}; "
+                              "folio only knows GPT-2's tokenizer for it, which has "
+                              f"{GPT2_VOCAB} tokens")
+    return {"kind": "gpt2"}
 
 
 def _load_hf_model(name_or_path: str):
     """GPT2LMHeadModel from the HF cache (then the hub) for a name, or from a local dir."""
-    transformers = _transformers()
+    transformers = transformers_module()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -140,7 +151,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """HF GPT-2 tensors renamed/transposed to folio's (nanoGPT's) layout; buffers dropped."""
     state = {}
     for name, tensor in hf_state.items():
-        if name.endswith(HF_BUFFERS):
+        if name.endswith(BUFFERS):
             continue
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
@@ -157,7 +168,7 @@ def to_hf_state_dict(model: GPT, eot_id: int | None = None
     The vocab is sliced to the real vocab_size; a bias-free model gets zero biases (the
     same function, since HF GPT-2 always has biases). eot_id becomes bos/eos_token_id.
     """
-    transformers = _transformers()
+    transformers = transformers_module()
     cfg = model.config
     hf_config = transformers.GPT2Config(
         bos_token_id=eot_id, eos_token_id=eot_id,
@@ -181,100 +192,10 @@ def to_hf_state_dict(model: GPT, eot_id: int | None = None
 
 def to_hf_model(model: GPT, eot_id: int | None = None):
     """A transformers GPT2LMHeadModel computing the same logits as `model`."""
-    transformers = _transformers()
+    transformers = transformers_module()
     hf_config, state = to_hf_state_dict(model, eot_id)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
+    missing = [k for k in missing if not k.endswith(BUFFERS)]
     assert not missing and not unexpected, (missing, unexpected)
     return hf_model.eval()
-
-
-def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write run_dir's weights (and tokenizer, or a vocab note) as a transformers model dir."""
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
-    model, tokenizer, _ = load_model(run_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        to_hf_model(model, tokenizer.eot_id).save_pretrained(tmp)
-        if tokenizer.kind == "gpt2":
-            _write_gpt2_tokenizer(tmp, model.config.block_size)
-        else:
-            _write_vocab_note(tmp, tokenizer, run_dir)
-        _fsync_files(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"export target {out_dir} is a file; pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"export target {out_dir} is not empty; pass --force to replace it "
-                          "or choose another directory")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir onto out_dir (an old one is swapped out, then removed)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_files(directory: Path) -> None:
-    from folio.fsutil import fsync_dir
-    for path in directory.iterdir():
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_dir(directory)
-
-
-def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
-    """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
-    from folio.data.tokenizer import gpt2_vocab_file
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        (directory / hf_name).write_bytes(gpt2_vocab_file(name))
-    transformers = _transformers()
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
-                                                         model_max_length=max_length)
-    tok.save_pretrained(str(directory))
-
-
-def _write_vocab_note(directory: Path, tokenizer: Any, run_dir: str | Path) -> None:
-    """Char-level models have no transformers tokenizer: describe the vocabulary instead."""
-    spec = tokenizer.spec()
-    note = {"format_version": 1, "tokenizer": spec,
-            "usage": "token id i is the character chars[i]; encode text by mapping each "
-                     "character to its index (AutoTokenizer cannot load this vocabulary)"}
-    (directory / VOCAB_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-    (directory / "README.md").write_text(
-        f"# Character-level GPT-2 exported by folio from `{run_dir}`\n\n"
-        "Load the weights with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.\n"
-        f"The vocabulary is {len(spec.get('chars', []))} characters, listed in "
-        f"`{VOCAB_NOTE}`: token id `i` is `chars[i]`.\n"
-        "`AutoTokenizer` does not work for this model; encode/decode with that list:\n\n"
-        "```python\nimport json\nchars = json.load(open('folio_vocab.json'))['tokenizer']"
-        "['chars']\nstoi = {c: i for i, c in enumerate(chars)}\n"
-        "ids = [stoi[c] for c in 'To be']\ntext = ''.join(chars[i] for i in ids)\n```\n",
-        encoding="utf-8")
-
-
-def export(cfg: ExportConfig) -> Path:
-    """`folio export`: write cfg.run_dir as cfg.format (hf) into cfg.out_dir and say so."""
-    out = export_hf(cfg.run_dir, cfg.out_dir, force=cfg.force)
-    files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"exported {cfg.run_dir} -> {out} ({files})")
-    if (out / VOCAB_NOTE).is_file():
-        print(f"character-level vocabulary: see {out / VOCAB_NOTE} (AutoTokenizer cannot "
-              "load it)")
-    return out

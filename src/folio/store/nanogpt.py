@@ -20,60 +20,12 @@ from folio.config import ImportNanoGPTConfig, TrainConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
 from folio.store import rundir
+from folio.store.rundir import NANOGPT_CKPT, RunInfo
+from folio.store.weights import WTE_KEY, gpt_from_state, model_state, pad_rows
 
-CKPT = "ckpt.pt"
 META = "meta.pkl"
 COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key with this
-BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks, not parameters
-TIED_KEY = "lm_head.weight"
-WTE_KEY = "transformer.wte.weight"
 PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
-
-
-def is_nanogpt_dir(path: str | Path) -> bool:
-    """True for a nanoGPT out dir: a ckpt.pt and no folio run.json."""
-    path = Path(path)
-    return (path / CKPT).is_file() and not (path / "run.json").exists()
-
-
-# ---------------------------------------------------------------------------- weights
-
-def gpt_from_state_dict(config: GPTConfig, state: dict[str, torch.Tensor],
-                        source: str | Path) -> GPT:
-    """A folio GPT holding nanoGPT-named weights; the embedding is zero-padded to the table size.
-
-    The model is built on the meta device and the tensors are assigned, so a large model is
-    never randomly initialised only to be overwritten.
-    """
-    state = {k: v for k, v in state.items() if not k.endswith(BUFFERS) and k != TIED_KEY}
-    if WTE_KEY not in state:
-        raise CheckpointError(f"{source} has no {WTE_KEY}; it is not a GPT-2/nanoGPT model")
-    state[WTE_KEY] = pad_rows(state[WTE_KEY], config.padded_vocab_size, source)
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k]]
-    for problem, keys in (("is missing", missing), ("has unexpected", unexpected),
-                          ("has a mis-shaped", wrong)):
-        if keys:
-            raise CheckpointError(f"{source} {problem} tensor {keys[0]} ({len(keys)} in all) "
-                                  "for the model its config describes; the checkpoint does not "
-                                  "match its config")
-    state = {k: v.float().contiguous() for k, v in state.items()}
-    state[TIED_KEY] = state[WTE_KEY]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.transformer.wte.weight = model.lm_head.weight  # assign=True unties; tie again
-    return model
-
-
-def pad_rows(tensor: torch.Tensor, rows: int, source: str | Path) -> torch.Tensor:
-    """Zero-pad dim 0 of tensor (V, ...) to `rows`."""
-    if tensor.shape[0] > rows:
-        raise CheckpointError(f"{source}: embedding has {tensor.shape[0]} rows, more than the "
-                              f"{rows} its vocab_size allows")
-    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
-    return torch.cat([tensor, pad]) if len(pad) else tensor
 
 
 # ---------------------------------------------------------------------------- ckpt.pt
@@ -181,16 +133,16 @@ def tokenizer_for(meta_path: Path | None):
 
 def read_nanogpt_out_dir(out_dir: str | Path, meta: str | Path | None = None,
                          dataset: str | None = None
-                         ) -> tuple[GPT, Any, dict[str, Any], dict | None]:
+                         ) -> tuple[GPT, Any, RunInfo, dict | None]:
     """(model, tokenizer, info, optimizer state) from a nanoGPT out dir.
 
-    info mirrors run.json: "config" (nanoGPT's train config), "model", "tokenizer",
-    "iter_num", "best_val_loss", plus "source" and "meta". The optimizer state is nanoGPT's
-    AdamW state_dict (groups: dim >= 2 params, then the rest, in named_parameters order, as
+    info is what run.json would say (source "nanogpt"; config is nanoGPT's own train config,
+    imported_from names ckpt.pt and meta.pkl). The optimizer state is nanoGPT's AdamW
+    state_dict (groups: dim >= 2 params, then the rest, in named_parameters order, as
     folio.train.optim builds them), its embedding moments zero-padded like the embedding.
     """
     out_dir = Path(out_dir)
-    path = out_dir / CKPT
+    path = out_dir / NANOGPT_CKPT
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {out_dir} is not a nanoGPT out dir")
     ckpt = load_ckpt(path)
@@ -202,12 +154,15 @@ def read_nanogpt_out_dir(out_dir: str | Path, meta: str | Path | None = None,
     tokenizer = tokenizer_for(meta_path)
     config = model_config(ckpt["model_args"], tokenizer.vocab_size, path)
     state = strip_compile_prefix(ckpt["model"])
-    model = gpt_from_state_dict(config, state, path)
-    info = {"format_version": 1, "source": "nanogpt", "ckpt": str(path),
-            "meta": str(meta_path) if meta_path else None,
-            "config": train_config, "model": config.to_dict(), "tokenizer": tokenizer.spec(),
-            "iter_num": int(_number(ckpt.get("iter_num"), 0)),
-            "best_val_loss": _number(ckpt.get("best_val_loss"), math.inf)}
+    model = gpt_from_state(config, state, path)
+    iter_num = int(_number(ckpt.get("iter_num"), 0))
+    best = _number(ckpt.get("best_val_loss"), math.inf)
+    info = RunInfo(model=config.to_dict(), tokenizer=tokenizer.spec(), config=train_config,
+                   dataset=train_config.get("dataset"), iter_num=iter_num,
+                   best_val_loss=best if math.isfinite(best) else None, best_iter=iter_num,
+                   source="nanogpt", world_size=1,
+                   imported_from={"nanogpt": str(path),
+                                  "meta": str(meta_path) if meta_path else None})
     optimizer = ckpt.get("optimizer")
     if isinstance(optimizer, dict) and optimizer.get("state") is not None:
         optimizer = pad_optimizer_state(optimizer, state, config.padded_vocab_size, path)
@@ -252,23 +207,25 @@ def pad_optimizer_state(optimizer: dict, state: dict[str, torch.Tensor], rows: i
 # ---------------------------------------------------------------------------- resume, import
 
 def resume_state_from_nanogpt(out_dir: str | Path, meta: str | Path | None = None,
-                              dataset: str | None = None
-                              ) -> tuple[rundir.ResumeState, dict[str, Any]]:
+                              dataset: str | None = None) -> tuple[rundir.ResumeState, RunInfo]:
     """What `init_from=resume` needs from a nanoGPT out dir: (resume state, run info).
 
     nanoGPT stores no RNG or loader state, so those start fresh.
     """
     model, _, info, optimizer = read_nanogpt_out_dir(out_dir, meta, dataset)
     if optimizer is None:
-        raise CheckpointError(f"{Path(out_dir) / CKPT} has no optimizer state, so it cannot be "
-                              "resumed; finetune from its weights after `folio import-nanogpt`")
-    iter_num = info["iter_num"]
-    state = rundir.ResumeState(
-        iter_num=iter_num, best_val_loss=info["best_val_loss"],
-        model=rundir.model_state(model), optimizer=optimizer,
-        extra={"best_iter": iter_num, "evaluated_at": iter_num,
-               "dataset": info["config"].get("dataset")})
-    return state, info
+        raise CheckpointError(f"{Path(out_dir) / NANOGPT_CKPT} has no optimizer state, so it "
+                              "cannot be resumed; finetune from its weights after `folio "
+                              "import-nanogpt`")
+    return _resume_state(model, info, optimizer), info
+
+
+def _resume_state(model: GPT, info: RunInfo, optimizer: dict) -> rundir.ResumeState:
+    best = info.best_val_loss if info.best_val_loss is not None else math.inf
+    return rundir.ResumeState(
+        iter_num=info.iter_num, best_val_loss=best, model=model_state(model),
+        optimizer=optimizer, extra={"best_iter": info.iter_num, "evaluated_at": info.iter_num,
+                                    "dataset": info.dataset})
 
 
 def train_config_from_nanogpt(nano: dict[str, Any], model: GPTConfig, run_dir: Path
@@ -293,25 +250,15 @@ def import_nanogpt(out_dir: str | Path, run_dir: str | Path, meta: str | Path | 
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise CheckpointError(f"{run_dir} already exists and is not empty; choose a new folio "
                               "run dir")
-    model, tokenizer, info, optimizer = read_nanogpt_out_dir(out_dir, meta, dataset)
+    model, _, info, optimizer = read_nanogpt_out_dir(out_dir, meta, dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
-    iter_num, best = info["iter_num"], info["best_val_loss"]
-    finite_best = best if math.isfinite(best) else None
     rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model,
-                                  {"iter_num": iter_num, "val_loss": finite_best})
+                              {"iter_num": info.iter_num, "val_loss": info.best_val_loss})
     if optimizer is not None:
-        rundir.save_resume(run_dir, rundir.ResumeState(
-            iter_num=iter_num, best_val_loss=best, model=rundir.model_state(model),
-            optimizer=optimizer, extra={"best_iter": iter_num, "evaluated_at": iter_num}))
-    device = torch.device("cpu")
-    rundir.write_run_info(run_dir, {
-        "config": train_config_from_nanogpt(info["config"], model.config, run_dir),
-        "model": model.config.to_dict(), "tokenizer": tokenizer.spec(),
-        "dataset": info["config"].get("dataset"), "iter_num": iter_num,
-        "best_val_loss": finite_best, "best_iter": iter_num,
-        "imported_from": {"nanogpt": info["ckpt"], "meta": info["meta"]},
-        "versions": rundir.environment_info(device), "git": rundir.git_hash(),
-        "device": str(device)})
+        rundir.save_resume(run_dir, _resume_state(model, info, optimizer))
+    folio_config = train_config_from_nanogpt(info.config, model.config, run_dir)
+    rundir.write_run_info(run_dir, dataclasses.replace(
+        info, config=folio_config, **rundir.provenance(torch.device("cpu"))))
     return run_dir
 
 
@@ -320,6 +267,6 @@ def import_run(cfg: ImportNanoGPTConfig) -> Path:
     run_dir = import_nanogpt(cfg.nanogpt_out_dir, cfg.run_dir, cfg.meta or None,
                              cfg.dataset or None)
     info = rundir.read_run_info(run_dir)
-    print(f"imported {cfg.nanogpt_out_dir} -> {run_dir} (iter {info['iter_num']}, "
-          f"{info['tokenizer']['kind']} tokenizer, files: {', '.join(info['files'])})")
+    print(f"imported {cfg.nanogpt_out_dir} -> {run_dir} (iter {info.iter_num}, "
+          f"{info.tokenizer['kind']} tokenizer, files: {', '.join(info.files)})")
     return run_dir

@@ -1,15 +1,17 @@
-"""The run directory: weights, resume state and run metadata, all written atomically.
+"""The folio run directory: which files it holds, what each means, and how each is read and written.
 
-Layout of a run dir:
-  run.json            resolved config, model shape, tokenizer, iteration, versions, device
+Layout of a run dir (docs/run-format.md describes each file):
+  run.json            what the run is and where it stands (`RunInfo`, one schema for every writer)
   model.safetensors   best weights so far (what `sample` and `export` load)
   resume.safetensors  latest weights + optimizer + RNG + loader state, one file, no pickle
-  metrics.jsonl       one JSON object per log line and per eval
-Nothing here unpickles: safetensors for tensors, JSON for everything else.
+  metrics.jsonl       one JSON object per log line and per eval (folio.watch.metrics)
+  .lock               held by the training process (folio.store.guard)
+Every write is atomic; nothing here unpickles: safetensors for tensors, JSON for the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -24,22 +26,28 @@ from safetensors.torch import save_file
 from folio import __version__
 from folio.errors import CheckpointError
 from folio.fsutil import atomic_write_json, atomic_write_with
-from folio.model.gpt import GPT, GPTConfig
+from folio.store.weights import model_state
 
-FORMAT_VERSION = 1
 RUN_INFO = "run.json"
 MODEL_FILE = "model.safetensors"
 RESUME_FILE = "resume.safetensors"
-TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
+NANOGPT_CKPT = "ckpt.pt"  # a nanoGPT out dir's checkpoint
+RUN_FORMAT_VERSION = 2  # 1: before RunInfo (keys differed between training and import)
+RESUME_FORMAT_VERSION = 1
+
+
+def is_nanogpt_dir(path: str | Path) -> bool:
+    """True for a nanoGPT out dir: a ckpt.pt and no folio run.json."""
+    path = Path(path)
+    return (path / NANOGPT_CKPT).is_file() and not (path / RUN_INFO).exists()
+
+
+def has_weights(run_dir: Path) -> bool:
+    """Whether the run dir holds saved weights (what a fresh run would destroy)."""
+    return (run_dir / MODEL_FILE).is_file() or (run_dir / RESUME_FILE).is_file()
 
 
 # ---------------------------------------------------------------------------- weights
-
-def model_state(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A model's (or state dict's) tensors, tied head dropped, contiguous on the CPU."""
-    state = model if isinstance(model, dict) else model.state_dict()
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != TIED_KEY}
-
 
 def save_model_weights(path: Path, model: torch.nn.Module | dict[str, torch.Tensor],
                        metadata: dict[str, Any]) -> None:
@@ -59,18 +67,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, {k: json.loads(v) for k, v in raw.items()}
 
 
-def load_weights_into(model: GPT, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    tensors = dict(tensors)
-    tensors.setdefault(TIED_KEY, tensors.get("transformer.wte.weight"))
-    expected = model.state_dict()
-    mismatched = [k for k, v in tensors.items()
-                  if k in expected and v is not None and v.shape != expected[k].shape]
-    missing = sorted(set(expected) - set(tensors))
-    if mismatched or missing:
-        what = mismatched[0] if mismatched else missing[0]
-        raise CheckpointError(f"{source} does not fit the model in run.json (first mismatch: "
-                              f"{what}); the run dir is inconsistent")
-    model.load_state_dict({k: v for k, v in tensors.items() if k in expected})
+def read_model_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """(tensors, file) of the weights to sample from: the best ones, else the latest."""
+    if (run_dir / MODEL_FILE).is_file():
+        tensors, _ = read_safetensors(run_dir / MODEL_FILE)
+        return tensors, run_dir / MODEL_FILE
+    if (run_dir / RESUME_FILE).is_file():
+        return load_resume(run_dir).model, run_dir / RESUME_FILE
+    raise CheckpointError(f"{run_dir} has no {MODEL_FILE}; training has not saved weights "
+                          "yet (wait for the first eval or resume the run)")
 
 
 # ---------------------------------------------------------------------------- optimizer state
@@ -120,7 +125,7 @@ def save_resume(run_dir: Path, state: ResumeState) -> None:
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
     tensors.update({f"loader.{k}": v for k, v in state.loader.items()})
-    meta = {"format_version": FORMAT_VERSION, "iter_num": state.iter_num,
+    meta = {"format_version": RESUME_FORMAT_VERSION, "iter_num": state.iter_num,
             "best_val_loss": state.best_val_loss, "optimizer": optim_meta, **state.extra}
     raw_meta = {k: json.dumps(v) for k, v in meta.items()}
     atomic_write_with(run_dir / RESUME_FILE, lambda tmp: save_file(tensors, tmp, raw_meta))
@@ -160,15 +165,78 @@ def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------- run.json
 
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """What reproduces a run: library versions, code version, hardware."""
+@dataclass
+class RunInfo:
+    """run.json: what a run is and where it stands. Training and `import-nanogpt` write the
+    same keys; a file written before this schema (format_version 1) loads with the defaults."""
+
+    model: dict[str, Any]
+    """The weights' GPTConfig: n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias."""
+    tokenizer: dict[str, Any]
+    """The tokenizer spec, as in the dataset's meta.json: {"kind": "char", "chars": [...]} or
+    {"kind": "gpt2"}."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Every TrainConfig setting, resolved (for an import: nanoGPT's, mapped onto folio's)."""
+    dataset: str | None = None
+    """Name of the prepared dataset trained on (None when unknown)."""
+    iter_num: int = 0
+    """Iterations done at the last save."""
+    best_val_loss: float | None = None
+    """Lowest validation loss so far (the loss of model.safetensors); None before any eval."""
+    best_iter: int = -1
+    """Iteration of best_val_loss; -1 before any eval."""
+    source: str = "train"
+    """How the run dir came to be: "train" (folio train) or "nanogpt" (import-nanogpt); when
+    read from a source that is not a run dir, "nanogpt" or "hf"."""
+    imported_from: dict[str, Any] | None = None
+    """For an import: the files read, e.g. {"nanogpt": ckpt.pt path, "meta": meta.pkl path}."""
+    dtype: str | None = None
+    """Compute dtype of training (float32, bfloat16, float16); None for an import."""
+    compile: bool | None = None
+    """Whether training ran torch.compile'd; None for an import."""
+    world_size: int = 1
+    """Training processes (torchrun ranks); 1 for an import."""
+    device: str | None = None
+    """The device that wrote the run (cuda:0, mps, cpu)."""
+    versions: dict[str, Any] = field(default_factory=dict)
+    """What reproduces it: folio, torch, numpy, python, platform, device (and gpu name)."""
+    git: str | None = None
+    """Commit of the folio checkout that wrote it, if it ran from one."""
+    files: list[str] = field(default_factory=list)
+    """Files in the run dir when run.json was written (hidden files left out)."""
+    format_version: int = RUN_FORMAT_VERSION
+    """Version of this schema: 2 (1: written before the schema; still read)."""
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> RunInfo:
+        """A RunInfo from run.json's contents (either format version); bad files are one line."""
+        for key in ("model", "tokenizer"):
+            if not isinstance(data, dict) or not isinstance(data.get(key), dict):
+                raise CheckpointError(f"{path} has no {key!r} section; the run dir is incomplete")
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+            raise CheckpointError(f"{path} has format_version {version!r}, newer than this "
+                                  f"folio reads ({RUN_FORMAT_VERSION}); upgrade folio")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "source" not in data:  # format 1: only an import recorded where it came from
+            values["source"] = "nanogpt" if data.get("imported_from") else "train"
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": RUN_FORMAT_VERSION,
+                **{k: v for k, v in dataclasses.asdict(self).items() if k != "format_version"}}
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """RunInfo's device, versions and git: what reproduces a run."""
     import numpy
-    info = {"folio": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device)}
+    versions = {"folio": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "device": str(device)}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+        versions["gpu"] = torch.cuda.get_device_name(device)
+    return {"device": str(device), "versions": versions, "git": git_hash()}
 
 
 def git_hash() -> str | None:
@@ -180,55 +248,27 @@ def git_hash() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    info = {"format_version": FORMAT_VERSION, **info,
-            "files": sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))}
-    atomic_write_json(run_dir / RUN_INFO, info)
+def write_run_info(run_dir: Path, info: RunInfo) -> None:
+    names = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} | {RUN_INFO}
+    atomic_write_json(run_dir / RUN_INFO,
+                      dataclasses.replace(info, files=sorted(names)).to_json())
 
 
-def read_run_info(run_dir: Path) -> dict[str, Any]:
+def read_run_info(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     path = run_dir / RUN_INFO
     if not run_dir.is_dir():
         raise CheckpointError(f"run dir {run_dir} does not exist; train one with `folio train "
                               f"--out_dir={run_dir}`")
     try:
-        info = json.loads(path.read_text("utf-8"))
+        data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: {run_dir} is not a folio run dir (or its "
                               "training never saved); train first or pass another --out_dir"
                               ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e}); it cannot be loaded") from None
-    for key in ("model", "tokenizer"):
-        if not isinstance(info, dict) or not isinstance(info.get(key), dict):
-            raise CheckpointError(f"{path} has no {key!r} section; the run dir is incomplete")
-    return info
-
-
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[GPT, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, run info) from a folio run dir or a nanoGPT out dir."""
-    from folio.data.tokenizer import tokenizer_from_spec
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_INFO).exists() and (run_dir / "ckpt.pt").exists():
-        from folio.store.nanogpt import read_nanogpt_out_dir
-        model, tokenizer, info, _ = read_nanogpt_out_dir(run_dir)
-        return model.to(device).eval(), tokenizer, info
-    info = read_run_info(run_dir)
     try:
-        model = GPT(GPTConfig(**info["model"]))
+        return RunInfo.from_json(data, path)
     except TypeError as e:
-        raise CheckpointError(f"{run_dir / RUN_INFO} has a bad model section ({e})") from None
-    if (run_dir / MODEL_FILE).is_file():
-        tensors, _ = read_safetensors(run_dir / MODEL_FILE)
-        source = run_dir / MODEL_FILE
-    elif (run_dir / RESUME_FILE).is_file():
-        state = load_resume(run_dir)
-        tensors, source = state.model, run_dir / RESUME_FILE
-    else:
-        raise CheckpointError(f"{run_dir} has no {MODEL_FILE}; training has not saved weights "
-                              "yet (wait for the first eval or resume the run)")
-    load_weights_into(model, tensors, source)
-    tokenizer = tokenizer_from_spec(info["tokenizer"])
-    return model.to(device).eval(), tokenizer, info
+        raise CheckpointError(f"{path} has a malformed entry ({e})") from None

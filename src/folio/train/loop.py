@@ -6,6 +6,7 @@ finite defaults, atomic safetensors checkpoints, exact resume and a clean Ctrl+C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -34,7 +35,9 @@ from folio.machine.device import (
 )
 from folio.model.fastdropout import use_fast_dropout
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import rundir
+from folio.store import guard, hf, rundir, sources
+from folio.store.rundir import ResumeState, RunInfo
+from folio.store.weights import gpt_from_state, model_state
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import configure_optimizer, lr_at
 from folio.watch.metrics import finite_or_none, format_duration
@@ -55,8 +58,15 @@ def train(cfg: TrainConfig) -> int:
     cfg, note = device_defaults(cfg, device.type)
     if note and info.is_master:
         print(f"folio: {note}", flush=True)
-    with distributed.session(info, device, cfg.backend) as info:
-        return Trainer(cfg, info, device).run()
+    # Before anything touches out_dir: one trainer per run dir (rank 0 holds the lock), and a
+    # fresh run never replaces saved weights unless told to.
+    claim = (guard.claim(cfg.out_dir, fresh=cfg.init_from != "resume", overwrite=cfg.overwrite)
+             if info.is_master else contextlib.nullcontext())
+    with claim as lock, distributed.session(info, device, cfg.backend) as info:
+        trainer = Trainer(cfg, info, device)
+        if info.is_master:
+            lock.record_holder()  # only now: a failed start leaves the lock file as it was
+        return trainer.run()
 
 
 class StopRequest(AbstractContextManager):
@@ -142,39 +152,26 @@ class Trainer:
                                 * cfg.block_size)
         self.flops_per_iter = self.model.flops_per_token(cfg.block_size) * self.tokens_per_iter
         self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
-        if self.master:  # only now: a bad setting must not leave an empty out_dir behind
-            check_writable(self.out_dir)
         self.metrics = self._open_metrics(cfg, resume)
 
     # ------------------------------------------------------------------ setup steps
 
-    def _load_resume(self, cfg: TrainConfig) -> rundir.ResumeState:
-        if (self.out_dir / "ckpt.pt").exists() and not (self.out_dir / "run.json").exists():
-            from folio.store.nanogpt import resume_state_from_nanogpt
-            state, run_info = resume_state_from_nanogpt(self.out_dir)
-        elif not self.out_dir.is_dir():
-            raise CheckpointError(f"--init_from=resume but {self.out_dir} does not exist; pass "
-                                  "the --out_dir of the run to continue, or start with "
-                                  "--init_from=scratch")
-        else:
-            run_info = rundir.read_run_info(self.out_dir)
-            state = rundir.load_resume(self.out_dir)
+    def _load_resume(self, cfg: TrainConfig) -> ResumeState:
+        state, run_info = sources.load_resume(self.out_dir)
         check_resume_matches(cfg, run_info, self.meta)
-        state.extra["model_config"] = run_info["model"]
+        state.extra["model_config"] = sources.model_config(run_info, self.out_dir,
+                                                           dropout=cfg.dropout)
         return state
 
-    def _build_model(self, cfg: TrainConfig, resume: rundir.ResumeState | None) -> GPT:
+    def _build_model(self, cfg: TrainConfig, resume: ResumeState | None) -> GPT:
         if resume is not None:
-            shape = dict(resume.extra["model_config"], dropout=cfg.dropout)
-            model = GPT(GPTConfig(**shape))
-            rundir.load_weights_into(model, resume.model, self.out_dir)
+            model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir)
         elif cfg.init_from == "scratch":
             model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                   dropout=cfg.dropout, bias=cfg.bias))
         else:
-            from folio.store.hf import load_pretrained
-            model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+            model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
             if self.meta["vocab_size"] > model.config.vocab_size:
                 raise DataError(f"dataset {cfg.dataset} has {self.meta['vocab_size']} tokens, "
                                 f"more than {cfg.init_from}'s {model.config.vocab_size}; prepare "
@@ -187,7 +184,7 @@ class Trainer:
                   "embeddings)", flush=True)
         return model
 
-    def _restore(self, resume: rundir.ResumeState) -> None:
+    def _restore(self, resume: ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
         if "scaler" in resume.extra:
             self.scaler.load_state_dict(resume.extra["scaler"])
@@ -206,10 +203,11 @@ class Trainer:
                                  best_iter=resume.extra.get("best_iter", -1),
                                  evaluated_at=resume.extra.get("evaluated_at", -1))
 
-    def _open_metrics(self, cfg: TrainConfig, resume: rundir.ResumeState | None):
+    def _open_metrics(self, cfg: TrainConfig, resume: ResumeState | None):
         self.wandb_run_id = resume.extra.get("wandb_run_id") if resume else None
         if not self.master:
             return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # train() claimed it; a bare Trainer not
         from folio.watch.metrics import MetricsLog
         title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
         wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name,
@@ -333,9 +331,9 @@ class Trainer:
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
                  "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset,
                  "world_size": info.world_size, "wandb_run_id": self.wandb_run_id}
-        state = rundir.ResumeState(
+        state = ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
-            model=rundir.model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
+            model=model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             extra=extra)
         rundir.save_resume(self.out_dir, state)
         self.write_info()
@@ -359,14 +357,13 @@ class Trainer:
         if not self.master:
             return
         p = self.progress
-        rundir.write_run_info(self.out_dir, {
-            "config": dataclasses.asdict(self.cfg), "model": self.model.config.to_dict(),
-            "tokenizer": self.meta["tokenizer"], "dataset": self.cfg.dataset,
-            "iter_num": p.iter_num, "best_val_loss": finite_or_none(p.best_val_loss),
-            "best_iter": p.best_iter, "dtype": str(self.dtype).removeprefix("torch."),
-            "compile": self.compiled, "world_size": self.info.world_size,
-            "versions": rundir.environment_info(self.device), "git": rundir.git_hash(),
-            "device": str(self.device)})
+        rundir.write_run_info(self.out_dir, RunInfo(
+            model=self.model.config.to_dict(), tokenizer=self.meta["tokenizer"],
+            config=dataclasses.asdict(self.cfg), dataset=self.cfg.dataset,
+            iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
+            best_iter=p.best_iter, source="train",
+            dtype=str(self.dtype).removeprefix("torch."), compile=self.compiled,
+            world_size=self.info.world_size, **rundir.provenance(self.device)))
 
     def announce(self) -> None:
         if not self.master:
@@ -401,23 +398,9 @@ def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     return dataset_dir
 
 
-def check_writable(out_dir: Path) -> None:
-    """Fail before training, not at the first save; also clear temp files a kill left behind."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink()
-        probe = out_dir / ".folio-write-test"
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a "
-                              "writable --out_dir or free some space") from None
-
-
-def check_resume_matches(cfg: TrainConfig, run_info: dict, meta: dict) -> None:
+def check_resume_matches(cfg: TrainConfig, run_info: RunInfo, meta: dict) -> None:
     """Resuming with another model shape, vocabulary or dataset is a one-line error."""
-    saved = run_info["model"]
+    saved = run_info.model
     for key in MODEL_SHAPE_KEYS:
         if key in saved and getattr(cfg, key) != saved[key] and key != "block_size":
             raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
@@ -426,8 +409,8 @@ def check_resume_matches(cfg: TrainConfig, run_info: dict, meta: dict) -> None:
     if cfg.block_size != saved.get("block_size", cfg.block_size):
         raise CheckpointError(f"cannot resume: block_size={cfg.block_size} but the checkpoint "
                               f"has block_size={saved['block_size']}")
-    saved_tok = run_info.get("tokenizer")
-    if saved_tok is not None and saved_tok != meta["tokenizer"]:
+    saved_tok = run_info.tokenizer
+    if saved_tok != meta["tokenizer"]:
         raise CheckpointError(f"cannot resume: dataset {cfg.dataset!r} uses a different "
                               f"vocabulary ({meta['tokenizer'].get('kind')}, "
                               f"{meta['vocab_size']} tokens) than the checkpoint "

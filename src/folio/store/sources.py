@@ -1,0 +1,74 @@
+"""Every place a model can come from, opened the same way: a folio run dir, a nanoGPT out dir
+(ckpt.pt), or a Hugging Face GPT-2 dir (config.json). All end in weights.gpt_from_state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from folio.data.tokenizer import tokenizer_from_spec
+from folio.errors import CheckpointError
+from folio.model.gpt import GPT, GPTConfig
+from folio.store import hf, nanogpt, rundir
+from folio.store.rundir import RUN_INFO, ResumeState, RunInfo
+from folio.store.weights import gpt_from_state
+
+HF_CONFIG = "config.json"
+
+
+def kind_of(path: Path) -> str:
+    """"folio", "nanogpt" or "hf": which reader opens `path` (run.json wins over the others)."""
+    if rundir.is_nanogpt_dir(path):
+        return "nanogpt"
+    if not (path / RUN_INFO).exists() and (path / HF_CONFIG).is_file():
+        return "hf"
+    return "folio"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[GPT, Any, RunInfo]:
+    """(model in eval mode, tokenizer, run info) from any supported source."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "nanogpt":
+        model, tokenizer, info, _ = nanogpt.read_nanogpt_out_dir(path)
+    elif kind == "hf":
+        model, tokenizer, info = _read_hf_dir(path)
+    else:
+        info = rundir.read_run_info(path)
+        tensors, source = rundir.read_model_weights(path)
+        model = gpt_from_state(model_config(info, path), tensors, source)
+        tokenizer = tokenizer_from_spec(info.tokenizer)
+    return model.to(device).eval(), tokenizer, info
+
+
+def load_resume(out_dir: str | Path) -> tuple[ResumeState, RunInfo]:
+    """What `init_from=resume` continues: a folio run dir's resume state, or a nanoGPT one's."""
+    out_dir = Path(out_dir)
+    if rundir.is_nanogpt_dir(out_dir):
+        return nanogpt.resume_state_from_nanogpt(out_dir)
+    if not out_dir.is_dir():
+        raise CheckpointError(f"--init_from=resume but {out_dir} does not exist; pass the "
+                              "--out_dir of the run to continue, or start with "
+                              "--init_from=scratch")
+    info = rundir.read_run_info(out_dir)
+    return rundir.load_resume(out_dir), info
+
+
+def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
+    """The GPTConfig run.json describes (with `changes`, e.g. another dropout)."""
+    try:
+        return GPTConfig(**{**info.model, **changes})
+    except TypeError as e:
+        raise CheckpointError(f"{run_dir / RUN_INFO} has a bad model section ({e})") from None
+
+
+def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
+    model = hf.load_pretrained(str(path))
+    spec = hf.tokenizer_spec(path, model.config.vocab_size)
+    info = RunInfo(model=model.config.to_dict(), tokenizer=spec, source="hf",
+                   imported_from={"hf": str(path)})
+    return model, tokenizer_from_spec(spec), info
