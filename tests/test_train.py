@@ -79,6 +79,22 @@ def test_resume_matches_uninterrupted_run(char_data_dir, tmp_path):
     assert [r["iter"] for r in read_metrics(resumed).eval] == [0, 8, 16]
 
 
+def test_resume_takes_the_model_shape_from_the_checkpoint(tiny_run, char_data_dir, tmp_path):
+    """As in nanoGPT, `--init_from=resume` needs no shape settings; a given one must match."""
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    assert main(["train", "--init_from=resume", f"--out_dir={run}", f"--data_dir={char_data_dir}",
+                 "--device=cpu", "--compile=False", "--dtype=float32", "--max_iters=45",
+                 "--eval_iters=2", "--eval_interval=45"]) == 0
+    info = read_run_info(run)
+    assert info.iter_num == 45
+    assert (info.config["n_layer"], info.config["n_embd"]) == (2, 32)  # tiny_run's, not 4/128
+    code = main(["train", *tiny_args(char_data_dir, run, max_iters=50), "--n_layer=3",
+                 "--init_from=resume"])
+    assert code == 2
+
+
 def test_eval_only_evaluates_and_exits(tiny_run, char_data_dir, tmp_path, capsys):
     import shutil
     run = tmp_path / "copy"

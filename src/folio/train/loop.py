@@ -130,7 +130,9 @@ class Trainer:
             self.model.fused_loss = True
             use_fast_dropout(self.model)
         torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
-        self.cfg = cfg = dataclasses.replace(cfg, block_size=self.model.config.block_size)
+        # the model decides its shape (a resumed or pretrained one may differ from the defaults)
+        shape = {k: getattr(self.model.config, k) for k in MODEL_SHAPE_KEYS}
+        self.cfg = cfg = dataclasses.replace(cfg, **shape)
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
         self.eval_splits = splits
         self.loader = Loader(splits["train"], cfg.batch_size, cfg.block_size,
@@ -399,16 +401,14 @@ def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
 
 
 def check_resume_matches(cfg: TrainConfig, run_info: RunInfo, meta: dict) -> None:
-    """Resuming with another model shape, vocabulary or dataset is a one-line error."""
+    """Resuming with another model shape (one that was given), vocabulary or dataset is a
+    one-line error; shape settings not given are taken from the checkpoint, as nanoGPT does."""
     saved = run_info.model
     for key in MODEL_SHAPE_KEYS:
-        if key in saved and getattr(cfg, key) != saved[key] and key != "block_size":
+        if key in saved and key in cfg.given and getattr(cfg, key) != saved[key]:
             raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
                                   f"in {cfg.out_dir} has {key}={saved[key]}; drop the setting "
                                   "or start a new --out_dir")
-    if cfg.block_size != saved.get("block_size", cfg.block_size):
-        raise CheckpointError(f"cannot resume: block_size={cfg.block_size} but the checkpoint "
-                              f"has block_size={saved['block_size']}")
     saved_tok = run_info.tokenizer
     if saved_tok != meta["tokenizer"]:
         raise CheckpointError(f"cannot resume: dataset {cfg.dataset!r} uses a different "
