@@ -55,9 +55,10 @@ def char_data_dir(seeded_cache, tmp_path_factory) -> Path:
     return data_dir
 
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2",
-        "--log_interval=5", "--warmup_iters=5"]
+TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32",
+        "--block_size=32", "--batch_size=8", "--device=cpu", "--compile=False", "--dtype=float32",
+        "--eval_iters=2", "--log_interval=5", "--warmup_iters=5", "--learning_rate=1e-3",
+        "--beta2=0.99", "--min_lr=1e-4", "--always_save_checkpoint=False"]
 
 
 def tiny_args(data_dir: Path, out_dir: Path, **settings) -> list[str]:

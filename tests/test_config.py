@@ -217,8 +217,8 @@ def test_a_config_knows_which_fields_it_was_given(tmp_path):
     cfg = train(str(path), "--n_embd=96", "--no-bias")
     assert cfg.given == {"n_layer", "n_head", "n_embd", "bias"}
     assert replace(cfg, dropout=0.1).given == cfg.given | {"dropout"}
-    assert train("--n_layer=4").given == {"n_layer"}  # given, even when it is the default
-    assert train("--n_layer=4") == TrainConfig()  # equality compares settings only
+    assert train("--n_layer=12").given == {"n_layer"}  # given, even when it is the default
+    assert train("--n_layer=12") == TrainConfig()  # equality compares settings only
 
 
 # ---------------------------------------------------------------------------- device defaults
@@ -237,11 +237,14 @@ def test_bare_train_on_a_gpu_gets_the_gpu_preset_and_says_so(device):
     assert (cfg.n_layer, cfg.out_dir, cfg.init_from) == (6, "mine", "resume")  # given: kept
 
 
-@pytest.mark.parametrize("device", ["cuda", "mps"])
-def test_any_model_or_training_setting_means_the_plain_defaults_on_a_gpu(device):
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_any_model_or_training_setting_means_nanogpts_defaults(device):
     seed = train(*SEED_MPS_LINE)
     assert device_defaults(seed, device) == (seed, "")
-    assert (seed.dropout, seed.learning_rate, seed.out_dir) == (0.0, 1e-3, "out")
+    # what nanoGPT's train.py would use for the settings the line leaves out
+    assert (seed.dropout, seed.learning_rate, seed.out_dir, seed.beta2, seed.warmup_iters,
+            seed.min_lr, seed.eval_interval, seed.log_interval) == \
+        (0.0, 6e-4, "out", 0.95, 2000, 6e-5, 2000, 1)
     python = TrainConfig(n_layer=2, out_dir="x")
     assert device_defaults(python, device) == (python, "")
     for argv in (["--max_iters=100"], ["--dataset=mytext"], ["--init_from=gpt2"],
@@ -250,5 +253,16 @@ def test_any_model_or_training_setting_means_the_plain_defaults_on_a_gpu(device)
         assert device_defaults(cfg, device) == (cfg, ""), argv
 
 
-def test_a_cpu_never_changes_a_default():
-    assert device_defaults(TrainConfig(), "cpu") == (TrainConfig(), "")
+def test_bare_train_on_a_cpu_gets_the_readme_cpu_model_and_says_so():
+    cfg, note = device_defaults(train("--device=cpu"), "cpu")
+    assert cfg == train("shakespeare_char_cpu", "--device=cpu")
+    assert (cfg.n_layer, cfg.n_embd, cfg.max_iters) == (4, 128, 2000)
+    assert "shakespeare_char_cpu" in note and "4 layers" in note
+
+
+def test_lr_decay_iters_follows_max_iters_unless_given():
+    from folio.train.optim import lr_at
+    cfg = train("--max_iters=1000", "--warmup_iters=0", "--min_lr=1e-5")
+    assert lr_at(1000, cfg) == pytest.approx(1e-5) and lr_at(500, cfg) > 2e-4
+    cfg = train("--max_iters=1000", "--warmup_iters=0", "--min_lr=1e-5", "--lr_decay_iters=500")
+    assert lr_at(500, cfg) == pytest.approx(1e-5)

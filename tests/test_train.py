@@ -31,7 +31,8 @@ def test_nanogpt_py_config_and_overrides_drive_a_real_run(char_data_dir, tmp_pat
     config.write_text("# a nanoGPT-style config\nn_layer = 3\nn_embd = 48\nmax_iters = 10\n"
                       "eval_interval = 5\nlearning_rate = 2e-3 # comment\n")
     out = tmp_path / "run"
-    args = [a for a in tiny_args(char_data_dir, out) if not a.startswith("--n_layer")]
+    args = [a for a in tiny_args(char_data_dir, out)
+            if not a.startswith(("--n_layer", "--learning_rate"))]
     assert main(["train", str(config), *args, "--n_embd", "32"]) == 0
     info = read_run_info(out)
     assert info.config["n_layer"] == 3  # from the file
@@ -49,7 +50,7 @@ def test_train_from_python_trains_exactly_its_config(char_data_dir, tmp_path, ca
     cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=4,
                       eval_interval=4, eval_iters=2, warmup_iters=2, device="cpu",
                       compile=False, dtype="float32", data_dir=str(char_data_dir),
-                      out_dir=str(tmp_path / "run"))
+                      dataset="shakespeare_char", out_dir=str(tmp_path / "run"))
     assert train(cfg) == 0
     assert read_run_info(tmp_path / "run").config == dataclasses.asdict(cfg)
     assert capsys.readouterr().out.startswith("folio: model has 0.")  # no device default note
@@ -85,8 +86,8 @@ def test_resume_takes_the_model_shape_from_the_checkpoint(tiny_run, char_data_di
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
     assert main(["train", "--init_from=resume", f"--out_dir={run}", f"--data_dir={char_data_dir}",
-                 "--device=cpu", "--compile=False", "--dtype=float32", "--max_iters=45",
-                 "--eval_iters=2", "--eval_interval=45"]) == 0
+                 "--dataset=shakespeare_char", "--device=cpu", "--compile=False",
+                 "--dtype=float32", "--max_iters=45", "--eval_iters=2", "--eval_interval=45"]) == 0
     info = read_run_info(run)
     assert info.iter_num == 45
     assert (info.config["n_layer"], info.config["n_embd"]) == (2, 32)  # tiny_run's, not 4/128

@@ -73,15 +73,17 @@ def settings(cls: type) -> type:
 
 @settings
 class TrainConfig:
-    """Everything `folio train` reads. Names and meanings follow nanoGPT's train.py."""
+    """Everything `folio train` reads. Names, meanings and defaults follow nanoGPT's train.py,
+    except: max_iters is finite, lr_decay_iters follows it, gradient_accumulation_steps is 1,
+    and device, dtype and compile are chosen for the machine (auto)."""
 
     # I/O
     out_dir: str = setting("out", "run directory: weights, state, metrics.jsonl, loss.png")
-    eval_interval: int = setting(250, "evaluate train/val loss every this many iterations", min=1)
-    log_interval: int = setting(10, "print a progress line every this many iterations", min=1)
+    eval_interval: int = setting(2000, "evaluate train/val loss every this many iterations", min=1)
+    log_interval: int = setting(1, "print a progress line every this many iterations", min=1)
     eval_iters: int = setting(200, "batches per split when estimating the loss", min=1)
     eval_only: bool = setting(False, "evaluate once and exit")
-    always_save_checkpoint: bool = setting(False, "save at every eval, not only when val improves")
+    always_save_checkpoint: bool = setting(True, "save at every eval, not only when val improves")
     init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir")
     overwrite: bool = setting(False, "let a fresh run replace the run already saved in out_dir")
     seed: int = setting(1337, "random seed (each DDP rank adds its rank)", min=0)
@@ -91,30 +93,31 @@ class TrainConfig:
     wandb_run_name: str = setting("run", "wandb run name")
     tensorboard: bool = setting(False, "write TensorBoard event files into out_dir")
     # data
-    dataset: str = setting("shakespeare_char", "prepared dataset name under data_dir")
+    dataset: str = setting("openwebtext", "prepared dataset name under data_dir")
     data_dir: str = setting("data", "where prepared datasets live")
     gradient_accumulation_steps: int = setting(1, "micro-steps per iteration (global, all ranks)",
                                                min=1)
     batch_size: int = setting(12, "sequences per micro-step per process", min=1)
-    block_size: int = setting(64, "context length in tokens", min=1)
+    block_size: int = setting(1024, "context length in tokens", min=1)
     # model
-    n_layer: int = setting(4, "transformer blocks", min=1)
-    n_head: int = setting(4, "attention heads per block", min=1)
-    n_embd: int = setting(128, "embedding width (divisible by n_head)", min=1)
+    n_layer: int = setting(12, "transformer blocks", min=1)
+    n_head: int = setting(12, "attention heads per block", min=1)
+    n_embd: int = setting(768, "embedding width (divisible by n_head)", min=1)
     dropout: float = setting(0.0, "dropout probability", min=0.0, max=0.999)
     bias: bool = setting(False, "use biases in Linear and LayerNorm layers")
     # optimizer
-    learning_rate: float = setting(1e-3, "peak learning rate", above=0.0)
-    max_iters: int = setting(2000, "total training iterations", min=0)
+    learning_rate: float = setting(6e-4, "peak learning rate", above=0.0)
+    max_iters: int = setting(5000, "total training iterations (nanoGPT: 600,000)", min=0)
     weight_decay: float = setting(1e-1, "AdamW weight decay on 2-D parameters", min=0.0)
     beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=0.999999)
-    beta2: float = setting(0.99, "AdamW beta2", min=0.0, max=0.999999)
+    beta2: float = setting(0.95, "AdamW beta2", min=0.0, max=0.999999)
     grad_clip: float = setting(1.0, "clip gradient norm at this value; 0 disables", min=0.0)
     # learning rate schedule
     decay_lr: bool = setting(True, "warmup then cosine decay; False keeps learning_rate")
-    warmup_iters: int = setting(100, "linear warmup iterations", min=0)
-    lr_decay_iters: int = setting(2000, "iteration where the cosine reaches min_lr", min=1)
-    min_lr: float = setting(1e-4, "learning rate floor", min=0.0)
+    warmup_iters: int = setting(2000, "linear warmup iterations", min=0)
+    lr_decay_iters: int | None = setting(None, "iteration where the cosine reaches min_lr; "
+                                          "None: max_iters", min=1)
+    min_lr: float = setting(6e-5, "learning rate floor", min=0.0)
     # system
     backend: str = setting(AUTO, "distributed backend", choices=(AUTO, "nccl", "gloo"))
     device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
@@ -162,7 +165,7 @@ class PrepareConfig:
     """Everything `folio prepare` reads: a dataset tokenized into train.bin, val.bin and
     meta.json under data_dir."""
 
-    dataset: str = setting("shakespeare_char", "shakespeare_char | shakespeare | PATH (.txt, dir, "
+    dataset: str = setting("openwebtext", "shakespeare_char | shakespeare | PATH (.txt, dir, "
                            ".jsonl)", positional="DATASET|PATH")
     tokenizer: str = setting(AUTO, "char | gpt2 (auto: by dataset; char for files)",
                              choices=(AUTO, "char", "gpt2"))
@@ -446,29 +449,32 @@ def replace(cfg: Config, **changes: Any) -> Config:
 # giving only these leaves `folio train` bare. init_from counts only as scratch or resume.
 PLACE_KEYS = frozenset({"device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
                         "data_dir", "out_dir", "init_from", "eval_only", "seed", "wandb_log",
-                        "wandb_project", "wandb_run_name", "tensorboard"})
-GPU_PRESET = "shakespeare_char"
+                        "wandb_project", "wandb_run_name", "tensorboard", "overwrite"})
+DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
+                  "mps": "shakespeare_char"}  # what a bare `folio train` trains on each device
 
 
 def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, str]:
     """The one place where the device changes a default; returns (config, note for the log).
 
-    A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) on a GPU
-    (cuda or mps) trains nanoGPT's GPU char model, the `shakespeare_char` preset, keeping the
-    settings that were given. Any other setting, from the command line, a file or Python,
-    means the plain defaults for the rest, the same on every device; so does a CPU. The note
-    is "" when nothing was applied.
+    A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) trains
+    the tiny-Shakespeare character model sized for the device: nanoGPT README's CPU model on
+    a CPU, nanoGPT's GPU char model (`shakespeare_char`) on cuda or mps, keeping the settings
+    that were given. Any other setting, from the command line, a file or Python, means
+    nanoGPT's train.py defaults for the rest, on every device. The note is "" when nothing
+    was applied.
     """
     bare = not (cfg.given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume")
-    if device_type == "cpu" or not bare:
+    if not bare:
         return cfg, ""
-    preset = {k: v for k, v in load_preset(GPU_PRESET).items() if k not in cfg.given}
+    name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
+    preset = {k: v for k, v in load_preset(name).items() if k not in cfg.given}
     resolved = apply(TrainConfig, preset, cfg)
     resolved._given = cfg.given  # the preset stands in for defaults; nobody chose it
     return resolved, (f"no model or training settings given, so on {device_type} folio trains "
-                      f"the {GPU_PRESET} preset ({resolved.n_layer} layers, {resolved.n_embd} "
-                      f"wide, out_dir {resolved.out_dir}); any such setting, or a preset, "
-                      "gives the plain defaults instead")
+                      f"the {name} preset ({resolved.n_layer} layers, {resolved.n_embd} wide, "
+                      f"{resolved.max_iters} iters, out_dir {resolved.out_dir}); any such "
+                      "setting, or a preset, gives nanoGPT's train.py defaults instead")
 
 
 # ---------------------------------------------------------------------------- command line

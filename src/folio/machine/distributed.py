@@ -86,6 +86,8 @@ def session(info: DistInfo, device: torch.device, backend: str) -> Iterator[Dist
     info = init(info, device, backend)
     try:
         yield info
+        if info.enabled:  # leave together: a rank that tears down while a peer still talks
+            dist.barrier()  # to it could abort in gloo's threads ("terminate called ...")
     except RuntimeError as e:
         lost = isinstance(e, dist.DistError) or any(s in str(e) for s in _PEER_LOST)
         if not (info.enabled and lost):

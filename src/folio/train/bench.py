@@ -333,7 +333,8 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
         block_size=case.block_size, batch_size=case.batch_size, dropout=case.dropout,
         bias=False, dtype=knobs["dtype"], compile=knobs["compile"],
         max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
-        eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0)
+        eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0,
+        learning_rate=1e-3, beta2=0.99, min_lr=1e-4)  # nanoGPT's tiny-Shakespeare recipe
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
     if knobs["fused_loss"] != "auto":

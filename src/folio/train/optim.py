@@ -24,13 +24,15 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: s
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat."""
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters (default:
+    max_iters), then flat."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step > cfg.lr_decay_iters:
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step > decay_iters:
         return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio)))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
