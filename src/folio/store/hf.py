@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from folio.errors import CheckpointError, ConfigError
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
 from folio.store.nanogpt import gpt_from_state_dict
 from folio.store.rundir import load_model
 
@@ -47,13 +47,14 @@ def _transformers():
 
 # ---------------------------------------------------------------------------- import
 
-def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
+def load_pretrained(name_or_path: str, dropout: float = 0.0, kernels: Kernels = PLAIN_KERNELS
+                    ) -> GPT:
     """A folio GPT holding GPT-2 weights: a model name (gpt2, gpt2-medium, ...) or a local dir."""
     hf_model = _load_hf_model(name_or_path)
     config = gpt_config_from_hf(hf_model.config, dropout, source=name_or_path)
     state = from_hf_state_dict(hf_model.state_dict())
     del hf_model
-    return gpt_from_state_dict(config, state, source=name_or_path)
+    return gpt_from_state_dict(config, state, source=name_or_path, kernels=kernels)
 
 
 def _load_hf_model(name_or_path: str):

@@ -18,7 +18,7 @@ import torch
 from folio import config
 from folio.config import TrainConfig
 from folio.errors import CheckpointError, ConfigError
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
 from folio.store import rundir
 
 CKPT = "ckpt.pt"
@@ -39,7 +39,7 @@ def is_nanogpt_dir(path: str | Path) -> bool:
 # ---------------------------------------------------------------------------- weights
 
 def gpt_from_state_dict(config: GPTConfig, state: dict[str, torch.Tensor],
-                        source: str | Path) -> GPT:
+                        source: str | Path, kernels: Kernels = PLAIN_KERNELS) -> GPT:
     """A folio GPT holding nanoGPT-named weights; the embedding is zero-padded to the table size.
 
     The model is built on the meta device and the tensors are assigned, so a large model is
@@ -50,7 +50,7 @@ def gpt_from_state_dict(config: GPTConfig, state: dict[str, torch.Tensor],
         raise CheckpointError(f"{source} has no {WTE_KEY}; it is not a GPT-2/nanoGPT model")
     state[WTE_KEY] = pad_rows(state[WTE_KEY], config.padded_vocab_size, source)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, kernels)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k]]
