@@ -108,7 +108,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x)  # (B, nh, T, hs)
         # Position-dependent transforms of q and k (e.g. rotary embeddings) go here, before
         # the keys are cached; `positions(cache, T, device)` gives the positions.
-        if cache is not None:
+        if cache is not None:  # generation: no attention dropout
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
             return self.project(attend(q, k, v, start))
