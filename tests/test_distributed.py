@@ -153,8 +153,8 @@ def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
     with torch.no_grad():
         for _ in range(8):  # greedy decoding: the weights are usable for sampling
-            logits, _ = model(idx)
-            idx = torch.cat([idx, logits[:, -1, :tokenizer.vocab_size].argmax(-1, True)], 1)
+            logits = model(idx)  # (1, V_padded)
+            idx = torch.cat([idx, logits[:, :tokenizer.vocab_size].argmax(-1, True)], 1)
     assert len(tokenizer.decode(idx[0].tolist())) == len("ROMEO:") + 8
 
 

@@ -12,15 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from folio.model.fastdropout import (
-    FastDropout,
-    causal_attention,
-    dropout,
-    keep_mask,
-    use_fast_dropout,
-)
+from folio.model.fastdropout import causal_attention, dropout, keep_mask
 from folio.model.fastloss import fused_linear_cross_entropy
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
 
 BF16 = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 bits of mantissa
 
@@ -72,6 +66,40 @@ def test_fused_loss_scales_gradients_by_the_upstream_gradient():
     torch.testing.assert_close(got_w, want_w / 4)
 
 
+def test_fused_loss_backward_scales_by_the_upstream_gradient_without_a_host_sync():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostSyncs(TorchDispatchMode):
+        """Records the ops that copy a tensor's value to Python (.item(), bool(t), ...)."""
+
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    h, w, y = head_inputs()
+    _, want_h, want_w = reference_loss_and_grads(h, w, y)
+    for scale in (1.0, 0.25):
+        loss = fused_linear_cross_entropy(h, w, y, rows=8) * scale
+        with HostSyncs() as mode:
+            got_h, got_w = torch.autograd.grad(loss, (h, w))
+        assert mode.syncs == []
+        torch.testing.assert_close(got_h, want_h * scale)
+        torch.testing.assert_close(got_w, want_w * scale)
+
+
+def test_fused_loss_refuses_a_second_backward_rather_than_scaling_twice():
+    h, w, y = head_inputs()
+    loss = fused_linear_cross_entropy(h, w, y, rows=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
 def test_fused_loss_without_gradients_gives_the_same_value():
     h, w, y = head_inputs()
     want, _, _ = reference_loss_and_grads(h, w, y)
@@ -80,18 +108,20 @@ def test_fused_loss_without_gradients_gives_the_same_value():
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
 
 
-def tiny_gpt(dropout: float = 0.0, vocab_size: int = 300) -> GPT:
+def tiny_gpt(dropout: float = 0.0, vocab_size: int = 300,
+             kernels: Kernels = PLAIN_KERNELS) -> GPT:
+    """The same weights whatever the kernels."""
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
-                         dropout=dropout, bias=False))
+                         dropout=dropout, bias=False), kernels)
 
 
 def loss_and_grads(model: GPT, x, y, dtype=torch.float32):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        logits, loss = model(x, y)
+        loss = model(x, y)
     loss.backward()
-    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def batch(vocab_size: int = 300):
@@ -108,21 +138,19 @@ def small_chunks(monkeypatch):
 
 
 def test_model_with_fused_loss_matches_the_plain_path_in_float32(small_chunks):
-    model, (x, y) = tiny_gpt(), batch()
-    logits, want, want_grads = loss_and_grads(model, x, y)
-    model.fused_loss = True
-    no_logits, got, got_grads = loss_and_grads(model, x, y)
-    assert logits.shape == (4, 16, 320) and no_logits is None
+    x, y = batch()
+    want, want_grads = loss_and_grads(tiny_gpt(), x, y)
+    got, got_grads = loss_and_grads(tiny_gpt(kernels=Kernels(fused_loss=True)), x, y)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_model_fast_path_in_bf16_matches_float32_eager_within_bf16_precision(small_chunks):
-    model, (x, y) = tiny_gpt(), batch()
-    _, want, want_grads = loss_and_grads(model, x, y)
-    model.fused_loss = True
-    _, got, got_grads = loss_and_grads(model, x, y, torch.bfloat16)
+    x, y = batch()
+    want, want_grads = loss_and_grads(tiny_gpt(), x, y)
+    fast = tiny_gpt(kernels=Kernels.for_device("cpu"))
+    got, got_grads = loss_and_grads(fast, x, y, torch.bfloat16)
     torch.testing.assert_close(got, want, **BF16)
     for name, grad in want_grads.items():
         cosine = F.cosine_similarity(got_grads[name].flatten(), grad.flatten(), dim=0)
@@ -130,22 +158,24 @@ def test_model_fast_path_in_bf16_matches_float32_eager_within_bf16_precision(sma
 
 
 def test_fast_dropout_model_matches_the_plain_path_when_not_training():
-    model, (x, y) = tiny_gpt(dropout=0.2), batch()
-    model.eval()
-    _, want, _ = loss_and_grads(model, x, y)
-    use_fast_dropout(model)
-    _, got, _ = loss_and_grads(model, x, y)
+    x, y = batch()
+    want, _ = loss_and_grads(tiny_gpt(dropout=0.2).eval(), x, y)
+    got, _ = loss_and_grads(tiny_gpt(dropout=0.2, kernels=Kernels(fast_dropout=True)).eval(),
+                            x, y)
     assert got == want
 
 
-def test_use_fast_dropout_switches_layers_and_attention_both_ways():
-    model = tiny_gpt(dropout=0.1)
-    use_fast_dropout(model)
-    assert all(type(m) is FastDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    assert all(block.attn.fast_dropout for block in model.transformer.h)
-    use_fast_dropout(model, on=False)
-    assert not any(isinstance(m, FastDropout) for m in model.modules())
-    assert not any(block.attn.fast_dropout for block in model.transformer.h)
+def test_a_model_built_with_fast_dropout_draws_masks_that_replay_under_manual_seed():
+    x, y = batch()
+    fast = tiny_gpt(dropout=0.2, kernels=Kernels(fast_dropout=True))
+    with torch.no_grad():
+        no_dropout = fast.eval()(x, y)
+        fast.train()
+        torch.manual_seed(1)
+        a, b = fast(x, y), fast(x, y)
+        torch.manual_seed(1)
+        assert torch.equal(fast(x, y), a)
+    assert len({no_dropout.item(), a.item(), b.item()}) == 3
 
 
 def test_keep_mask_drops_the_requested_fraction_and_replays_from_its_seed():

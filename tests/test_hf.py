@@ -26,7 +26,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. café 🙂
 def folio_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """All-position logits over the real vocabulary, (B, T, vocab_size)."""
     with torch.no_grad():
-        logits, _ = model.eval()(idx, targets=idx)
+        logits = model.eval().lm_head(model.hidden(idx))  # (B, T, V_padded)
     return logits[..., :model.config.vocab_size]
 
 
@@ -75,7 +75,7 @@ def test_hf_gpt2_dir_imports_with_matching_logits(hf_gpt2_dir):
 def test_imported_gpt2_keeps_training(hf_gpt2_dir):
     model = load_pretrained(str(hf_gpt2_dir[0]), dropout=0.0).train()
     idx = torch.randint(0, 50257, (2, 16))
-    _, loss = model(idx, targets=idx)
+    loss = model(idx, targets=idx)
     loss.backward()
     assert model.transformer.wte.weight.grad is not None
     assert all(p.device.type == "cpu" for p in model.parameters())

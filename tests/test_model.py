@@ -1,4 +1,5 @@
-"""The GPT model: shapes, causality, initialisation, parameter counts, learning."""
+"""The GPT model: shapes, causality, initialisation, parameter counts, learning, its KV
+cache and its kernels."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.fastdropout import FastDropout
+from folio.model.gpt import GPT, GPTConfig, Kernels
 
 
 def tiny(**overrides) -> GPT:
@@ -23,19 +25,20 @@ def test_vocabulary_is_padded_to_a_multiple_of_64():
     assert tiny().lm_head.weight.shape == (128, 32)
 
 
-def test_forward_shapes_with_and_without_targets():
+def test_forward_gives_the_loss_with_targets_and_next_token_logits_without():
     model = tiny()
     idx = torch.randint(65, (3, 16))
-    logits, loss = model(idx, idx)
-    assert logits.shape == (3, 16, 128) and loss.ndim == 0
-    logits, loss = model(idx)
-    assert logits.shape == (3, 1, 128) and loss is None
+    loss = model(idx, idx)
+    assert loss.shape == () and loss.requires_grad
+    logits = model(idx)
+    assert logits.shape == (3, 128)
+    torch.testing.assert_close(logits, model.lm_head(model.hidden(idx))[:, -1])
 
 
 def test_initial_loss_is_near_uniform():
     model = tiny()
     idx, targets = torch.randint(65, (2, 4, 16))
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)
     assert abs(loss.item() - math.log(128)) < 0.1  # 128 padded logits, all near zero
 
 
@@ -78,7 +81,7 @@ def test_tiny_model_overfits_one_batch():
     idx = torch.randint(65, (4, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = model(idx[:, :-1], idx[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -89,4 +92,89 @@ def test_crop_block_size_shrinks_the_position_table():
     model = tiny()
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape == (8, 32)
-    assert model(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 1, 128)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 128)
+    assert model.new_cache().capacity == 8
+
+
+# ---------------------------------------------------------------------------- the KV cache
+
+def test_cached_prefill_and_one_token_steps_give_the_full_forward_logits():
+    model = tiny().eval()
+    seq = torch.randint(65, (2, 12), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(batch_size=2)
+    with torch.no_grad():
+        got = [model(seq[:, :5], cache=cache)]  # prefill positions 0..4
+        got += [model(seq[:, t:t + 1], cache=cache) for t in range(5, 12)]  # one at a time
+        want = [model(seq[:, :t]) for t in range(5, 13)]
+    assert cache.length == 12
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"after {t + 5} tokens")
+
+
+def test_a_prefill_after_cached_tokens_sees_them_and_stays_causal():
+    model = tiny().eval()
+    seq = torch.randint(65, (1, 14), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(seq[:, :4], cache=cache)
+        got = model.hidden(seq[:, 4:], cache)  # 10 new positions at once, after 4 cached
+        want = model.hidden(seq)[:, 4:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reset_cache_starts_again_at_position_zero():
+    model = tiny().eval()
+    a, b = torch.randint(65, (2, 1, 6), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(a, cache=cache)
+        cache.reset()
+        torch.testing.assert_close(model(b, cache=cache), model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_cannot_grow_past_block_size():
+    model = tiny().eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="17 tokens exceeds block_size 16"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+KERNELS = [Kernels(), Kernels(fused_loss=True), Kernels(fast_dropout=True),
+           Kernels(fused_loss=True, fast_dropout=True)]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_kernels_change_neither_the_return_types_nor_the_results(kernels):
+    plain = tiny(dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(plain.config, kernels)
+    model.load_state_dict(plain.state_dict())
+    idx = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(4))
+    for m in (plain, model):
+        m.eval()
+    logits, loss = model(idx), model(idx[:, :-1], idx[:, 1:])
+    assert logits.shape == (2, 128) and loss.shape == ()
+    torch.testing.assert_close(logits, plain(idx))
+    torch.testing.assert_close(loss, plain(idx[:, :-1], idx[:, 1:]))
+    model.train()
+    assert model(idx[:, :-1], idx[:, 1:]).shape == ()
+
+
+def test_fast_dropout_kernel_builds_fast_dropout_layers_and_attention():
+    fast = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=2, n_head=2, n_embd=16,
+                         dropout=0.1), Kernels(fast_dropout=True))
+    dropouts = [m for m in fast.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 5 and all(type(m) is FastDropout for m in dropouts)
+    assert all(block.attn.fast_dropout for block in fast.transformer.h)
+    plain = tiny(dropout=0.1)
+    assert not any(isinstance(m, FastDropout) for m in plain.modules())
+    assert not any(block.attn.fast_dropout for block in plain.transformer.h)
+
+
+def test_kernels_are_chosen_for_the_device():
+    assert Kernels.for_device("cpu") == Kernels(fused_loss=True, fast_dropout=True)
+    assert Kernels.for_device("cuda") == Kernels.for_device("mps") == Kernels()

@@ -81,7 +81,7 @@ def write_meta_pkl(path: Path, chars: list[str]) -> None:
 
 def logits(model: GPT, idx: torch.Tensor, vocab_size: int) -> torch.Tensor:
     with torch.no_grad():
-        out, _ = model.eval()(idx, targets=idx)
+        out = model.eval().lm_head(model.hidden(idx))  # every position's logits
     return out[..., :vocab_size]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import sys
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,7 +29,6 @@ SEPARATOR = "\n---------------\n"  # between samples on stdout, as nanoGPT print
 # of one per token (learned absolute positions make a one-token slide a full recompute).
 # Every token still sees at least 3/4 of block_size tokens of context once that many exist.
 SLIDE_FRACTION = 0.25
-_COMPILED: weakref.WeakSet[GPT] = weakref.WeakSet()  # models load() was asked to compile
 
 
 # ---------------------------------------------------------------------------- loading
@@ -50,8 +48,7 @@ def load_run(run_dir: str | Path, device: str = "auto", dtype: str = "auto",
     model, tokenizer, info = load_model(run_dir, torch_device)
     model.to(dtype=torch_dtype)
     if compile:
-        model.compile(dynamic=True)  # the recompute path; the cached path compiles its own step
-        _COMPILED.add(model)
+        model.compile(dynamic=True)  # one graph for every window and cache length
     return model, tokenizer, info
 
 
@@ -191,8 +188,7 @@ def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int,
     block = model.config.block_size
     keep = max(1, block - max(1, int(block * SLIDE_FRACTION)))
     vocab = model.config.vocab_size  # the padded rows are never sampled
-    compiled = model in _COMPILED
-    decode = CachedDecoder(model, compile=compiled) if use_cache else RecomputeDecoder(model)
+    decode = CachedDecoder(model) if use_cache else RecomputeDecoder(model)
     window = list(prompt_ids[-block:])
     for _ in range(max_new_tokens):
         token = sample_token(decode(window)[:vocab], temperature, top_k, top_p, generator)

@@ -140,14 +140,3 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
     if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     return _CausalDropoutAttention.apply(q, k, v, p)
-
-
-def use_fast_dropout(model: nn.Module, on: bool = True) -> None:
-    """Switch `model`'s dropout layers and attention dropout to (or back from) these masks."""
-    for module in list(model.modules()):
-        if hasattr(module, "fast_dropout"):
-            module.fast_dropout = on
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Dropout) and (type(child) is FastDropout) != on:
-                swapped = (FastDropout if on else nn.Dropout)(child.p)
-                setattr(module, name, swapped.train(child.training))

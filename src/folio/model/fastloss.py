@@ -81,9 +81,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors  # (N, C), (V, C)
-        if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
-            return grad_h.float(), grad_w, None, None, None  # no (V, C) copy in the usual case
-        return grad_h.float() * grad_out, grad_w * grad_out, None, None, None
+        # Scaled in place: no second (V, C) buffer, and no host sync to test for a 1.0. The
+        # saved tensors are this graph's own; a second backward through it (retain_graph)
+        # is refused by autograd's in-place check rather than scaling them twice.
+        return grad_h.float().mul_(grad_out), grad_w.mul_(grad_out), None, None, None
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,

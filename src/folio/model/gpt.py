@@ -1,7 +1,10 @@
 """The GPT-2 architecture: embeddings, pre-LayerNorm blocks, tied output head.
 
+One forward pass serves training, evaluation, prefill and cached decoding: `GPT.forward`
+takes an optional KV cache (cache.py) that the attention layers write into and read from.
 Parameter names match nanoGPT (and so, after a transpose, Hugging Face GPT-2). No device,
-dtype or distributed code lives here; inference-time caching lives in sample.py.
+dtype or distributed code lives here; the optional CPU kernels (fastloss.py,
+fastdropout.py) are chosen when the model is built, with `Kernels`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from folio.model.fastdropout import causal_attention
+from folio.model.cache import KVCache, positions
+from folio.model.fastdropout import FastDropout, causal_attention
 from folio.model.fastloss import fused_linear_cross_entropy
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
@@ -39,6 +43,29 @@ class GPTConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How the model computes, not what: the same results either way (up to float rounding
+    and which dropout masks are drawn), the same return types. Chosen when the model is
+    built; not part of its shape, so not saved in run.json."""
+
+    fused_loss: bool = False  # training loss without the (B*T, V) logits (fastloss.py)
+    fast_dropout: bool = False  # CPU dropout masks cheap to draw and keep (fastdropout.py)
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Kernels:
+        """What training uses on a device: both on a CPU (far less memory, faster), off
+        elsewhere (the GPU kernels and torch.compile do better)."""
+        on = device_type == "cpu"
+        return cls(fused_loss=on, fast_dropout=on)
+
+    def dropout(self, p: float) -> nn.Dropout:
+        return FastDropout(p) if self.fast_dropout else nn.Dropout(p)
+
+
+PLAIN_KERNELS = Kernels()  # nanoGPT's math as written: what a model uses unless told otherwise
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
 
@@ -52,16 +79,17 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
+        self.layer = layer  # this block's slot in a KVCache
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = kernels.dropout(config.dropout)
         # Attention dropout that keeps no (B, nh, T, T) tensors (fastdropout.py); off: SDPA.
-        self.fast_dropout = False
+        self.fast_dropout = kernels.fast_dropout
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to queries, keys and values, each (B, nh, T, hs)."""
@@ -77,8 +105,15 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions cache.length.. (0.. without a cache) -> (B, T, C)."""
         q, k, v = self.qkv(x)  # (B, nh, T, hs)
+        # Position-dependent transforms of q and k (e.g. rotary embeddings) go here, before
+        # the keys are cached; `positions(cache, T, device)` gives the positions.
+        if cache is not None:  # generation: no attention dropout
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
+            return self.project(attend(q, k, v, start))
         dropout = self.dropout if self.training else 0.0
         if dropout and self.fast_dropout:
             y = causal_attention(q, k, v, dropout)  # (B, nh, T, hs)
@@ -87,46 +122,58 @@ class CausalSelfAttention(nn.Module):
         return self.project(y)
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of T queries (B, nh, T, hs) at positions start.. over keys and values
+    (B, nh, start + T, hs) of every position so far -> (B, nh, T, hs)."""
+    T = q.size(2)
+    if T == 1:  # one query may see every position: no mask
+        return F.scaled_dot_product_attention(q, keys, values)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    # query t (position start + t) sees keys 0..start + t
+    mask = torch.ones(T, keys.size(2), dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, kernels: Kernels):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = kernels.dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer, kernels)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, kernels: Kernels = PLAIN_KERNELS):
         super().__init__()
         self.config = config
+        self.kernels = kernels
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            drop=kernels.dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
-        # Training loss without the (B*T, V) logits (fastloss.py); off: nanoGPT's plain path.
-        self.fused_loss = False
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance
         # does not grow with depth.
@@ -149,40 +196,53 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Token + position embeddings for idx (B, T) at positions start..start+T -> (B, T, C)."""
-        T = idx.size(1)
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to block_size tokens, on the
+        model's device and in its dtype."""
+        cfg = self.config
+        return KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size,
+                       self.lm_head.weight, batch_size)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (B, T, C) for token ids idx (B, T)."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C) for token ids idx (B, T), placed after what
+        `cache` holds (and then added to it), or at positions 0..T-1 without one."""
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        x = self.embed(idx)
+        end = T + (0 if cache is None else cache.length)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        pos = positions(cache, T, idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)  # (B, T, C)
+        if cache is not None:
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, V_padded) and, given targets (B, T), the mean cross-entropy loss.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """The model's one forward pass, for training, evaluation, prefill and decoding.
 
-        Without targets only the last position's logits are computed, (B, 1, V_padded).
-        With `fused_loss` set, targets give (None, loss): the logits are never materialised.
+        idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy, a scalar
+        (targets of -1 do not count). Without, returns the logits (B, V_padded) for the token
+        after each sequence: only the last position goes through the output head. With a
+        cache, idx continues the sequences it holds (see KVCache). The kernels never change
+        what is returned, only how it is computed.
         """
-        x = self.hidden(idx)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        if self.fused_loss:
-            loss = fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
-                                              targets.reshape(-1))  # (B*T, C) x (V, C) -> ()
-            return None, loss
-        logits = self.lm_head(x)  # (B, T, V_padded)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=-1)
-        return logits, loss
+        x = self.hidden(idx, cache)  # (B, T, C)
+        if targets is not None:
+            return self.loss(x, targets)
+        last = x[:, -1, :]  # (B, C)
+        return self.lm_head(last) if cache is None else cache.head(last)  # (B, V_padded)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head on hidden states x (B, T, C) against
+        targets (B, T), -1 ignored."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+        if self.kernels.fused_loss:  # never holds the (B*T, V) logits
+            return fused_linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B*T, V_padded)
+        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. a 1024-token GPT-2 finetuned at 256 tokens)."""

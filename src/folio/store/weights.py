@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from folio.errors import CheckpointError
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
 
 TIED_KEY = "lm_head.weight"  # the same tensor as WTE_KEY; stored once
 WTE_KEY = "transformer.wte.weight"
@@ -34,7 +34,7 @@ def pad_rows(tensor: torch.Tensor, rows: int, source: str | Path) -> torch.Tenso
 
 
 def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor],
-                   source: str | Path) -> GPT:
+                   source: str | Path, kernels: Kernels = PLAIN_KERNELS) -> GPT:
     """A GPT of `config` holding `state`; the embedding is zero-padded to the table size.
 
     The model is built on the meta device and the tensors are assigned, so a large model is
@@ -46,7 +46,7 @@ def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor],
         raise CheckpointError(f"{source} has no {WTE_KEY}; it is not a GPT-2/nanoGPT model")
     state[WTE_KEY] = pad_rows(state[WTE_KEY], config.padded_vocab_size, source)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, kernels)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k]]

@@ -322,7 +322,7 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
 
     from folio.machine.device import configure_allocator
     from folio.machine.distributed import DistInfo
-    from folio.model.fastdropout import use_fast_dropout
+    from folio.model.gpt import Kernels
     from folio.train.loop import Trainer
 
     if knobs["allocator"] == "1":
@@ -335,16 +335,14 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
         max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
         eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0,
         learning_rate=1e-3, beta2=0.99, min_lr=1e-4)  # nanoGPT's tiny-Shakespeare recipe
+    auto = Kernels.for_device("cpu")
+    kernels = Kernels(**{name: getattr(auto, name) if knobs[name] == "auto" else knobs[name] == "1"
+                         for name in ("fused_loss", "fast_dropout")})
     with contextlib.redirect_stdout(sys.stderr):
-        trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
-    if knobs["fused_loss"] != "auto":
-        trainer.model.fused_loss = knobs["fused_loss"] == "1"
-    if knobs["fast_dropout"] != "auto":
-        use_fast_dropout(trainer.model, knobs["fast_dropout"] == "1")
-    fast_dropout = any(getattr(m, "fast_dropout", False) for m in trainer.model.modules())
+        trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), kernels)
     return trainer, {"dtype": str(trainer.dtype).removeprefix("torch."),
-                     "compile": trainer.compiled, "fused_loss": trainer.model.fused_loss,
-                     "fast_dropout": fast_dropout, "threads": torch.get_num_threads()}
+                     "compile": trainer.compiled, "fused_loss": kernels.fused_loss,
+                     "fast_dropout": kernels.fast_dropout, "threads": torch.get_num_threads()}
 
 
 def peak_rss_mb() -> int:

@@ -42,7 +42,7 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], eval_it
         for _ in range(passes):
             x, y = loader.next_batch()  # (stack * B, T): the next `stack` batches
             with autocast():
-                _, loss = model(x, y)
+                loss = model(x, y)
             total += loss.float()
         losses[name] = (total / passes).item()  # one host sync per split
     model.train()

@@ -33,8 +33,7 @@ from folio.machine.device import (
     resolve_device,
     resolve_dtype,
 )
-from folio.model.fastdropout import use_fast_dropout
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, GPTConfig, Kernels
 from folio.store import guard, hf, rundir, sources
 from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
@@ -109,7 +108,8 @@ class Progress:
 class Trainer:
     """Holds the objects of one training run; `run()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device):
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
+                 kernels: Kernels | None = None):
         self.info, self.device = info, device
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
@@ -125,10 +125,9 @@ class Trainer:
         self.meta = read_meta(self.dataset_dir)
         self.progress = Progress()
         resume = self._load_resume(cfg) if cfg.init_from == "resume" else None
+        # same math either way; on a CPU far less memory (fastloss.py, fastdropout.py)
+        self.kernels = Kernels.for_device(device.type) if kernels is None else kernels
         self.model = self._build_model(cfg, resume)
-        if device.type == "cpu":  # same math, far less memory (fastloss.py, fastdropout.py)
-            self.model.fused_loss = True
-            use_fast_dropout(self.model)
         torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
         # the model decides its shape (a resumed or pretrained one may differ from the defaults)
         shape = {k: getattr(self.model.config, k) for k in MODEL_SHAPE_KEYS}
@@ -141,9 +140,10 @@ class Trainer:
 
         self.model.to(device)
         self.compiled = should_compile(cfg, device)
-        # stack small eval batches on a CPU (the fused loss keeps memory flat); on a GPU the
+        # stack small eval batches on a CPU when the fused loss keeps memory flat; on a GPU the
         # full logits of a bigger batch would cost memory, and a compiled model a recompile
-        self.eval_tokens = CPU_EVAL_TOKENS if device.type == "cpu" and not self.compiled else 0
+        stack = device.type == "cpu" and self.kernels.fused_loss and not self.compiled
+        self.eval_tokens = CPU_EVAL_TOKENS if stack else 0
         self.train_model = distributed.wrap(self.model, info, device, self.dtype,
                                             compile=self.compiled, fsdp=cfg.fsdp)
         self.optimizer = configure_optimizer(self.model, cfg, device.type)
@@ -167,13 +167,14 @@ class Trainer:
 
     def _build_model(self, cfg: TrainConfig, resume: ResumeState | None) -> GPT:
         if resume is not None:
-            model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir)
+            model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir,
+                                   kernels=self.kernels)
         elif cfg.init_from == "scratch":
             model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                  dropout=cfg.dropout, bias=cfg.bias))
+                                  dropout=cfg.dropout, bias=cfg.bias), self.kernels)
         else:
-            model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
+            model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout, kernels=self.kernels)
             if self.meta["vocab_size"] > model.config.vocab_size:
                 raise DataError(f"dataset {cfg.dataset} has {self.meta['vocab_size']} tokens, "
                                 f"more than {cfg.init_from}'s {model.config.vocab_size}; prepare "
@@ -264,7 +265,7 @@ class Trainer:
             last = micro == self.grad_accum - 1
             with distributed.no_sync(self.train_model, sync=last), \
                     autocast(self.device, self.dtype):
-                _, loss = self.train_model(x, y)
+                loss = self.train_model(x, y)
                 loss = loss / self.grad_accum  # the mean over all micro-batches
             self.scaler.scale(loss).backward()
             total += loss.detach()
