@@ -21,6 +21,7 @@ commands:
   train           train a GPT (accepts nanoGPT's train.py settings)
   sample          generate text from a trained run (accepts nanoGPT's sample.py settings)
   plot            draw loss curves from runs or from a pasted nanoGPT log
+  serve           web page (runs, live loss curves, playground) + OpenAI-compatible API
   bench           measure training speed on this machine
   export          write a run as a Hugging Face transformers model
   import-nanogpt  convert a nanoGPT out dir (ckpt.pt) into a folio run dir
@@ -87,6 +88,16 @@ def cmd_plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    usage = ("usage: folio serve [RUN_DIR ...] [--runs_dir DIR] [--host 127.0.0.1] "
+             "[--port 8000] [--api_key KEY] ...")
+    parsed = parse_settings(config.ServeConfig, argv, usage, positional="run_dirs")
+    if parsed:
+        from folio.infer.serve.app import serve
+        serve(parsed.config)
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from folio.train.bench import main as bench_main
     return bench_main(argv)
@@ -107,6 +118,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "sample": cmd_sample,
     "plot": cmd_plot,
+    "serve": cmd_serve,
     "bench": cmd_bench,
     "export": cmd_export,
     "import-nanogpt": cmd_import_nanogpt,
