@@ -404,3 +404,32 @@ def test_static_assets_ship_in_the_package():
     static = Path(__import__("folio.infer.serve", fromlist=["x"]).__file__).parent / "static"
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
     assert "http" not in (static / "index.html").read_text().lower().replace("http-equiv", "")
+
+
+def test_models_load_once_and_the_least_recently_used_is_unloaded(tiny_run, tmp_path):
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, tmp_path / name)
+    cfg = ServeConfig(run_dirs=[str(tmp_path / "a"), str(tmp_path / "b")], port=0, max_models=1)
+    with background(cfg) as base:
+        ask = lambda model: request(base, "POST", *post({**OK, "model": model})[1:])[0]
+        assert ask("a") == 200 and status(base)["loaded"] == ["a"]
+        assert ask("b") == 200 and status(base)["loaded"] == ["b"]
+        assert ask("a") == 200 and status(base)["loaded"] == ["a"]
+
+
+def test_cors_is_off_unless_an_origin_is_given(tiny_run):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+
+    def allowed(base: str) -> str | None:
+        parts = urlsplit(base)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("OPTIONS", "/v1/completions", headers=preflight)
+        origin = conn.getresponse().getheader("access-control-allow-origin")
+        conn.close()
+        return origin
+
+    with background(ServeConfig(run_dirs=[str(tiny_run)], port=0)) as base:
+        assert allowed(base) is None
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, cors_origin="https://app.example")
+    with background(cfg) as base:
+        assert allowed(base) == "https://app.example"

@@ -41,6 +41,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     pool = ModelPool(index, cfg.max_models, cfg.device, cfg.dtype)
     engine = Engine(cfg.max_active, cfg.queue_size)
     limits = api.Limits(cfg.max_tokens, cfg.max_prompt_chars, cfg.max_n)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -124,6 +125,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if index.get(req.model) is None:
             raise not_found
         check_sampling(req.temperature, req.top_k, req.top_p, req.stop)  # api.py kept to it
+        busy = ApiError(429, f"the server is busy ({engine.capacity} requests running or "
+                        "queued); retry later", code="queue_full", type="rate_limit_error")
+        if engine.full():  # before a model load, which can take a while
+            raise busy
         try:
             loaded = await asyncio.to_thread(pool.get, req.model)
         except KeyError:  # the run dir vanished since
@@ -149,8 +154,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         job = Job(loaded, prompt_ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
                   req.stop, req.seed, req.n, emit)
         if not engine.submit(job):
-            raise ApiError(429, f"the server is busy ({engine.capacity} requests running or "
-                           "queued); retry later", code="queue_full", type="rate_limit_error")
+            raise busy
         if req.stream:
             return EventStream(ChunkWriter(req, len(prompt_ids)), events, job)
         return await collect(req, len(prompt_ids), events, job, request)

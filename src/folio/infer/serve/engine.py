@@ -95,6 +95,10 @@ class Engine:
             self._cond.notify()
             return True
 
+    def full(self) -> bool:
+        with self._cond:
+            return len(self._active) + len(self._waiting) >= self.capacity
+
     def load(self) -> dict[str, Any]:
         with self._cond:
             return {"active": len(self._active), "waiting": len(self._waiting),
