@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up the environment, then lint and run the whole test suite (offline, CPU, minutes).
+# Set up the environment (and Chromium for the page test), then lint and run the whole test
+# suite (offline, CPU, minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install-browser.sh
 . .venv/bin/activate
 ruff check src tests benchmarks
 python -m pytest -rs "$@"  # -rs: every skip prints its reason

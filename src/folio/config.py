@@ -241,8 +241,40 @@ class ImportNanoGPTConfig:
                            "config)")
 
 
+
+@settings
+class ServeConfig:
+    """Everything `folio serve` reads: which runs to show and serve, where, and the limits."""
+
+    run_dirs: list[str] = setting([], "run directories to serve (each one a model)",
+                                  positional="RUN_DIR")
+    runs_dir: str = setting("", "also serve every run directory under this directory "
+                            "(default: . when no run dir is given)")
+    host: str = setting("127.0.0.1", "address to listen on; 0.0.0.0 exposes the server")
+    port: int = setting(8000, "TCP port to listen on", min=0, max=65535)
+    api_key: str = setting("", "require `Authorization: Bearer KEY` on every API route")
+    cors_origin: str = setting("", "allow browser pages of this origin to call the API")
+    device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = setting(AUTO, "compute dtype", choices=(AUTO, "float32", "bfloat16", "float16"))
+    max_models: int = setting(2, "models kept loaded; the least recently used is unloaded",
+                              min=1)
+    max_active: int = setting(8, "generations decoded at once (interleaved token by token)",
+                              min=1)
+    queue_size: int = setting(32, "generations waiting beyond max_active; more answer 429",
+                              min=0)
+    max_tokens: int = setting(1024, "largest max_tokens a request may ask for", min=1)
+    max_prompt_chars: int = setting(32768, "longest prompt (or joined chat) in characters",
+                                    min=1)
+    max_n: int = setting(4, "largest n (completions per request)", min=1)
+    max_body_bytes: int = setting(1 << 20, "largest request body in bytes", min=1024)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check_device_name(self.device)
+
+
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
-                 ExportConfig, ImportNanoGPTConfig)
+                 ExportConfig, ImportNanoGPTConfig, ServeConfig)
 
 
 # ---------------------------------------------------------------------------- validation

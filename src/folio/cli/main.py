@@ -39,6 +39,12 @@ def run_plot(cfg: config.PlotConfig) -> int:
     return 0
 
 
+def run_serve(cfg: config.ServeConfig) -> int:
+    from folio.infer.serve.app import serve
+    serve(cfg)
+    return 0
+
+
 def run_bench(cfg: config.BenchConfig) -> int:
     from folio.train.bench import bench
     return bench(cfg)
@@ -92,6 +98,8 @@ COMMANDS: dict[str, Command] = {
                       "nanoGPT's sample.py settings)", run_sample),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
                     run_plot),
+    "serve": Command(config.ServeConfig, "web page (runs, live loss curves, playground) and an "
+                     "OpenAI-compatible API", run_serve),
     "bench": Command(config.BenchConfig, "measure training speed on this machine", run_bench,
                      note=bench_note),
     "export": Command(config.ExportConfig, "write a run as a Hugging Face transformers model",

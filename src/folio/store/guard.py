@@ -105,11 +105,9 @@ def claim(run_dir: str | Path, fresh: bool, overwrite: bool = False) -> Iterator
         raise _unwritable(run_dir, e) from None
     lock = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_exclusive(fd):
             raise RunDirInUse(f"out_dir {run_dir} is being trained by {_holder(fd)}; wait for "
-                              "it to end, stop it, or choose another --out_dir") from None
+                              "it to end, stop it, or choose another --out_dir")
         lock = RunLock(fd)
         if fresh:
             check_fresh(run_dir, overwrite)
@@ -125,6 +123,37 @@ def claim(run_dir: str | Path, fresh: bool, overwrite: bool = False) -> Iterator
         if created_dir and not (lock and lock.started):
             with contextlib.suppress(OSError):
                 run_dir.rmdir()  # only if setup left it empty
+
+
+def _lock_exclusive(fd: int, tries: int = 10, pause_s: float = 0.05) -> bool:
+    """Take the exclusive lock without blocking; a reader's probe (`is_training`) holds a
+    shared lock for microseconds, so a refusal is retried a few times before it counts."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(pause_s)
+    return False
+
+
+def is_training(run_dir: str | Path) -> bool:
+    """Whether a training process holds `<run_dir>/.lock` (tested without waiting, without
+    creating anything)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the shared lock if we got it
+    return False
 
 
 def _open_lock(path: Path) -> tuple[int, bool]:

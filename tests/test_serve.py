@@ -1,0 +1,435 @@
+"""`folio serve`: the OpenAI-compatible API through the real `openai` client and raw HTTP, over a
+real uvicorn server on 127.0.0.1; concurrency, the queue bound, disconnects; run discovery."""
+
+from __future__ import annotations
+
+import fcntl
+import http.client
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from folio.cli import main
+from folio.config import ServeConfig, parse_args
+from folio.infer.serve.app import background, exposure_warning
+
+MANY = 10**6  # max_tokens for generations that only a cancel ends within a test's time
+
+
+@pytest.fixture(scope="module")
+def url(tiny_run):
+    with background(ServeConfig(run_dirs=[str(tiny_run)], port=0, max_tokens=64,
+                                max_prompt_chars=500)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+    """One raw HTTP request; the status and the JSON body."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path, body=body,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def open_stream(url: str, max_tokens: int = MANY) -> http.client.HTTPConnection:
+    """A streamed completion whose first chunk has arrived; close the connection to leave."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": "ROMEO:", "max_tokens": max_tokens,
+                       "stream": True})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    conn.first_line = response.readline()  # blocks until the first chunk
+    return conn
+
+
+def status(url: str) -> dict:
+    return request(url, "GET", "/api/status")[1]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------- openai client
+
+def test_models_lists_one_model_per_run(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_completion_through_the_openai_client(client):
+    answer = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12,
+                                       temperature=0)
+    again = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12,
+                                      temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert choice.text == again.choices[0].text  # greedy is deterministic
+    assert answer.usage.prompt_tokens == len("ROMEO:")
+    assert answer.usage.completion_tokens == 12
+
+
+def test_seed_makes_samples_reproducible_and_n_gives_several(client):
+    kwargs = dict(model="tiny", prompt="\n", max_tokens=16, temperature=1.0, seed=7, n=2)
+    first = client.completions.create(**kwargs)
+    second = client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert [c.index for c in first.choices] == [0, 1]
+    assert first.usage.completion_tokens == 32
+
+
+def test_chat_through_the_openai_client(client):
+    answer = client.chat.completions.create(
+        model="tiny", max_tokens=10, temperature=0,
+        messages=[{"role": "system", "content": "A play."},
+                  {"role": "user", "content": "Speak."}])
+    message = answer.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    # turns are joined as "NAME:\ncontent\n\n" ... "ASSISTANT:\n" (see api.join_chat)
+    assert answer.usage.prompt_tokens == len("SYSTEM:\nA play.\n\nUSER:\nSpeak.\n\nASSISTANT:\n")
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model="tiny", prompt="KING:", max_tokens=20,
+                                      temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt="KING:", max_tokens=20,
+                                            temperature=0, stream=True))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert len(pieces) > 2 and "".join(pieces) == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_names_the_role_and_reports_usage(client):
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        temperature=0, stop=["zzz"], stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_stop_string_ends_the_answer(client):
+    whole = client.completions.create(model="tiny", prompt="\n", max_tokens=40,
+                                      temperature=0).choices[0].text
+    stop = whole[5:7]
+    cut = client.completions.create(model="tiny", prompt="\n", max_tokens=40, temperature=0,
+                                    stop=[stop]).choices[0]
+    assert cut.text == whole[:whole.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_errors_come_back_as_openai_exceptions(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       temperature=-1)
+
+
+def test_api_key_is_required_on_every_api_route(tiny_run):
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, api_key="s3cret")
+    with background(cfg) as base:
+        good = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        bad = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        for path in ("/v1/models", "/api/runs", "/api/status", "/api/runs/tiny/metrics"):
+            assert request(base, "GET", path)[0] == 401
+        assert request(base, "GET", "/api/runs",
+                       headers={"Authorization": "Bearer s3cret"})[0] == 200
+        parts = urlsplit(base)
+        page = http.client.HTTPConnection(parts.hostname, parts.port)
+        page.request("GET", "/")
+        assert page.getresponse().status == 200  # the page itself asks for the key
+
+
+# ---------------------------------------------------------------------------- raw HTTP
+
+def post(body) -> tuple[str, str, bytes]:
+    return ("POST", "/v1/completions", body if isinstance(body, bytes) else
+            json.dumps(body).encode())
+
+
+def chat(body) -> tuple[str, str, bytes]:
+    return ("POST", "/v1/chat/completions", json.dumps(body).encode())
+
+
+OK = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2}
+MSG = [{"role": "user", "content": "Hi"}]
+BAD_INPUT = {
+    "bad JSON": (post(b'{"model": "tiny",'), 400, None),
+    "body is a list": (post(b"[1, 2]"), 400, None),
+    "body is not UTF-8": (post(b"\xff\xfe{}"), 400, None),
+    "empty body": (post(b""), 400, None),
+    "model missing": (post({"prompt": "x"}), 400, "model"),
+    "model not a string": (post({**OK, "model": 3}), 400, "model"),
+    "unknown model": (post({**OK, "model": "gpt-4"}), 404, "model"),
+    "path traversal in model": (post({**OK, "model": "../tiny"}), 404, "model"),
+    "absolute path as model": (post({**OK, "model": "/etc/passwd"}), 404, "model"),
+    "run dir path as model": (post({**OK, "model": "tiny/../../tiny"}), 404, "model"),
+    "prompt missing": (post({"model": "tiny"}), 400, "prompt"),
+    "prompt not a string": (post({**OK, "prompt": 42}), 400, "prompt"),
+    "prompt of two strings": (post({**OK, "prompt": ["a", "b"]}), 400, "prompt"),
+    "prompt too long": (post({**OK, "prompt": "a" * 501}), 400, "prompt"),
+    "prompt outside the vocabulary": (post({**OK, "prompt": "日本"}), 400, "prompt"),
+    "negative max_tokens": (post({**OK, "max_tokens": -5}), 400, "max_tokens"),
+    "zero max_tokens": (post({**OK, "max_tokens": 0}), 400, "max_tokens"),
+    "huge max_tokens": (post({**OK, "max_tokens": 10**12}), 400, "max_tokens"),
+    "max_tokens a string": (post({**OK, "max_tokens": "10"}), 400, "max_tokens"),
+    "max_tokens a boolean": (post({**OK, "max_tokens": True}), 400, "max_tokens"),
+    "max_tokens a fraction": (post({**OK, "max_tokens": 1.5}), 400, "max_tokens"),
+    "negative temperature": (post({**OK, "temperature": -0.1}), 400, "temperature"),
+    "temperature a string": (post({**OK, "temperature": "hot"}), 400, "temperature"),
+    "temperature NaN-like huge": (post({**OK, "temperature": 1e309}), 400, "temperature"),
+    "top_p zero": (post({**OK, "top_p": 0}), 400, "top_p"),
+    "top_p above one": (post({**OK, "top_p": 1.5}), 400, "top_p"),
+    "top_k zero": (post({**OK, "top_k": 0}), 400, "top_k"),
+    "n zero": (post({**OK, "n": 0}), 400, "n"),
+    "n too large": (post({**OK, "n": 100}), 400, "n"),
+    "too many stop strings": (post({**OK, "stop": list("abcde")}), 400, "stop"),
+    "empty stop string": (post({**OK, "stop": ""}), 400, "stop"),
+    "stop a number": (post({**OK, "stop": 5}), 400, "stop"),
+    "stream not a boolean": (post({**OK, "stream": "yes"}), 400, "stream"),
+    "stream_options without stream": (post({**OK, "stream_options": {"include_usage": True}}),
+                                      400, "stream_options"),
+    "seed a string": (post({**OK, "seed": "x"}), 400, "seed"),
+    "unknown field": (post({**OK, "temprature": 0.5}), 400, "temprature"),
+    "messages missing": (chat({"model": "tiny"}), 400, "messages"),
+    "messages empty": (chat({"model": "tiny", "messages": []}), 400, "messages"),
+    "message without role": (chat({"model": "tiny", "messages": [{"content": "x"}]}), 400,
+                             "messages[0].role"),
+    "message with unknown role": (chat({"model": "tiny", "messages": [
+        {"role": "wizard", "content": "x"}]}), 400, "messages[0].role"),
+    "message content a number": (chat({"model": "tiny", "messages": [
+        {"role": "user", "content": 1}]}), 400, "messages[0].content"),
+    "prompt field on chat": (chat({"model": "tiny", "messages": MSG, "prompt": "x"}), 400,
+                             "prompt"),
+    "oversized body": (post({**OK, "prompt": "a" * (2 << 20)}), 413, None),
+    "GET on a POST route": (("GET", "/v1/completions", None), 405, None),
+    "unknown route": (("GET", "/v1/engines", None), 404, None),
+    "unknown model card": (("GET", "/v1/models/..%2F..%2Fetc%2Fpasswd", None), 404, None),
+    "metrics of no run": (("GET", "/api/runs/..%2F..%2Fetc/metrics", None), 404, None),
+    "static file traversal": (("GET", "/static/..%2F..%2F..%2Frun.json", None), 404, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_an_openai_style_4xx_error(url, case):
+    (method, path, body), expected, param = BAD_INPUT[case]
+    got, answer = request(url, method, path, body)
+    assert got == expected, answer
+    assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
+    if param is not None:
+        assert answer["error"]["param"] == param
+
+
+def test_the_server_still_answers_after_bad_input(url, client):
+    for (method, path, body), _, _ in BAD_INPUT.values():
+        request(url, method, path, body)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=3).choices[0].text
+
+
+# ---------------------------------------------------------------------------- many users
+
+def test_eight_concurrent_streams_all_finish(url, client):
+    results: dict[int, tuple[str, str, int]] = {}
+
+    def one(i: int) -> None:
+        chunks = list(client.completions.create(
+            model="tiny", prompt="ROMEO:", max_tokens=24, temperature=1.0, seed=i, stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        results[i] = (text, reason, chunks[-1].usage.completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8))
+    assert all(reason == "length" and used == 24 for _, reason, used in results.values())
+    assert len({text for text, _, _ in results.values()}) > 1  # different seeds
+    wait_for(lambda: status(url)["active"] == 0)
+
+
+def test_a_disconnect_mid_stream_frees_its_slot(tiny_run):
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, max_active=1, queue_size=0,
+                      max_tokens=MANY)
+    with background(cfg) as base:
+        stream = open_stream(base)
+        assert stream.first_line.startswith(b"data: ")
+        assert status(base)["active"] == 1
+        assert request(base, "POST", *post(OK)[1:])[0] == 429  # the one slot is taken
+        stream.close()  # a million tokens would take minutes: only the cancel frees the slot
+        wait_for(lambda: status(base)["active"] == 0, timeout=10)
+        assert request(base, "POST", *post(OK)[1:])[0] == 200
+
+
+def test_a_full_queue_answers_429_at_once(tiny_run):
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, max_active=1, queue_size=1,
+                      max_tokens=MANY)
+    with background(cfg) as base:
+        running = open_stream(base)
+        parts = urlsplit(base)
+        waiting = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        waiting.request("POST", "/v1/completions", body=json.dumps(
+            {"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": True}),
+            headers={"Content-Type": "application/json"})
+        wait_for(lambda: status(base)["waiting"] == 1)
+        start = time.monotonic()
+        got, answer = request(base, "POST", *post(OK)[1:])
+        assert got == 429 and answer["error"]["code"] == "queue_full"
+        assert time.monotonic() - start < 2.0
+        running.close()  # the waiting request runs next and ends on its own
+        response = waiting.getresponse()
+        assert response.read().rstrip().endswith(b"data: [DONE]")
+        waiting.close()
+        wait_for(lambda: status(base)["active"] == status(base)["waiting"] == 0)
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(tiny_run):
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, max_active=1, queue_size=0,
+                      max_tokens=MANY)
+    with background(cfg) as base:
+        parts = urlsplit(base)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({**OK, "max_tokens": MANY}),
+                     headers={"Content-Type": "application/json"})
+        wait_for(lambda: status(base)["active"] == 1)
+        conn.close()
+        wait_for(lambda: status(base)["active"] == 0)
+
+
+# ---------------------------------------------------------------------------- runs
+
+def test_runs_show_status_and_broken_runs_never_break_the_server(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    info = json.loads((runs / "done" / "run.json").read_text())
+    shutil.copytree(tiny_run, runs / "stopped")
+    info["config"]["max_iters"] = 1000
+    (runs / "stopped" / "run.json").write_text(json.dumps(info))
+    an_hour_ago = time.time() - 3600
+    os.utime(runs / "stopped" / "metrics.jsonl", (an_hour_ago, an_hour_ago))
+    shutil.copytree(tiny_run, runs / "live")
+    (runs / "live" / "run.json").write_text(json.dumps(info))
+    (runs / "corrupt").mkdir()
+    (runs / "corrupt" / "run.json").write_text('{"model": {"n_layer": 2')
+    (runs / "corrupt" / "metrics.jsonl").write_text("")
+    (runs / "starting").mkdir()
+    (runs / "starting" / "metrics.jsonl").write_text(
+        '{"kind": "train", "iter": 0, "loss": 4.2}\n{"kind": "train", "it')
+    (runs / "not-a-run").mkdir()
+    with open(runs / "live" / ".lock", "w") as lock, background(
+            ServeConfig(runs_dir=str(runs), port=0)) as base:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a training process holds it
+        got = {r["name"]: r for r in request(base, "GET", "/api/runs")[1]["runs"]}
+        assert sorted(got) == ["corrupt", "done", "live", "starting", "stopped"]
+        assert got["done"]["status"] == "finished" and got["done"]["error"] is None
+        assert got["stopped"]["status"] == "interrupted"
+        assert got["live"]["status"] == "training"
+        assert got["starting"]["status"] == "training"  # fresh metrics, no run.json yet
+        assert "corrupt" in got["corrupt"]["error"] and str(runs) not in got["corrupt"]["error"]
+        assert got["done"]["model"]["n_layer"] == 2 and got["done"]["config"]["max_iters"] == 40
+        assert got["done"]["dataset"] == "shakespeare_char"
+        code, answer = request(base, "POST", *post({**OK, "model": "corrupt"})[1:])
+        assert code == 400 and answer["error"]["code"] == "model_not_available"
+        assert str(runs) not in answer["error"]["message"]
+        code, _ = request(base, "POST", *post({**OK, "model": "done"})[1:])
+        assert code == 200
+
+
+def test_metrics_are_read_incrementally_and_torn_lines_wait(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "iter": 0, "loss": 4.0}\n{"kind": "eval", "it')
+    with background(ServeConfig(run_dirs=[str(run)], port=0)) as base:
+        first = request(base, "GET", "/api/runs/run/metrics?offset=0")[1]
+        assert [r["iter"] for r in first["rows"]] == [0] and not first["reset"]
+        with open(metrics, "a") as f:
+            f.write('er": 0, "iter": 0, "val_loss": 3.9}\n{"kind": "train", "iter": 5, '
+                    '"loss": 3.5}\nnot json\n')
+        second = request(base, "GET", f"/api/runs/run/metrics?offset={first['offset']}")[1]
+        assert [(r["kind"], r["iter"]) for r in second["rows"]] == [("eval", 0), ("train", 5)]
+        metrics.write_text('{"kind": "train", "iter": 0, "loss": 4.0}\n')  # a resume rewrote it
+        third = request(base, "GET", f"/api/runs/run/metrics?offset={second['offset']}")[1]
+        assert third["reset"] and [r["iter"] for r in third["rows"]] == [0]
+
+
+# ---------------------------------------------------------------------------- command line
+
+def test_serve_takes_several_run_dirs_and_documents_its_settings(capsys):
+    cfg = parse_args(ServeConfig, ["a", "b", "--port=9000"], positional="run_dirs").config
+    assert cfg.run_dirs == ["a", "b"] and cfg.port == 9000 and cfg.host == "127.0.0.1"
+    assert main(["serve", "--help"]) == 0
+    assert "--api_key" in capsys.readouterr().out
+    assert main(["serve", "--port=70000"]) == 2
+
+
+def test_listening_beyond_localhost_without_a_key_warns():
+    assert exposure_warning(ServeConfig()) is None
+    assert "--api_key" in exposure_warning(ServeConfig(host="0.0.0.0"))
+    assert exposure_warning(ServeConfig(host="0.0.0.0", api_key="k")) is None
+
+
+def test_static_assets_ship_in_the_package():
+    static = Path(__import__("folio.infer.serve", fromlist=["x"]).__file__).parent / "static"
+    assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
+    assert "http" not in (static / "index.html").read_text().lower().replace("http-equiv", "")
+
+
+def test_models_load_once_and_the_least_recently_used_is_unloaded(tiny_run, tmp_path):
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, tmp_path / name)
+    cfg = ServeConfig(run_dirs=[str(tmp_path / "a"), str(tmp_path / "b")], port=0, max_models=1)
+    with background(cfg) as base:
+        ask = lambda model: request(base, "POST", *post({**OK, "model": model})[1:])[0]
+        assert ask("a") == 200 and status(base)["loaded"] == ["a"]
+        assert ask("b") == 200 and status(base)["loaded"] == ["b"]
+        assert ask("a") == 200 and status(base)["loaded"] == ["a"]
+
+
+def test_cors_is_off_unless_an_origin_is_given(tiny_run):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+
+    def allowed(base: str) -> str | None:
+        parts = urlsplit(base)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("OPTIONS", "/v1/completions", headers=preflight)
+        origin = conn.getresponse().getheader("access-control-allow-origin")
+        conn.close()
+        return origin
+
+    with background(ServeConfig(run_dirs=[str(tiny_run)], port=0)) as base:
+        assert allowed(base) is None
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, cors_origin="https://app.example")
+    with background(cfg) as base:
+        assert allowed(base) == "https://app.example"
