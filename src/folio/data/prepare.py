@@ -23,8 +23,13 @@ from folio.data.clean import Cleaner
 from folio.data.encode import available_cores, encode_chunks
 from folio.data.hub import RECIPES, HubSource, hub_source
 from folio.data.progress import Progress
-from folio.data.sources import SHAKESPEARE_SHA256, Source, cache_dir, local_source, \
-    tiny_shakespeare
+from folio.data.sources import (
+    SHAKESPEARE_SHA256,
+    Source,
+    cache_dir,
+    local_source,
+    tiny_shakespeare,
+)
 from folio.data.tokenizer import META_FORMAT_VERSION, Tokenizer, make_tokenizer, read_meta
 from folio.data.writer import TokenWriter
 from folio.errors import DataError
@@ -136,6 +141,9 @@ def encode_all(plan: Plan, writer: TokenWriter, cfg: PrepareConfig) -> dict[str,
     documents = characters = 0
     for chunk in itertools.islice(chunks, writer.chunks_done):  # written before an interrupt
         documents, characters = documents + chunk.docs, characters + chunk.chars
+    if writer.chunks_done:
+        print(f"resuming: {writer.chunks_done:,} chunks already written "
+              f"({writer.bytes_written // itemsize:,} tokens)", flush=True)
     progress.skip(documents if plan.hub else characters, documents,
                   writer.bytes_written // itemsize)
     try:
@@ -230,7 +238,8 @@ def _print_summary(meta: dict[str, Any], out: Path) -> None:
     changed = meta.get("normalised") or {}
     if any(changed.values()):
         print(f"cleaned: {changed['bom']:,} byte-order mark(s) removed, {changed['crlf']:,} "
-              f"\\r\\n and {changed['cr']:,} \\r line endings made \\n (--keep_newlines keeps them)")
+              f"\\r\\n and {changed['cr']:,} \\r line endings made \\n "
+              "(--keep_newlines keeps them)")
     print(f"wrote {out}/ (train.bin, val.bin, meta.json)")
 
 

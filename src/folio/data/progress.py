@@ -39,7 +39,7 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self.start, 1e-9)
         done, docs, tokens = (a - b for a, b in
-                              zip((self.done, self.docs, self.tokens), self.base))
+                              zip((self.done, self.docs, self.tokens), self.base, strict=True))
         left = max(self.total - self.done, 0) * elapsed / done if done else 0.0
         return (f"{self.label}: {100 * self.done / self.total:5.1f}% | {self.docs:,} docs "
                 f"({docs / elapsed:,.0f}/s) | {self.tokens:,} tokens ({tokens / elapsed:,.0f}/s)"

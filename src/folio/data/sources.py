@@ -109,8 +109,8 @@ def read_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise DataError(f"{where} is not UTF-8: invalid byte at offset "
-                                f"{start + e.start}{compressed}; convert the file to UTF-8") from None
+                raise DataError(f"{where} is not UTF-8: invalid byte at offset {start + e.start}"
+                                f"{compressed}; convert the file to UTF-8") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} is not valid JSON ({e.msg}); each line must be an "
                                 f'object like {{"{field}": "..."}}') from None

@@ -49,7 +49,7 @@ class TokenWriter:
         self.resumed = state.get("fingerprint") == self.fingerprint and all(
             (self.work / f"{split}.bin").is_file()
             and (self.work / f"{split}.bin").stat().st_size >= length
-            for split, length in zip(SPLITS, state.get("bytes", [0, 0])))
+            for split, length in zip(SPLITS, state.get("bytes", [0, 0]), strict=False))
         if not self.resumed:
             shutil.rmtree(self.work, ignore_errors=True)
             state = {}
@@ -57,7 +57,7 @@ class TokenWriter:
         self.chunks_done = state.get("chunks", 0)
         lengths = state.get("bytes", [0, 0])
         self.files = []
-        for split, length in zip(SPLITS, lengths):
+        for split, length in zip(SPLITS, lengths, strict=True):
             path = self.work / f"{split}.bin"
             f = open(path, "r+b" if path.exists() else "w+b")
             f.truncate(length)  # drop whatever was written after the last commit
