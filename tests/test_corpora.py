@@ -291,3 +291,49 @@ def test_resume_prints_what_it_skips_and_changed_settings_start_over(tmp_path, c
     assert code == 0 and "resuming: 3 chunks already written" in out
     code, out, _ = prepare(capsys, path, "--tokenizer=char", f"--data_dir={tmp_path}")
     assert code == 0 and "resuming" not in out
+
+
+def parse_prepare(argv: list[str], cls):
+    from folio.config import parse_args
+
+    return parse_args(cls, argv, positional="dataset").config
+
+
+@pytest.mark.parametrize("args, config", [([], "sample-10BT"), (["--tokens=100B"], "sample-100BT"),
+                                          (["--tokens=350BT"], "sample-350BT")])
+def test_fineweb_edu_names_its_sample(args, config):
+    from folio.config import PrepareConfig
+    from folio.data.prepare import resolve_source
+
+    cfg = parse_prepare(["fineweb-edu", *args], PrepareConfig)
+    _, hub, name = resolve_source(cfg)
+    assert (hub.path, hub.config, hub.val_fraction, name) == (
+        "HuggingFaceFW/fineweb-edu", config, 0.0005, "fineweb-edu")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fineweb-edu", "--tokens=7B"], "--tokens=7B is not a sample of fineweb-edu"),
+    (["openwebtext", "--tokenizer=char"], "needs a BPE tokenizer"),
+    (["hf:", "--tokenizer=gpt2"], "names no dataset"),
+    (["x.txt", "--tokenizer=tiktoken:no_such_encoding"], "tiktoken has no encoding"),
+    (["x.txt", "--tokenizer=hf:/no/such/dir"], "tokenizer.json not found"),
+])
+def test_bad_hub_or_tokenizer_choice_is_one_line_error(args, message, tmp_path, capsys,
+                                                       monkeypatch):
+    (tmp_path / "x.txt").write_text("some text " * 20, "utf-8")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = prepare(capsys, *args, f"--data_dir={tmp_path / 'data'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_progress_line_shows_docs_tokens_rates_and_eta(monkeypatch):
+    from folio.data import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    bar = progress.Progress("prepare", total=1_000)
+    bar.skip(50, 1_000, 400_000)  # found done on resume: not part of the rates
+    now[0] = 110.0
+    bar.update(200, 4_000, 1_600_000)
+    assert bar.line() == ("prepare:  25.0% | 5,000 docs (400/s) | 2,000,000 tokens (160,000/s) "
+                          "| ETA 0m37s")

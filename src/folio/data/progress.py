@@ -41,9 +41,9 @@ class Progress:
         done, docs, tokens = (a - b for a, b in
                               zip((self.done, self.docs, self.tokens), self.base, strict=True))
         left = max(self.total - self.done, 0) * elapsed / done if done else 0.0
-        return (f"{self.label}: {100 * self.done / self.total:5.1f}% | {self.docs:,} docs "
-                f"({docs / elapsed:,.0f}/s) | {self.tokens:,} tokens ({tokens / elapsed:,.0f}/s)"
-                f" | ETA {_duration(left)}")
+        percent = min(100 * self.done / self.total, 100)
+        return (f"{self.label}: {percent:5.1f}% | {self.docs:,} docs ({docs / elapsed:,.0f}/s) | "
+                f"{self.tokens:,} tokens ({tokens / elapsed:,.0f}/s) | ETA {_duration(left)}")
 
     def close(self) -> None:
         if self.shown and self.tty:
