@@ -337,3 +337,24 @@ def test_progress_line_shows_docs_tokens_rates_and_eta(monkeypatch):
     bar.update(200, 4_000, 1_600_000)
     assert bar.line() == ("prepare:  25.0% | 5,000 docs (400/s) | 2,000,000 tokens (160,000/s) "
                           "| ETA 0m37s")
+
+
+def test_interrupted_finish_completes_on_the_next_run(tmp_path, capsys, monkeypatch):
+    path = write_format(tmp_path / "c.jsonl", DOCS * 20)
+    args = [str(path), f"--data_dir={tmp_path}"]
+    moves = []
+
+    def interrupted(self, _move=writer.TokenWriter._move_into_place):
+        moves.append(self)
+        if len(moves) == 1:
+            raise KeyboardInterrupt  # after meta.json is in the work dir, before any move
+        _move(self)
+
+    monkeypatch.setattr(writer.TokenWriter, "_move_into_place", interrupted)
+    assert main(["prepare", *args]) == 130
+    assert not (tmp_path / "c" / "meta.json").exists()
+    assert (tmp_path / "c" / writer.WORK_DIR / "meta.json").exists()
+    code, out, _ = prepare(capsys, *args)
+    assert code == 0 and len(moves) == 2 and "resuming" not in out
+    meta, train, val = dataset(tmp_path / "c")
+    assert meta["train_tokens"] == len(train) and not (tmp_path / "c" / writer.WORK_DIR).exists()

@@ -36,9 +36,7 @@ class TokenWriter:
         self.work = out / WORK_DIR
         self.fingerprint = hashlib.sha256(
             json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-        self.chunks_done = 0
-        self.tokens = [0, 0]
-        self.complete = self.resumed = False
+        self.complete = False
         if (self.work / "meta.json").is_file():  # a finish was interrupted: complete it
             finished = self._read_json("meta.json").get("fingerprint")
             self._move_into_place()
@@ -46,11 +44,7 @@ class TokenWriter:
                 self.complete = True
                 return
         state = self._read_json("progress.json")
-        self.resumed = state.get("fingerprint") == self.fingerprint and all(
-            (self.work / f"{split}.bin").is_file()
-            and (self.work / f"{split}.bin").stat().st_size >= length
-            for split, length in zip(SPLITS, state.get("bytes", [0, 0]), strict=False))
-        if not self.resumed:
+        if not self._can_resume(state):
             shutil.rmtree(self.work, ignore_errors=True)
             state = {}
         self.work.mkdir(parents=True, exist_ok=True)
@@ -104,14 +98,18 @@ class TokenWriter:
         """Leave the work dir for a later resume (after an error or interrupt)."""
         with contextlib.suppress(Exception):
             self.commit()
-        for f in getattr(self, "files", []):
+        for f in self.files:
             f.close()
 
-    def discard(self) -> None:
-        """Forget the work dir (the input itself is bad: resuming would not help)."""
-        for f in getattr(self, "files", []):
-            f.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+    def _can_resume(self, state: dict[str, Any]) -> bool:
+        """Same settings and input, and files at least as long as the last commit said."""
+        lengths = state.get("bytes")
+        if state.get("fingerprint") != self.fingerprint or not isinstance(lengths, list) \
+                or len(lengths) != len(SPLITS):
+            return False
+        paths = [self.work / f"{split}.bin" for split in SPLITS]
+        return all(p.is_file() and p.stat().st_size >= n for p, n in zip(paths, lengths,
+                                                                         strict=True))
 
     def _read_json(self, name: str) -> dict[str, Any]:
         try:
