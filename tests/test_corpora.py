@@ -358,3 +358,48 @@ def test_interrupted_finish_completes_on_the_next_run(tmp_path, capsys, monkeypa
     assert code == 0 and len(moves) == 2 and "resuming" not in out
     meta, train, val = dataset(tmp_path / "c")
     assert meta["train_tokens"] == len(train) and not (tmp_path / "c" / writer.WORK_DIR).exists()
+
+
+# ---------------------------------------------------------------------------- loader
+
+def test_loader_reads_shards_as_their_concatenation_and_resumes_exactly(char_data_dir,
+                                                                        tmp_path):
+    import shutil
+
+    import torch
+
+    from folio.data.loader import Loader, open_tokens
+
+    single = char_data_dir / "shakespeare_char"
+    sharded = tmp_path / "sharded"
+    shutil.copytree(single, sharded)
+    meta = json.loads((sharded / "meta.json").read_text("utf-8"))
+    train = np.fromfile(sharded / "train.bin", dtype=meta["dtype"])
+    (sharded / "train.bin").unlink()
+    cuts = [0, 1_000, 400_000, len(train)]  # a tiny shard, so windows span shard edges
+    meta["train_files"] = [f"train-{i}.bin" for i in range(3)]
+    for i, name in enumerate(meta["train_files"]):
+        train[cuts[i]:cuts[i + 1]].tofile(sharded / name)
+    (sharded / "meta.json").write_text(json.dumps(meta), "utf-8")
+
+    def loader(directory: Path) -> Loader:
+        tokens = open_tokens(directory, "train", meta if directory == sharded else
+                             json.loads((directory / "meta.json").read_text("utf-8")))
+        return Loader(tokens, batch_size=64, block_size=32, seed=7, device=torch.device("cpu"))
+
+    a, b = loader(single), loader(sharded)
+    for _ in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(a.next_batch(), b.next_batch(), strict=True))
+    state = b.state_dict()
+    expected = b.next_batch()
+    resumed = loader(sharded)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(resumed.next_batch(), expected, strict=True))
+    assert main(["train", *tiny_args(tmp_path, tmp_path / "run", max_iters=2, eval_interval=2),
+                 "--dataset=sharded"]) == 0
+
+    with open(sharded / "train-2.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)
+    from folio.errors import DataError
+    with pytest.raises(DataError, match=r"train-2.bin\) is truncated or corrupt"):
+        open_tokens(sharded, "train", meta)
