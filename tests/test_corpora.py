@@ -184,6 +184,9 @@ def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     assert (val == GPT2Tokenizer.eot_id).sum() == 3 and meta["documents"] == 30
     code, _, err = prepare(capsys, f"hf:{hub}", "--split=validation", f"--data_dir={tmp_path}")
     assert code == 2 and "cannot load hf:" in err and "--split" in err
+    write_format(tmp_path / "one" / "data.jsonl", DOCS[:1])
+    code, _, err = prepare(capsys, f"hf:{tmp_path / 'one'}", f"--data_dir={tmp_path}")
+    assert code == 2 and "has 1 rows: too few to split at val_fraction=0.1" in err
 
 
 def test_offline_without_a_cached_copy_is_one_line_naming_the_download(tmp_path):

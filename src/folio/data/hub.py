@@ -64,7 +64,12 @@ class HubSource:
         if self.text_field not in data.column_names:
             raise DataError(f"{self.label} has no column {self.text_field!r} (columns: "
                             f"{', '.join(data.column_names)}); pass --text_field=NAME")
-        parts = data.train_test_split(test_size=self.val_fraction, seed=SPLIT_SEED, shuffle=True)
+        try:
+            parts = data.train_test_split(test_size=self.val_fraction, seed=SPLIT_SEED,
+                                          shuffle=True)
+        except ValueError as e:  # too few rows for a non-empty train and val
+            raise DataError(f"{self.label} has {len(data)} rows: too few to split at "
+                            f"val_fraction={self.val_fraction} ({e})") from None
         self.splits = {"train": parts["train"], "val": parts["test"]}  # nanoGPT renames test
 
     def documents(self, split: str) -> Iterator[str]:
