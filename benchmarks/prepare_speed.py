@@ -2,7 +2,8 @@
 
 The corpus is English-like text made from tiny Shakespeare: its paragraphs shuffled into
 documents of 1-20 paragraphs, written as parquet shards until it reaches --size_mb. Cases, each
-a fresh child process (peak RSS = the largest sum of RSS over the child and its workers):
+a fresh child process (peak RSS = the largest sum of RSS over the child and its workers; peak
+anonymous RSS leaves out memory-mapped files, which the OS can drop and reread):
   nanogpt      data/openwebtext/prepare.py's approach: load_dataset, train_test_split,
                datasets.map(tiktoken encode_ordinary + EOT, num_proc=cores), memmap write loop
   folio_hf     `folio prepare hf:DIR --val_fraction=0.0005` (the same recipe, same bytes)
@@ -87,12 +88,13 @@ def run_case(args: list[str], env: dict, kill_after_s: float | None = None) -> d
     start = time.perf_counter()
     child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True, text=True)
-    proc, peak = psutil.Process(child.pid), 0
+    proc, peak, peak_anon = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         try:
             tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+            peak_anon = max(peak_anon, sum(_anonymous_rss(p.pid) for p in tree))
+        except (psutil.Error, OSError):
             pass
         if kill_after_s is not None and time.perf_counter() - start > kill_after_s:
             os.killpg(child.pid, signal.SIGKILL)
@@ -103,7 +105,16 @@ def run_case(args: list[str], env: dict, kill_after_s: float | None = None) -> d
     if kill_after_s is None and child.returncode != 0:
         raise SystemExit(f"{args[:4]} failed:\n{err[-2000:]}")
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
-            "returncode": child.returncode}
+            "peak_anon_rss_mb": peak_anon / 2**20, "returncode": child.returncode}
+
+
+def _anonymous_rss(pid: int) -> int:
+    """Resident memory not backed by a file (RSS minus memory-mapped files and libraries)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def tokens_in(directory: Path) -> int:
@@ -159,6 +170,8 @@ def main() -> None:
                                   round(f["tokens_per_s"] / n["tokens_per_s"], 3),
                               "peak_rss_folio_hf_over_nanogpt":
                                   round(f["peak_rss_mb"] / n["peak_rss_mb"], 3),
+                              "peak_anon_rss_folio_hf_over_nanogpt":
+                                  round(f["peak_anon_rss_mb"] / n["peak_anon_rss_mb"], 3),
                               **({"throughput_folio_files_over_nanogpt": round(
                                   results["folio_files"]["tokens_per_s"] / n["tokens_per_s"], 3),
                                   "peak_rss_folio_files_over_nanogpt": round(

@@ -53,14 +53,19 @@ class HubSource:
     def label(self) -> str:
         return f"hf:{self.path}" + (f":{self.config}" if self.config else "") + f"[{self.split}]"
 
-    def load(self, workers: int) -> None:
-        """Download (first time) or open the cached dataset, then split it as nanoGPT does."""
+    def load(self) -> None:
+        """Download (first time) or open the cached dataset, then split it as nanoGPT does.
+
+        One process converts the files to the Arrow cache: with num_proc each worker holds
+        a few hundred MB, the peak of the whole prepare."""
         datasets = _import_datasets()
         try:
-            data = datasets.load_dataset(self.path, self.config, split=self.split,
-                                         num_proc=workers if workers > 1 else None)
+            data = datasets.load_dataset(self.path, self.config, split=self.split)
         except Exception as e:  # offline, unknown name, bad split: many exception types
             raise DataError(self._load_error(e)) from None
+        import pyarrow
+
+        pyarrow.default_memory_pool().release_unused()  # what converting to Arrow used
         if self.text_field not in data.column_names:
             raise DataError(f"{self.label} has no column {self.text_field!r} (columns: "
                             f"{', '.join(data.column_names)}); pass --text_field=NAME")

@@ -106,7 +106,7 @@ def make_plan(cfg: PrepareConfig) -> Plan:
         if tokenizer.eot_id is None:
             raise DataError(f"tokenizer {choice} has no end-of-text token to end each document "
                             f"of {hub.label} with; use --tokenizer=gpt2")
-        hub.load(workers)
+        hub.load()
         plan = Plan(hub.label, name, tokenizer, _dtype(tokenizer), hub.val_fraction, workers,
                     hub=hub)
         size = hub.nbytes()
