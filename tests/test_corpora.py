@@ -303,7 +303,8 @@ def parse_prepare(argv: list[str], cls):
 
 
 @pytest.mark.parametrize("args, config", [([], "sample-10BT"), (["--tokens=100B"], "sample-100BT"),
-                                          (["--tokens=350BT"], "sample-350BT")])
+                                          (["--tokens=350BT"], "sample-350BT"),
+                                          (["--tokens=sample-100BT"], "sample-100BT")])
 def test_fineweb_edu_names_its_sample(args, config):
     from folio.config import PrepareConfig
     from folio.data.prepare import resolve_source

@@ -111,10 +111,11 @@ def hub_source(dataset: str, source: str, split: str, text_field: str, tokens: s
         recipe = RECIPES[dataset]
         config = recipe.config
         if tokens:
-            if dataset != "fineweb-edu" or tokens.removesuffix("T") not in FINEWEB_SAMPLES:
+            size = tokens.removeprefix("sample-").removesuffix("T")  # 10B, 10BT, sample-10BT
+            if dataset != "fineweb-edu" or size not in FINEWEB_SAMPLES:
                 raise DataError(f"--tokens={tokens} is not a sample of fineweb-edu; use one of "
                                 f"{', '.join(FINEWEB_SAMPLES)} with `folio prepare fineweb-edu`")
-            config = f"sample-{tokens.removesuffix('T')}T"
+            config = f"sample-{size}T"
         return HubSource(source or recipe.path, config, split, text_field,
                          val_fraction or recipe.val_fraction, recipe.download), dataset
     if not dataset.startswith("hf:"):
