@@ -247,12 +247,19 @@ def run_child(args: list[str], kill_after_progress_s: float | None = None) -> in
     return child.returncode
 
 
-@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
-def test_killed_prepare_resumes_to_the_same_bytes(tokenizer, tmp_path):
+@pytest.mark.parametrize("source, tokenizer", [("file", "gpt2"), ("file", "char"),
+                                               ("hub", "gpt2")])
+def test_killed_prepare_resumes_to_the_same_bytes(source, tokenizer, tmp_path):
     docs = shakespeare_docs()
     random.Random(1).shuffle(docs)
-    write_format(tmp_path / "c.jsonl.zst", docs)
-    common = [str(tmp_path / "c.jsonl.zst"), f"--tokenizer={tokenizer}", "--num_proc=2"]
+    docs = [d.replace("\n", "\r\n") if i % 3 == 0 else d for i, d in enumerate(docs)]
+    if source == "file":
+        write_format(tmp_path / "c.jsonl.zst", docs)
+        dataset_arg = str(tmp_path / "c.jsonl.zst")
+    else:
+        write_format(tmp_path / "hub" / "c.parquet", docs)
+        dataset_arg = f"hf:{tmp_path / 'hub'}"
+    common = [dataset_arg, "--name=c", f"--tokenizer={tokenizer}", "--num_proc=2"]
     run_child(["prepare", *common, f"--data_dir={tmp_path / 'whole'}"])
     killed = tmp_path / "killed"
     code = run_child(["prepare", *common, f"--data_dir={killed}"],
@@ -267,6 +274,7 @@ def test_killed_prepare_resumes_to_the_same_bytes(tokenizer, tmp_path):
             (tmp_path / "whole" / "c" / name).read_bytes(), name
     assert not (killed / "c" / writer.WORK_DIR).exists()
     meta, train, _ = dataset(killed / "c")
+    assert meta["normalised"]["crlf"] == sum(d.count("\r\n") for d in docs)
     assert meta["train_sha256"] == hashlib.sha256(train.tobytes()).hexdigest()
 
 
@@ -279,10 +287,10 @@ def test_resume_prints_what_it_skips_and_changed_settings_start_over(tmp_path, c
     class Stop(Exception):
         pass
 
-    def stop_after_three(self, split, ids, _write=writer.TokenWriter.write):
+    def stop_after_three(self, split, ids, totals, _write=writer.TokenWriter.write):
         if self.chunks_done == 3:
             raise Stop
-        _write(self, split, ids)
+        _write(self, split, ids, totals)
         self.commit()
 
     with monkeypatch.context() as patch:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from folio.data.clean import Cleaner
 from folio.data.layout import Chunk
 from folio.data.tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -27,40 +28,50 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def encode_texts(tokenizer: Tokenizer, texts: list[str], eot: bool, dtype: Any) -> np.ndarray:
-    """Concatenated ids of `texts`; with `eot`, each text is followed by the end-of-text id."""
-    parts = []
+def encode_texts(tokenizer: Tokenizer, texts: list[str], eot: bool, dtype: Any,
+                 keep_newlines: bool | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Concatenated ids of `texts` (each followed by the end-of-text id with `eot`), and stats:
+    characters encoded, and what cleaning changed (`keep_newlines` None: texts are clean)."""
+    cleaner = Cleaner(bool(keep_newlines)) if keep_newlines is not None else None
+    parts, characters = [], 0
     end = np.array([tokenizer.eot_id if eot else 0], dtype=dtype)
     for text in texts:
+        if cleaner:
+            text = cleaner.document(text)
+        characters += len(text)
         parts.append(tokenizer.encode_array(text, dtype))
         if eot:
             parts.append(end)
-    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    ids = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return ids, {"characters": characters, **(cleaner.counts if cleaner else {})}
 
 
 def encode_chunks(chunks: Iterable[Chunk], tokenizer: Tokenizer, eot: bool, dtype: Any,
-                  workers: int) -> Iterator[tuple[Chunk, np.ndarray]]:
-    """(chunk, its ids) in order; the chunk's texts are dropped once they are sent off."""
+                  workers: int, keep_newlines: bool | None = None
+                  ) -> Iterator[tuple[Chunk, np.ndarray, dict[str, int]]]:
+    """(chunk, its ids, stats) in order; a chunk's texts are dropped once they are sent off.
+    With `keep_newlines` not None the texts are cleaned first (in the workers)."""
     if workers <= 1:
         for chunk in chunks:
-            ids = encode_texts(tokenizer, chunk.texts, eot, dtype)
+            ids, stats = encode_texts(tokenizer, chunk.texts, eot, dtype, keep_newlines)
             chunk.texts = []
-            yield chunk, ids
+            yield chunk, ids, stats
         return
     # spawn, not fork: the parent may hold threads (torch, tokenizers) that fork would break.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, _start_worker, (tokenizer.spec(),)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            job = pool.apply_async(_encode_in_worker, (chunk.texts, eot, np.dtype(dtype).name))
+            job = pool.apply_async(_encode_in_worker, (chunk.texts, eot, np.dtype(dtype).name,
+                                                       keep_newlines))
             chunk.texts = []
             pending.append((chunk, job))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 done, job = pending.popleft()
-                yield done, job.get()
+                yield done, *job.get()
         while pending:
             done, job = pending.popleft()
-            yield done, job.get()
+            yield done, *job.get()
 
 
 def _start_worker(spec: dict) -> None:
@@ -68,6 +79,7 @@ def _start_worker(spec: dict) -> None:
     _worker_tokenizer = tokenizer_from_spec(spec)
 
 
-def _encode_in_worker(texts: list[str], eot: bool, dtype: str) -> np.ndarray:
+def _encode_in_worker(texts: list[str], eot: bool, dtype: str,
+                      keep_newlines: bool | None) -> tuple[np.ndarray, dict[str, int]]:
     assert _worker_tokenizer is not None
-    return encode_texts(_worker_tokenizer, texts, eot, dtype)
+    return encode_texts(_worker_tokenizer, texts, eot, dtype, keep_newlines)

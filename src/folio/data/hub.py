@@ -77,12 +77,16 @@ class HubSource:
                             f"val_fraction={self.val_fraction} ({e})") from None
         self.splits = {"train": parts["train"], "val": parts["test"]}  # nanoGPT renames test
 
-    def documents(self, split: str) -> Iterator[str]:
-        for batch in self.splits[split].iter(batch_size=BATCH_ROWS):
+    def documents(self, split: str, start: int = 0) -> Iterator[str]:
+        """The split's texts from row `start` on."""
+        rows = self.splits[split]
+        if start:
+            rows = rows.select(range(start, len(rows)))
+        for batch in rows.iter(batch_size=BATCH_ROWS):
             yield from batch[self.text_field]
 
-    def num_rows(self) -> int:
-        return sum(len(s) for s in self.splits.values())
+    def num_rows(self, split: str | None = None) -> int:
+        return sum(len(s) for name, s in self.splits.items() if split in (None, name))
 
     def nbytes(self) -> int:
         return sum(s.data.nbytes for s in self.splits.values())

@@ -56,11 +56,14 @@ def text_items(source: Source, cleaner: Cleaner, split_at: int, bpe: bool) -> It
     return _bpe_pieces(items) if bpe else items
 
 
-def document_items(hub: HubSource, cleaner: Cleaner) -> Iterator[Item]:
-    """Document layout: every train document, then every val document."""
+def document_items(hub: HubSource, skip: int = 0) -> Iterator[Item]:
+    """Document layout: every train document, then every val document, after the first `skip`
+    (raw: they are cleaned where they are encoded). Chunks restart at any chunk boundary."""
     for split, name in enumerate(("train", "val")):
-        for text in hub.documents(name):
-            yield split, cleaner.document(text), 1
+        start = min(skip, hub.num_rows(name))
+        skip -= start
+        for text in hub.documents(name, start):
+            yield split, text, 1
 
 
 def chunks(items: Iterable[Item]) -> Iterator[Chunk]:

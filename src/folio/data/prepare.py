@@ -7,6 +7,7 @@ resumably, finishing atomically. Memory stays bounded for inputs of any size.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -127,31 +128,31 @@ def make_plan(cfg: PrepareConfig) -> Plan:
 
 
 def encode_all(plan: Plan, writer: TokenWriter, cfg: PrepareConfig) -> dict[str, Any]:
-    """Second pass: encode chunk by chunk into the token files (skipping what a crash left)."""
-    cleaner = Cleaner(cfg.keep_newlines)
-    if plan.hub:
-        items = layout.document_items(plan.hub, cleaner)
+    """Second pass: encode chunk by chunk into the token files (after what a crash left)."""
+    totals = {"documents": 0, "characters": 0, "bom": 0, "crlf": 0, "cr": 0, **writer.totals}
+    if plan.hub:  # documents are cleaned in the workers; resume skips rows, unread
+        chunks = layout.chunks(layout.document_items(plan.hub, skip=totals["documents"]))
         progress = Progress("prepare", plan.hub.num_rows())
-    else:
-        items = layout.text_items(plan.source, cleaner, plan.split_at,
-                                  bpe=plan.tokenizer.kind != "char")
+    else:  # one text: the pieces before the resume point must be read again
+        chunks = layout.chunks(layout.text_items(plan.source, Cleaner(cfg.keep_newlines),
+                                                 plan.split_at, bpe=plan.tokenizer.kind != "char"))
+        collections.deque(itertools.islice(chunks, writer.chunks_done), maxlen=0)
         progress = Progress("prepare", plan.scan.chars)
-    chunks = layout.chunks(items)
     itemsize = np.dtype(plan.dtype).itemsize
-    documents = characters = 0
-    for chunk in itertools.islice(chunks, writer.chunks_done):  # written before an interrupt
-        documents, characters = documents + chunk.docs, characters + chunk.chars
     if writer.chunks_done:
         print(f"resuming: {writer.chunks_done:,} chunks already written "
               f"({writer.bytes_written // itemsize:,} tokens)", flush=True)
-    progress.skip(documents if plan.hub else characters, documents,
+    progress.skip(totals["documents"] if plan.hub else totals["characters"], totals["documents"],
                   writer.bytes_written // itemsize)
     try:
-        for chunk, ids in encode_chunks(chunks, plan.tokenizer, eot=plan.hub is not None,
-                                        dtype=plan.dtype, workers=plan.workers):
-            writer.write(chunk.split, ids)
-            documents, characters = documents + chunk.docs, characters + chunk.chars
-            progress.update(chunk.docs if plan.hub else chunk.chars, chunk.docs, len(ids))
+        for chunk, ids, stats in encode_chunks(
+                chunks, plan.tokenizer, eot=plan.hub is not None, dtype=plan.dtype,
+                workers=plan.workers, keep_newlines=cfg.keep_newlines if plan.hub else None):
+            totals["documents"] += chunk.docs
+            for key, n in stats.items():
+                totals[key] += n
+            writer.write(chunk.split, ids, totals)
+            progress.update(chunk.docs if plan.hub else stats["characters"], chunk.docs, len(ids))
     except BaseException:
         writer.close()  # keeps what is on disk for the next run to continue from
         raise
@@ -166,8 +167,8 @@ def encode_all(plan: Plan, writer: TokenWriter, cfg: PrepareConfig) -> dict[str,
         "vocab_size": plan.tokenizer.vocab_size,
         "train_tokens": train_tokens,
         "val_tokens": val_tokens,
-        "characters": characters,
-        "documents": documents,
+        "characters": totals["characters"],
+        "documents": totals["documents"],
         "val_fraction": plan.val_fraction,
         "source": plan.label,
         "source_sha256": plan.scan.sha256 if plan.scan else None,
@@ -175,7 +176,8 @@ def encode_all(plan: Plan, writer: TokenWriter, cfg: PrepareConfig) -> dict[str,
         "eot_after_each_document": plan.hub is not None,
         "text_field": cfg.text_field,
         "keep_newlines": cfg.keep_newlines,
-        "normalised": (plan.scan.normalised if plan.scan else cleaner.counts),
+        "normalised": (plan.scan.normalised if plan.scan else
+                       {key: totals[key] for key in ("bom", "crlf", "cr")}),
     })
 
 

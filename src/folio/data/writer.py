@@ -1,7 +1,8 @@
 """Token files written chunk by chunk, resumable after a crash, and finished atomically.
 
 Work happens in `<dataset>/.partial/`: train.bin and val.bin grow chunk by chunk, and about once
-a second `progress.json` records how many chunks are on disk and the two files' lengths then. A
+a second `progress.json` records how many chunks are on disk, the two files' lengths and the
+caller's running totals (documents, characters, ...) then. A
 rerun with the same settings (same fingerprint) cuts the files back to those lengths and goes on
 with the next chunk; any other state starts over. `finish` checksums the files, writes meta.json
 into the work dir, then moves the files into place and meta.json last: a dataset directory with a
@@ -49,6 +50,7 @@ class TokenWriter:
             state = {}
         self.work.mkdir(parents=True, exist_ok=True)
         self.chunks_done = state.get("chunks", 0)
+        self.totals: dict[str, int] = state.get("totals", {})  # the caller's, for its resume
         lengths = state.get("bytes", [0, 0])
         self.files = []
         for split, length in zip(SPLITS, lengths, strict=True):
@@ -64,12 +66,14 @@ class TokenWriter:
     def bytes_written(self) -> int:
         return sum(self.lengths)
 
-    def write(self, split: int, ids: np.ndarray) -> None:
-        """Append one chunk's ids to a split; commits progress now and then."""
+    def write(self, split: int, ids: np.ndarray, totals: dict[str, int]) -> None:
+        """Append one chunk's ids to a split; `totals` are the caller's counts up to and
+        including this chunk, given back as `self.totals` on resume. Commits now and then."""
         data = ids.tobytes()
         self.files[split].write(data)
         self.lengths[split] += len(data)
         self.chunks_done += 1
+        self.totals = dict(totals)
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
             self.commit()
 
@@ -79,7 +83,8 @@ class TokenWriter:
             f.flush()
             os.fsync(f.fileno())
         atomic_write_json(self.work / "progress.json", {
-            "fingerprint": self.fingerprint, "chunks": self.chunks_done, "bytes": self.lengths})
+            "fingerprint": self.fingerprint, "chunks": self.chunks_done, "bytes": self.lengths,
+            "totals": self.totals})
         self._last_commit = time.monotonic()
 
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
