@@ -104,6 +104,10 @@ class HubSource:
                     f"Hugging Face hub cannot be reached; run the same command once with network "
                     f"access to download it ({self.download}), or point HF_DATASETS_CACHE at a "
                     "copy")
+        if "scripts are no longer supported" in first:  # e.g. the hub's openwebtext in 2025
+            return (f"cannot load {self.label}: its hub repository still uses a loading script, "
+                    "which datasets 4+ no longer runs; install `datasets<4` to prepare it, or "
+                    "download its data files and pass their directory as --source")
         return (f"cannot load {self.label} ({type(e).__name__}: {first}); check the name, "
                 "--split and the config")
 
