@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from folio.cli import main
+from folio.data import layout, sources
 from folio.data import prepare as data
 from folio.data.tokenizer import GPT2Tokenizer, load_tokenizer
 
@@ -184,7 +185,7 @@ def test_directory_of_non_ascii_files_round_trips(tmp_path, capsys, tokenizer):
     code, _, _ = prepare(capsys, docs, f"--tokenizer={tokenizer}", "--name=mydocs",
                          f"--data_dir={tmp_path / 'data'}")
     assert code == 0
-    expected = "Ça va? — 日本語 and naïve café\n" + data.DOC_SEPARATOR + "emoji 🎭 Ωμέγα, ok"
+    expected = "Ça va? — 日本語 and naïve café\n" + layout.DOC_SEPARATOR + "emoji 🎭 Ωμέγα, ok"
     assert decoded(tmp_path / "data" / "mydocs") == expected
     meta, _, _ = read_dataset(tmp_path / "data" / "mydocs")
     assert meta["source_sha256"] == hashlib.sha256(expected.encode()).hexdigest()
@@ -196,17 +197,23 @@ def test_jsonl_text_fields_are_joined(tmp_path, capsys):
     path = text_file(tmp_path / "corpus.jsonl", "\n".join(lines) + "\n")
     code, _, _ = prepare(capsys, path, f"--data_dir={tmp_path / 'data'}")
     assert code == 0
-    assert decoded(tmp_path / "data" / "corpus") == data.DOC_SEPARATOR.join(
+    assert decoded(tmp_path / "data" / "corpus") == layout.DOC_SEPARATOR.join(
         ["première ligne", "二行目 🎭", "third line"])
 
 
-def test_gpt2_in_small_pieces_equals_encoding_the_whole_text(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_BYTES", 200)  # force many pieces and cuts
-    text = ("First Citizen:\r\nBefore we  proceed,\n\n  hear me   speak.\nAll:\tSpeak, speak.  \n"
-            "日本語 🎭 café's 'tis\n") * 40
-    path = text_file(tmp_path / "t.txt", text)
-    assert prepare(capsys, path, "--tokenizer=gpt2", f"--data_dir={tmp_path}")[0] == 0
+@pytest.mark.parametrize("keep_newlines", [False, True])
+def test_gpt2_in_small_pieces_equals_encoding_the_whole_text(tmp_path, capsys, monkeypatch,
+                                                             keep_newlines):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 200)  # force many pieces and cuts
+    monkeypatch.setattr(layout, "PIECE_CHARS", 200)
+    monkeypatch.setattr(layout, "CHUNK_CHARS", 300)
+    raw = ("First Citizen:\r\nBefore we  proceed,\n\n  hear me   speak.\nAll:\tSpeak, speak.  \n"
+           "日本語 🎭 café's 'tis\r") * 40
+    path = text_file(tmp_path / "t.txt", raw)
+    assert prepare(capsys, path, "--tokenizer=gpt2", f"--data_dir={tmp_path}",
+                   f"--keep_newlines={keep_newlines}")[0] == 0
     _, train, val = read_dataset(tmp_path / "t")
+    text = raw if keep_newlines else raw.replace("\r\n", "\n").replace("\r", "\n")
     split = int(len(text) * 0.9)
     tok = GPT2Tokenizer()
     assert train.tolist() == tok.encode(text[:split])
@@ -259,7 +266,7 @@ BAD_INPUTS = {
                       'c.jsonl line 3 has no string "text" field'),
     "dir_without_txt": ({"d/readme.md": b"hi"}, ["TMP/d"], "has no .txt files"),
     "source_for_a_path": ({"t.txt": b"text " * 9}, ["TMP/t.txt", "--source=x.txt"],
-                          "--source only applies to shakespeare_char and shakespeare"),
+                          "--source only applies to shakespeare_char, shakespeare, openwebtext"),
     "bad_name": ({"t.txt": b"text " * 9}, ["TMP/t.txt", "--name=a/b"],
                  "must be a plain directory name"),
 }
@@ -287,7 +294,7 @@ def test_unwritable_data_dir_is_one_line_error(tmp_path, capsys):
 
 
 def test_non_utf8_offset_counts_bytes_across_read_pieces(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_BYTES", 4)  # "日" is split between two reads
+    monkeypatch.setattr(sources, "PIECE_BYTES", 4)  # "日" is split between two reads
     bad = text_file(tmp_path / "bad.txt", "ab日c".encode() + b"\xffd")
     assert_fails(capsys, [bad], "bad.txt is not UTF-8 text: invalid byte at offset 6",
                  tmp_path / "data")

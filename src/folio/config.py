@@ -165,21 +165,34 @@ class PrepareConfig:
     """Everything `folio prepare` reads: a dataset tokenized into train.bin, val.bin and
     meta.json under data_dir."""
 
-    dataset: str = setting("openwebtext", "shakespeare_char | shakespeare | PATH (.txt, dir, "
-                           ".jsonl)", positional="DATASET|PATH")
-    tokenizer: str = setting(AUTO, "char | gpt2 (auto: by dataset; char for files)",
-                             choices=(AUTO, "char", "gpt2"))
+    dataset: str = setting("shakespeare_char", "shakespeare_char | shakespeare | openwebtext | "
+                           "fineweb-edu | hf:NAME[:CONFIG] | PATH (.txt, .jsonl[.gz|.zst], "
+                           ".parquet, directory or glob)", positional="DATASET|PATH")
+    tokenizer: str = setting(AUTO, "char | gpt2 | tiktoken:NAME | hf:PATH (a local tokenizer "
+                             "dir); auto: gpt2 for hub datasets and shakespeare, char for files")
     name: str = setting("", "output name under data_dir (default: from the dataset)")
     data_dir: str = setting("data", "where prepared datasets are written")
-    val_fraction: float = setting(0.1, "fraction of the text held out for validation, in (0, 1)",
-                                  above=0.0)
-    source: str = setting("", "path or URL to read tiny Shakespeare from instead of the default")
+    val_fraction: float | None = setting(None, "fraction held out for validation, in (0, 1); "
+                                         "None: 0.1, or 0.0005 for openwebtext / fineweb-edu",
+                                         above=0.0)
+    source: str = setting("", "where to read a named dataset: tiny Shakespeare's file or URL; "
+                          "a datasets dir or hub name for openwebtext / fineweb-edu")
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    split: str = setting("train", "hub dataset split to read (val is carved out of it)")
+    tokens: str = setting("", "fineweb-edu sample to prepare: 10B | 100B | 350B (default 10B)")
+    keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    num_proc: int = setting(0, "tokenizer processes; 0: one per core for large inputs", min=0)
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        if self.val_fraction >= 1.0:
+        if self.val_fraction is not None and self.val_fraction >= 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction} is too large; expected a "
                               "number between 0 and 1 (exclusive), e.g. 0.1")
+        kind, _, arg = self.tokenizer.partition(":")
+        if self.tokenizer not in (AUTO, "char", "gpt2") and not (kind in ("tiktoken", "hf")
+                                                                   and arg):
+            raise ConfigError(f"tokenizer={self.tokenizer!r} is not allowed; expected one of "
+                              "auto, char, gpt2, tiktoken:NAME or hf:PATH")
 
 
 @settings

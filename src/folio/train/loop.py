@@ -387,6 +387,7 @@ class Trainer:
 def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     """The prepared dataset dir; tiny Shakespeare is prepared on first use."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    from folio.data.hub import RECIPES
     from folio.data.prepare import KNOWN_DATASETS
     if not (dataset_dir / "meta.json").exists() and cfg.dataset in KNOWN_DATASETS:
         if info.is_master:
@@ -396,8 +397,10 @@ def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
             prepare(PrepareConfig(dataset=cfg.dataset, data_dir=cfg.data_dir))
         distributed.barrier(info)
     elif not (dataset_dir / "meta.json").exists():
+        how = (f"`folio prepare {cfg.dataset}`" if cfg.dataset in RECIPES
+               else f"`folio prepare PATH --name {cfg.dataset}`")
         raise DataError(f"dataset {cfg.dataset!r} not found in {cfg.data_dir}/; prepare it with "
-                        f"`folio prepare PATH --name {cfg.dataset}` or pass --data_dir")
+                        f"{how} or pass --data_dir")
     return dataset_dir
 
 
