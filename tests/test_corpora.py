@@ -307,7 +307,7 @@ def test_resume_prints_what_it_skips_and_changed_settings_start_over(tmp_path, c
 def parse_prepare(argv: list[str], cls):
     from folio.config import parse_args
 
-    return parse_args(cls, argv, positional="dataset").config
+    return parse_args(cls, argv).config
 
 
 @pytest.mark.parametrize("args, config", [([], "sample-10BT"), (["--tokens=100B"], "sample-100BT"),

@@ -387,7 +387,7 @@ def test_metrics_are_read_incrementally_and_torn_lines_wait(tmp_path):
 # ---------------------------------------------------------------------------- command line
 
 def test_serve_takes_several_run_dirs_and_documents_its_settings(capsys):
-    cfg = parse_args(ServeConfig, ["a", "b", "--port=9000"], positional="run_dirs").config
+    cfg = parse_args(ServeConfig, ["a", "b", "--port=9000"]).config
     assert cfg.run_dirs == ["a", "b"] and cfg.port == 9000 and cfg.host == "127.0.0.1"
     assert main(["serve", "--help"]) == 0
     assert "--api_key" in capsys.readouterr().out
