@@ -19,24 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from conftest import REPO, SHAKESPEARE_TEXT, tiny_args
+from test_prepare import prepare, read_dataset
 
 from folio.cli import main
 from folio.data import layout, writer
 from folio.data.tokenizer import GPT2Tokenizer, load_tokenizer
 
 DOCS = ["première ligne\nof the first document", "二行目 🎭 second", "third, and last."]
-
-
-def prepare(capsys, *args) -> tuple[int, str, str]:
-    code = main(["prepare", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def dataset(path: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    meta = json.loads((path / "meta.json").read_text("utf-8"))
-    train, val = (np.fromfile(path / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val"))
-    return meta, train, val
 
 
 def jsonl(docs: list[str], field: str = "text") -> bytes:
@@ -69,7 +58,7 @@ def test_every_record_format_gives_the_documents_joined(name, tmp_path, capsys):
     code, _, _ = prepare(capsys, path, "--text_field=body", "--tokenizer=gpt2",
                          f"--data_dir={tmp_path}")
     assert code == 0
-    meta, train, val = dataset(tmp_path / "c")
+    meta, train, val = read_dataset(tmp_path / "c")
     assert meta["name"] == "c" and meta["documents"] == 3 and meta["text_field"] == "body"
     assert GPT2Tokenizer().decode(train.tolist() + val.tolist()) == "\n\n".join(DOCS)
 
@@ -82,7 +71,7 @@ def test_a_glob_of_mixed_shards_is_read_in_name_order(tmp_path, capsys):
     code, _, _ = prepare(capsys, tmp_path / "shards" / "part-*", f"--data_dir={tmp_path}")
     assert code == 0
     assert load_tokenizer(tmp_path / "shards").decode(
-        np.concatenate(dataset(tmp_path / "shards")[1:]).tolist()) == "\n\n".join(DOCS)
+        np.concatenate(read_dataset(tmp_path / "shards")[1:]).tolist()) == "\n\n".join(DOCS)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -125,7 +114,7 @@ def test_tokenizer_over_65535_ids_writes_uint32_that_trains(tmp_path, capsys):
     code, out, _ = prepare(capsys, tmp_path / "words.txt", f"--tokenizer=hf:{tok_dir}",
                            f"--data_dir={tmp_path / 'data'}")
     assert code == 0 and "vocab size: 70,000 (hf)" in out
-    meta, train, val = dataset(tmp_path / "data" / "words")
+    meta, train, val = read_dataset(tmp_path / "data" / "words")
     assert meta["dtype"] == "uint32" and meta["tokenizer"] == {"kind": "hf", "path": str(tok_dir)}
     ids = np.concatenate([train, val])
     assert ids.max() >= 65_536 and len(ids) == len(words)
@@ -164,7 +153,7 @@ def test_openwebtext_recipe_matches_nanogpt_split_and_eot(hub_dir, tmp_path, cap
     code, out, _ = prepare(capsys, "openwebtext", f"--source={hub_dir}", "--num_proc=2",
                            f"--data_dir={tmp_path}")
     assert code == 0
-    meta, train, val = dataset(tmp_path / "openwebtext")
+    meta, train, val = read_dataset(tmp_path / "openwebtext")
     expected = expected_nanogpt_split(hub_dir, 0.0005)
     assert train.tolist() == expected["train"] and val.tolist() == expected["val"]
     eot = GPT2Tokenizer.eot_id
@@ -180,7 +169,7 @@ def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     code, out, _ = prepare(capsys, f"hf:{hub}", "--text_field=content", "--val_fraction=0.1",
                            f"--data_dir={tmp_path}")
     assert code == 0
-    meta, train, val = dataset(tmp_path / "corpus")
+    meta, train, val = read_dataset(tmp_path / "corpus")
     assert (val == GPT2Tokenizer.eot_id).sum() == 3 and meta["documents"] == 30
     code, _, err = prepare(capsys, f"hf:{hub}", "--split=validation", f"--data_dir={tmp_path}")
     assert code == 2 and "cannot load hf:" in err and "--split" in err
@@ -273,7 +262,7 @@ def test_killed_prepare_resumes_to_the_same_bytes(source, tokenizer, tmp_path):
         assert (killed / "c" / name).read_bytes() == \
             (tmp_path / "whole" / "c" / name).read_bytes(), name
     assert not (killed / "c" / writer.WORK_DIR).exists()
-    meta, train, _ = dataset(killed / "c")
+    meta, train, _ = read_dataset(killed / "c")
     assert meta["normalised"]["crlf"] == sum(d.count("\r\n") for d in docs)
     assert meta["train_sha256"] == hashlib.sha256(train.tobytes()).hexdigest()
 
@@ -368,7 +357,7 @@ def test_interrupted_finish_completes_on_the_next_run(tmp_path, capsys, monkeypa
     assert (tmp_path / "c" / writer.WORK_DIR / "meta.json").exists()
     code, out, _ = prepare(capsys, *args)
     assert code == 0 and len(moves) == 2 and "resuming" not in out
-    meta, train, val = dataset(tmp_path / "c")
+    meta, train, val = read_dataset(tmp_path / "c")
     assert meta["train_tokens"] == len(train) and not (tmp_path / "c" / writer.WORK_DIR).exists()
 
 

@@ -85,16 +85,11 @@ class CharTokenizer:
         return {"kind": "char", "chars": list(self.chars)}
 
 
-class GPT2Tokenizer:
-    """GPT-2 BPE (50,257 tokens). Text is encoded as ordinary text: a literal
+class TiktokenBPE:
+    """A tiktoken byte-pair encoding (`self._enc`); text is encoded as ordinary text: a literal
     "<|endoftext|>" inside a document is not the special token."""
 
-    kind = "gpt2"
-    vocab_size = GPT2_VOCAB_SIZE
-    eot_id = GPT2_VOCAB_SIZE - 1
-
-    def __init__(self) -> None:
-        self._enc = gpt2_encoding()
+    _enc: Any
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -108,6 +103,17 @@ class GPT2Tokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Raw bytes; may end in the middle of a UTF-8 character (useful when streaming)."""
         return self._enc.decode_bytes(list(ids))
+
+
+class GPT2Tokenizer(TiktokenBPE):
+    """GPT-2 BPE (50,257 tokens), built offline from the vocabulary files folio ships with."""
+
+    kind = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+    eot_id = GPT2_VOCAB_SIZE - 1
+
+    def __init__(self) -> None:
+        self._enc = gpt2_encoding()
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "gpt2"}
@@ -174,7 +180,7 @@ def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]
     return ranks
 
 
-class TiktokenTokenizer:
+class TiktokenTokenizer(TiktokenBPE):
     """A named tiktoken encoding (e.g. cl100k_base); tiktoken downloads it once and caches it."""
 
     kind = "tiktoken"
@@ -195,18 +201,6 @@ class TiktokenTokenizer:
         self.vocab_size = self._enc.n_vocab
         self.eot_id = self._enc.eot_token if "<|endoftext|>" in self._enc.special_tokens_set \
             else None
-
-    def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
-
-    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
-        return np.asarray(self._enc.encode_ordinary(text), dtype=dtype)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._enc.decode(list(ids), errors="replace")
-
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        return self._enc.decode_bytes(list(ids))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "tiktoken", "name": self.name}
