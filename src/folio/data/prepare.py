@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 
 from folio.config import AUTO, PrepareConfig, nearest_key
-from folio.errors import DataError
-from folio.fsutil import atomic_open, atomic_write_json
 from folio.data.tokenizer import (
     META_FORMAT_VERSION,
     CharTokenizer,
@@ -33,6 +31,8 @@ from folio.data.tokenizer import (
     Tokenizer,
     read_meta,
 )
+from folio.errors import DataError
+from folio.fsutil import atomic_open, atomic_write_json, cache_dir
 
 __all__ = ["prepare", "read_meta", "cache_dir", "KNOWN_DATASETS"]
 
@@ -214,11 +214,6 @@ def resolve_source(cfg: PrepareConfig) -> tuple[Source, str, str]:
             raise DataError(f"directory {path} has no .txt files")
         return Source(str(path.resolve()), files), "char", path.resolve().name
     return Source(str(path.resolve()), [path], path.suffix == ".jsonl"), "char", path.stem
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept: $FOLIO_CACHE, default ~/.cache/folio."""
-    return Path(os.environ.get("FOLIO_CACHE") or Path.home() / ".cache" / "folio").expanduser()
 
 
 def tiny_shakespeare(source: str = "") -> Source:

@@ -19,6 +19,7 @@ from folio import config
 from folio.config import TrainConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
+from folio.model.noinit import no_init
 from folio.store import rundir
 
 CKPT = "ckpt.pt"
@@ -49,7 +50,7 @@ def gpt_from_state_dict(config: GPTConfig, state: dict[str, torch.Tensor],
     if WTE_KEY not in state:
         raise CheckpointError(f"{source} has no {WTE_KEY}; it is not a GPT-2/nanoGPT model")
     state[WTE_KEY] = pad_rows(state[WTE_KEY], config.padded_vocab_size, source)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

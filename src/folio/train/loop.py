@@ -25,6 +25,7 @@ from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
 from folio.machine import distributed
 from folio.machine.device import (
+    DTYPES,
     autocast,
     configure_allocator,
     configure_threads,
@@ -32,9 +33,9 @@ from folio.machine.device import (
     resolve_device,
     resolve_dtype,
 )
-from folio.model.fastdropout import use_fast_dropout
 from folio.model.gpt import GPT, GPTConfig
 from folio.store import rundir
+from folio.train import autotune_step
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import configure_optimizer, lr_at
 from folio.watch.metrics import finite_or_none, format_duration
@@ -115,9 +116,11 @@ class Trainer:
         self.progress = Progress()
         resume = self._load_resume(cfg) if cfg.init_from == "resume" else None
         self.model = self._build_model(cfg, resume)
-        if device.type == "cpu":  # same math, far less memory (fastloss.py, fastdropout.py)
-            self.model.fused_loss = True
-            use_fast_dropout(self.model)
+        self.tuning = None
+        if device.type == "cpu":  # knobs left on auto: measured on this model (autotune_step.py)
+            self.tuning = autotune_step.tune(self, cfg)
+            autotune_step.apply_knobs(self.model, self.tuning.knobs)
+            self.dtype = DTYPES[self.tuning.knobs["dtype"]]
         torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
         self.cfg = cfg = dataclasses.replace(cfg, block_size=self.model.config.block_size)
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
@@ -374,6 +377,8 @@ class Trainer:
         remaining = cfg.max_iters - self.progress.iter_num
         guess = estimate_seconds(self.flops_per_iter * remaining, self.peak, self.device)
         dtype = str(self.dtype).removeprefix("torch.")
+        if self.tuning:  # the measured choice and its ratio
+            dtype = self.tuning.line
         print(f"folio: training on {self.device} ({dtype}, compile "
               f"{'on' if self.compiled else 'off'}, {self.info.world_size} process"
               f"{'es' if self.info.enabled else ''}) | iters {self.progress.iter_num}->"
