@@ -122,8 +122,14 @@ def test_the_key_names_the_cpu_model_and_its_speed_flags():
     assert KEY["torch"] == torch.__version__ and KEY["device"] == "cpu"
 
 
-def test_measuring_stays_within_the_share_of_a_short_run(tmp_path):
-    """A 100-step run of 50 ms steps may spend 2% of 5 s on measuring: one timed round."""
-    timers = FakeTimers({"float32": 50.0, "bfloat16": 25.0})
-    autotune.choose(CANDIDATES, timers.build, KEY, planned_steps=100, cache_root=tmp_path)
-    assert timers.steps == {"float32": 2, "bfloat16": 2}
+def test_measuring_is_sized_by_the_planned_run_and_capped_by_the_budget(tmp_path):
+    """A warm-up step each, then rounds that fit 2% of the planned run (50 ms + 25 ms a
+    round-step), at least three rounds of one step, at most 10 s."""
+    def steps_for(planned: int) -> dict[str, int]:
+        timers = FakeTimers({"float32": 50.0, "bfloat16": 25.0})
+        autotune.choose(CANDIDATES, timers.build, KEY, planned_steps=planned,
+                        cache_root=tmp_path / str(planned))
+        return timers.steps
+    assert steps_for(500) == {"float32": 4, "bfloat16": 4}  # 2% of 25 s: the minimum
+    assert steps_for(2000) == {"float32": 1 + 5 * 2, "bfloat16": 11}  # 2% of 50 s: 1 s
+    assert steps_for(10**7) == {"float32": 1 + 5 * 3, "bfloat16": 16}  # the 10 s cap

@@ -14,7 +14,7 @@ def tiny_trainer(data_dir, out_dir, **settings) -> Trainer:
     cfg = TrainConfig(dataset="shakespeare_char", data_dir=str(data_dir), out_dir=str(out_dir),
                       device="cpu", n_layer=1, n_head=2, n_embd=16, block_size=16,
                       batch_size=4, dropout=0.1, bias=False, compile="False",
-                      **{"max_iters": 1000, **settings})
+                      **{"max_iters": 600, **settings})
     return Trainer(cfg, DistInfo(), torch.device("cpu"))
 
 

@@ -27,6 +27,7 @@ CACHE_VERSION = 1
 BUDGET_S = 10.0  # never measure longer than this...
 RUN_FRACTION = 0.02  # ...nor longer than this share of the planned run
 MAX_ROUNDS = 5  # timed rounds (each candidate a few steps per round) when the budget allows
+MIN_ROUNDS = 3  # even over budget: one timed step can be one unlucky step on a shared machine
 MIN_GAIN = 1.02  # leave the reference only for a candidate this much faster (noise margin)
 LOSS_TOLERANCE = 0.02  # relative difference from the reference's loss that is still "safe"
 # /proc/cpuinfo flags that change which kernels (and so which choice) are fastest
@@ -152,16 +153,16 @@ def measure(timers: Mapping[str, TimeSteps], planned_steps: int, budget_s: float
     """Time the candidates in interleaved rounds so a drift in machine speed hits all alike.
 
     A first untimed step each (allocations, first-touch) also estimates the step times, from
-    which the rounds are sized to fit min(budget_s, run_fraction x the planned run).
+    which the rounds are sized to fit min(budget_s, run_fraction x the planned run), with at
+    least MIN_ROUNDS rounds of one step.
     """
     started = time.perf_counter()
-    first = {name: sum(timer(1).seconds) for name, timer in timers.items()}  # warm-up
-    step_s = {name: t for name, t in first.items()}
+    step_s = {name: sum(timer(1).seconds) for name, timer in timers.items()}  # warm-up
     budget = min(budget_s, run_fraction * planned_steps * min(step_s.values()))
     left = budget - (time.perf_counter() - started)
-    per_round = sum(step_s.values())
-    steps = max(1, min(3, int(left / (MAX_ROUNDS * per_round)) if per_round > 0 else 3))
-    rounds = max(1, min(MAX_ROUNDS, int(left / (steps * per_round)) if per_round > 0 else 1))
+    round_step_s = max(sum(step_s.values()), 1e-9)  # one step of every candidate
+    steps = max(1, min(3, int(left / (MAX_ROUNDS * round_step_s))))
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(left / (steps * round_step_s))))
     stats = {name: Stats() for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():

@@ -23,7 +23,8 @@ from folio.model.fastdropout import use_fast_dropout
 from folio.model.gpt import GPT
 from folio.train.optim import configure_optimizer
 
-MIN_PLANNED_STEPS = 100  # shorter runs (tests, --max_iters=0, evals) keep the reference
+MIN_PLANNED_STEPS = 500  # shorter runs (tests, --max_iters=0, evals) keep the reference:
+# measuring takes ~4 steps per candidate at least, too much of a shorter run
 BATCHES = 8  # real training batches, cycled, that every candidate sees in the same order
 # Where knobs left on auto run from (the reference is the first: folio's previous CPU path)
 REFERENCE = {"dtype": "float32", "fused_loss": True}
