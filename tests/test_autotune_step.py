@@ -45,6 +45,14 @@ def test_a_second_run_reuses_the_cached_choice(char_data_dir, tmp_path, monkeypa
 
 def test_explicit_dtype_is_never_a_candidate():
     cfg = TrainConfig(dtype="float32")
-    assert {k["dtype"] for k in autotune_step.candidates(cfg).values()} == {"float32"}
-    auto = autotune_step.candidates(TrainConfig(dtype="auto"))
+    assert {k["dtype"] for k in autotune_step.candidates(cfg, 65).values()} == {"float32"}
+    auto = autotune_step.candidates(TrainConfig(dtype="auto"), 65)
     assert next(iter(auto.values())) == autotune_step.REFERENCE
+
+
+def test_the_full_logits_loss_is_a_candidate_only_while_its_logits_are_small():
+    small = TrainConfig(dtype="float32", batch_size=8, block_size=64)
+    assert {k["fused_loss"] for k in autotune_step.candidates(small, 50304).values()} \
+        == {True, False}
+    big = TrainConfig(dtype="float32", batch_size=64, block_size=256)  # 3.3 GB of logits
+    assert [k["fused_loss"] for k in autotune_step.candidates(big, 50304).values()] == [True]

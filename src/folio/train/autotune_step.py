@@ -26,17 +26,22 @@ from folio.train.optim import configure_optimizer
 MIN_PLANNED_STEPS = 500  # shorter runs (tests, --max_iters=0, evals) keep the reference:
 # measuring takes ~4 steps per candidate at least, too much of a shorter run
 BATCHES = 8  # real training batches, cycled, that every candidate sees in the same order
+LOGITS_LIMIT_BYTES = 256 << 20  # above this the (B*T, V) float32 logits are never a candidate
 # Where knobs left on auto run from (the reference is the first: folio's previous CPU path)
 REFERENCE = {"dtype": "float32", "fused_loss": True}
 
 
-def candidates(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+def candidates(cfg: TrainConfig, vocab: int) -> dict[str, dict[str, Any]]:
     """{name: knobs} for the knobs `cfg` leaves on auto; the first is the reference.
+
+    The plain loss (nanoGPT's full (B*T, V) logits) is a candidate only while those logits
+    stay small: the chunked loss exists to keep a 50k vocabulary's memory flat.
 
     compile=auto is not a candidate on a CPU: inductor takes 25-65 s to compile, more than the
     whole measuring budget, and its steps were no faster in float32 (issue 15's profile).
     """
-    options: dict[str, list[Any]] = {"fused_loss": [True, False]}
+    small_logits = 4 * cfg.batch_size * cfg.block_size * vocab <= LOGITS_LIMIT_BYTES
+    options: dict[str, list[Any]] = {"fused_loss": [True, False] if small_logits else [True]}
     if cfg.dtype == AUTO:
         options["dtype"] = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
     else:
@@ -60,7 +65,7 @@ def tune(trainer: Any, cfg: TrainConfig) -> autotune.Choice:
     Measures only on one CPU process with a run long enough for it to pay; otherwise (or with
     everything set explicitly) the reference, or the explicit setting, is returned unmeasured.
     """
-    found = candidates(cfg)
+    found = candidates(cfg, trainer.model.config.padded_vocab_size)
     reference = next(iter(found))
     planned = cfg.max_iters - trainer.progress.iter_num
     if trainer.device.type != "cpu" or trainer.info.enabled or planned < MIN_PLANNED_STEPS \

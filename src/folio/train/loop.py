@@ -133,7 +133,8 @@ class Trainer:
         self.compiled = should_compile(cfg, device)
         # stack small eval batches on a CPU (the fused loss keeps memory flat); on a GPU the
         # full logits of a bigger batch would cost memory, and a compiled model a recompile
-        self.eval_tokens = CPU_EVAL_TOKENS if device.type == "cpu" and not self.compiled else 0
+        self.eval_tokens = (CPU_EVAL_TOKENS if device.type == "cpu" and not self.compiled
+                            and self.model.fused_loss else 0)
         self.train_model = distributed.wrap(self.model, info, device, self.dtype,
                                             compile=self.compiled, fsdp=cfg.fsdp)
         self.optimizer = configure_optimizer(self.model, cfg, device.type)
