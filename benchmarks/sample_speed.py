@@ -5,10 +5,11 @@ folio with its KV cache, folio without it, and nanoGPT's `generate` (crop the co
 block_size, a full forward pass for every token, top-k over the whole vocabulary), all in
 this run; one JSON line per model with tokens/s and the ratios. Models are randomly
 initialised at the real shapes (speed does not depend on the weights):
-  char:     nanoGPT's README char model (config/train_shakespeare_char.py), 6 x 6 x 384, block 256
+  cpu_char: nanoGPT's README CPU char model (4 x 4 x 128, block 64), as `folio bench` cpu_char
+  gpu_char: nanoGPT's README char model (config/train_shakespeare_char.py), 6 x 6 x 384, block 256
   seed_bpe: the seed user's BPE model (4 layers x 4 heads x 64 wide, GPT-2's vocabulary), block 256
-Then one line of start-up figures, each a fresh process timed from outside: `python -c
-"import torch"`, `folio train --max_iters=0` (the char model; it also writes the run dir), and
+Then one line of start-up figures for --startup_model, each a fresh process timed from outside:
+`python -c "import torch"`, `folio train --max_iters=0` (it also writes the run dir), and
 `folio sample` of that run for 1 token (time to first token) and for 1,000 tokens.
 
     flock /tmp/folio-cpu.lock python benchmarks/sample_speed.py
@@ -33,7 +34,9 @@ from folio.machine.autotune import cpu_identity
 from folio.model.gpt import GPT, GPTConfig
 
 SHAPES = {
-    "char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
+    "cpu_char": GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
+                          bias=False),
+    "gpu_char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
                       dropout=0.2, bias=False),
     "seed_bpe": GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=4, n_embd=64,
                           bias=False),
@@ -100,16 +103,16 @@ def wall(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def startup(new_tokens: int, repeats: int) -> dict:
+def startup(model: str, new_tokens: int, repeats: int) -> dict:
     """Best-of-`repeats` wall times of fresh processes, in one run so they compare."""
     from folio.train.bench import bench_data_dir
 
     python = sys.executable
     env = dict(os.environ)
-    shape = SHAPES["char"]
+    shape = SHAPES[model]
     with bench_data_dir("", {"shakespeare_char"}) as data_dir, \
             tempfile.TemporaryDirectory(prefix="folio-sample-bench-") as tmp:
-        run_dir = str(Path(tmp) / "char")
+        run_dir = str(Path(tmp) / model)
         env["FOLIO_CACHE"] = os.environ["FOLIO_CACHE"]  # bench_data_dir may have seeded one
         train = [python, "-m", "folio", "train", "--dataset=shakespeare_char",
                  f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--device=cpu",
@@ -128,17 +131,19 @@ def startup(new_tokens: int, repeats: int) -> dict:
             times[f"sample_{new_tokens}_tokens_s"].append(
                 wall(sample + [f"--max_new_tokens={new_tokens}"], env))
     best = {k: round(min(v), 2) for k, v in times.items()}
-    return {"benchmark": "startup", "model": "char", **best,
+    return {"benchmark": "startup", "model": model, **best,
             "first_token_over_import_torch_s":
                 round(best["sample_first_token_s"] - best["import_torch_s"], 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="char,seed_bpe",
+    parser.add_argument("--models", default="cpu_char,gpu_char,seed_bpe",
                         help=f"comma-separated: {', '.join(SHAPES)} (empty: none)")
     parser.add_argument("--tokens", type=int, default=1000, help="new tokens per case")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--startup_model", default="cpu_char", choices=sorted(SHAPES),
+                        help="the model `folio train` / `folio sample` start up with")
     parser.add_argument("--startup_repeats", type=int, default=3,
                         help="fresh processes per start-up figure (0: skip start-up)")
     args = parser.parse_args()
@@ -147,7 +152,8 @@ def main() -> None:
     for name in filter(None, (m.strip() for m in args.models.split(","))):
         print(json.dumps({**bench_model(name, args.tokens), **machine}), flush=True)
     if args.startup_repeats:
-        print(json.dumps({**startup(args.tokens, args.startup_repeats), **machine}), flush=True)
+        figures = startup(args.startup_model, args.tokens, args.startup_repeats)
+        print(json.dumps({**figures, **machine}), flush=True)
 
 
 if __name__ == "__main__":
