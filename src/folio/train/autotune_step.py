@@ -68,8 +68,9 @@ def tune(trainer: Any, cfg: TrainConfig) -> autotune.Choice:
     found = candidates(cfg, trainer.model.config.padded_vocab_size)
     reference = next(iter(found))
     planned = cfg.max_iters - trainer.progress.iter_num
+    # (a compiled model runs other kernels than the eager copies measured here)
     if trainer.device.type != "cpu" or trainer.info.enabled or planned < MIN_PLANNED_STEPS \
-            or cfg.eval_only:
+            or cfg.eval_only or cfg.compile is True:
         return autotune.Choice(reference, found[reference], f"{reference}: not measured")
     model = trainer.model
     shape = {**model.config.to_dict(), "dropout": cfg.dropout}
