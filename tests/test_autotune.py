@@ -133,3 +133,15 @@ def test_measuring_is_sized_by_the_planned_run_and_capped_by_the_budget(tmp_path
     assert steps_for(500) == {"float32": 4, "bfloat16": 4}  # 2% of 25 s: the minimum
     assert steps_for(2000) == {"float32": 1 + 5 * 2, "bfloat16": 11}  # 2% of 50 s: 1 s
     assert steps_for(10**7) == {"float32": 1 + 5 * 3, "bfloat16": 16}  # the 10 s cap
+
+
+def test_a_candidate_far_slower_on_its_first_step_is_not_timed_further(tmp_path):
+    """Long steps: a candidate over twice the fastest's first step drops out after it; the
+    reference (whose loss the others are checked against) never does; the rounds fit 2%."""
+    candidates = {**CANDIDATES, "slow": {"dtype": "float16"}}
+    timers = FakeTimers({"float32": 3000.0, "bfloat16": 1000.0, "slow": 5000.0})
+    choice = autotune.choose(candidates, timers.build, KEY | {"candidates": "slow"},
+                             planned_steps=500, cache_root=tmp_path)
+    # 2% of 500 s: two rounds of float32 + bfloat16 (4 s), not three
+    assert timers.steps == {"float32": 3, "bfloat16": 3, "slow": 1}
+    assert choice.name == "bfloat16" and choice.ms_per_step["slow"] is None

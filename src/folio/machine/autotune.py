@@ -27,7 +27,8 @@ CACHE_VERSION = 1
 BUDGET_S = 10.0  # never measure longer than this...
 RUN_FRACTION = 0.02  # ...nor longer than this share of the planned run
 MAX_ROUNDS = 5  # timed rounds (each candidate a few steps per round) when the budget allows
-MIN_ROUNDS = 3  # even over budget: one timed step can be one unlucky step on a shared machine
+MIN_ROUNDS = 3  # over budget_s, while within run_fraction: one step can be an unlucky one
+SLOW_FIRST_STEP = 2.0  # a candidate whose first step took this many times the fastest's is out
 MIN_GAIN = 1.02  # leave the reference only for a candidate this much faster (noise margin)
 LOSS_TOLERANCE = 0.02  # relative difference from the reference's loss that is still "safe"
 # /proc/cpuinfo flags that change which kernels (and so which choice) are fastest
@@ -57,7 +58,7 @@ class Choice:
     speedup: float = 1.0  # steps/s over the reference candidate's
     cached: bool = False
     tuning_s: float = 0.0  # time spent measuring (0 when cached or not measured)
-    ms_per_step: dict[str, float] = field(default_factory=dict)
+    ms_per_step: dict[str, float | None] = field(default_factory=dict)  # None: dropped early
 
 
 def cpu_identity() -> dict[str, Any]:
@@ -116,11 +117,11 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
     if cached is not None:
         return cached
     started = time.perf_counter()
-    stats = measure({name: build(name) for name in candidates}, planned_steps, budget_s,
-                    run_fraction)
+    stats = measure({name: build(name) for name in candidates}, reference, planned_steps,
+                    budget_s, run_fraction)
     tuning_s = time.perf_counter() - started
     name, speedup = pick(stats, reference, tolerance)
-    ms = {n: round(s.ms_per_step, 2) for n, s in stats.items()}
+    ms = {n: round(s.ms_per_step, 2) if s.seconds else None for n, s in stats.items()}
     note = "measured" if name != reference else _why_reference(stats, reference, tolerance)
     choice = Choice(name, dict(candidates[name]), _line(name, speedup, reference, note),
                     speedup, False, tuning_s, ms)
@@ -129,7 +130,7 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
         atomic_write_json(path, {
             "version": CACHE_VERSION, "key": dict(key), "choice": name, "reference": reference,
             "speedup": speedup, "ms_per_step": ms, "tuning_s": round(tuning_s, 2),
-            "losses": {n: s.loss for n, s in stats.items()},
+            "losses": {n: s.loss if s.seconds else None for n, s in stats.items()},
             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds")})
     return choice
@@ -148,24 +149,30 @@ class Stats:
         return min(self.seconds) * 1000 if self.seconds else math.inf
 
 
-def measure(timers: Mapping[str, TimeSteps], planned_steps: int, budget_s: float,
-            run_fraction: float) -> dict[str, Stats]:
+def measure(timers: Mapping[str, TimeSteps], reference: str, planned_steps: int,
+            budget_s: float, run_fraction: float) -> dict[str, Stats]:
     """Time the candidates in interleaved rounds so a drift in machine speed hits all alike.
 
-    A first untimed step each (allocations, first-touch) also estimates the step times, from
-    which the rounds are sized to fit min(budget_s, run_fraction x the planned run), with at
-    least MIN_ROUNDS rounds of one step.
+    A first untimed step each (allocations, first-touch) estimates the step times: candidates
+    SLOW_FIRST_STEP times slower than the fastest are not timed further (the reference always
+    is: the others' losses are checked against its), and the rounds are sized to fit
+    min(budget_s, run_fraction x the planned run), at least MIN_ROUNDS of one step where that
+    fits run_fraction, else one.
     """
     started = time.perf_counter()
     step_s = {name: sum(timer(1).seconds) for name, timer in timers.items()}  # warm-up
-    budget = min(budget_s, run_fraction * planned_steps * min(step_s.values()))
-    left = budget - (time.perf_counter() - started)
-    round_step_s = max(sum(step_s.values()), 1e-9)  # one step of every candidate
-    steps = max(1, min(3, int(left / (MAX_ROUNDS * round_step_s))))
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(left / (steps * round_step_s))))
+    fastest = min(step_s.values())
+    timed = {name: timer for name, timer in timers.items()
+             if name == reference or step_s[name] <= SLOW_FIRST_STEP * fastest}
+    run_share = run_fraction * planned_steps * fastest
+    spent = time.perf_counter() - started
+    round_step_s = max(sum(step_s[name] for name in timed), 1e-9)  # one step of each
+    steps = max(1, min(3, int((min(budget_s, run_share) - spent) / (MAX_ROUNDS * round_step_s))))
+    rounds = int((min(budget_s, run_share) - spent) / (steps * round_step_s))
+    floor = MIN_ROUNDS if spent + MIN_ROUNDS * round_step_s <= run_share else 1
     stats = {name: Stats() for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
+    for _ in range(max(floor, min(MAX_ROUNDS, rounds))):
+        for name, timer in timed.items():
             result = timer(steps)
             stats[name].seconds += result.seconds
             stats[name].loss = result.loss
@@ -190,7 +197,8 @@ def _safe(loss: float, reference_loss: float, tolerance: float) -> bool:
 
 
 def _why_reference(stats: Mapping[str, Stats], reference: str, tolerance: float) -> str:
-    unsafe = [n for n, s in stats.items() if not _safe(s.loss, stats[reference].loss, tolerance)]
+    unsafe = [n for n, s in stats.items()
+              if s.seconds and not _safe(s.loss, stats[reference].loss, tolerance)]
     return "measured" + (f"; rejected {', '.join(unsafe)} (loss off)" if unsafe else "")
 
 
