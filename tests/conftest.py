@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ SHAKESPEARE_TEXT = REPO / "tests" / "data" / "tinyshakespeare" / "input.txt"
 
 # Tests use few threads so helpers and CI runners do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test writes the user's cache (downloads, measured autotune choices): a fresh one per
+# session, holding tiny Shakespeare as a user's first download leaves it.
+if "FOLIO_CACHE" not in os.environ:
+    os.environ["FOLIO_CACHE"] = tempfile.mkdtemp(prefix="folio-test-cache-")
+    (Path(os.environ["FOLIO_CACHE"]) / "tinyshakespeare").mkdir()
+    shutil.copy(SHAKESPEARE_TEXT, Path(os.environ["FOLIO_CACHE"]) / "tinyshakespeare")
 
 
 @pytest.fixture(scope="session")

@@ -294,7 +294,10 @@ def test_short_bench_prints_one_json_line_per_case_with_both_paths(seeded_cache,
             assert key in result, (path, key)
         assert result["steps"] == 2 and math.isfinite(result["loss"])
     assert line["eager"]["dtype"] == "float32" and line["eager"]["fused_loss"] is False
-    assert line["fast"]["fused_loss"] is True
+    # folio's default is what the trainer measured fastest on this machine, and says so
+    assert isinstance(line["fast"]["fused_loss"], bool) and line["fast"]["choice"]
+    assert line["fast"]["choice"].startswith(line["fast"]["dtype"])
+    assert line["cpu"]["model"] and isinstance(line["cpu"]["flags"], list) and line["torch"]
     # both paths train the same model on the same batches
     assert line["fast"]["loss"] == pytest.approx(line["eager"]["loss"], abs=0.05)
     assert line["speedup"] > 0 and line["rss_ratio"] > 0

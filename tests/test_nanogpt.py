@@ -256,3 +256,26 @@ def test_export_of_a_nanogpt_out_dir_loads_in_transformers(char_out_dir, tmp_pat
         diff = (hf_model.eval()(idx).logits - logits(source, idx, 65)).abs().max().item()
     print(f"max abs logit diff (nanoGPT ckpt.pt -> HF export): {diff:.3e}")
     assert diff <= 1e-4
+
+
+def test_sampling_a_nanogpt_out_dir_does_not_import_the_compiler(char_out_dir, tmp_path):
+    """The model for assigned weights is built on the meta device without its random init;
+    meta-device init would import torch._dynamo (~2 s of `folio sample` start-up)."""
+    import subprocess
+    import sys
+    out, _, _ = char_out_dir
+    code = ("import sys\nfrom folio.cli import main\n"
+            f"main(['sample', '--out_dir={out}', '--max_new_tokens=3', '--device=cpu'])\n"
+            "print('DYNAMO', 'torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("DYNAMO False")
+
+
+def test_a_model_built_without_init_has_the_shape_and_no_values():
+    from folio.model.noinit import no_init
+    with torch.device("meta"), no_init():
+        model = GPT(GPTConfig(vocab_size=65, **SHAPE))
+    assert model.lm_head.weight.is_meta and model.lm_head.weight.shape == (128, 32)
+    assert model.num_params() == GPT(GPTConfig(vocab_size=65, **SHAPE)).num_params()

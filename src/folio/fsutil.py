@@ -52,6 +52,11 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         yield f
 
 
+def cache_dir() -> Path:
+    """folio's cache (downloads, measured choices): $FOLIO_CACHE, default ~/.cache/folio."""
+    return Path(os.environ.get("FOLIO_CACHE") or Path.home() / ".cache" / "folio").expanduser()
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from folio.data.clean import decode_utf8
 from folio.errors import DataError
-from folio.fsutil import atomic_open
+from folio.fsutil import atomic_open, cache_dir
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
@@ -180,11 +180,6 @@ def open_binary(path: Path) -> Iterator[BinaryIO]:
 
 
 # ---------------------------------------------------------------------------- tiny Shakespeare
-
-def cache_dir() -> Path:
-    """Where downloads are kept: $FOLIO_CACHE, default ~/.cache/folio."""
-    return Path(os.environ.get("FOLIO_CACHE") or Path.home() / ".cache" / "folio").expanduser()
-
 
 def tiny_shakespeare(source: str = "") -> Source:
     """Tiny Shakespeare, sha256-verified: from --source, else the cache, else downloaded."""

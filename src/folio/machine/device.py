@@ -20,7 +20,6 @@ from folio.errors import DeviceError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MPS_TOPK_LIMIT = 16  # torch.topk on MPS fails for k > 16
-BF16_MIN_SPEEDUP = 1.5  # bf16 autocast on a CPU only where its matmuls are this much faster
 # glibc mallopt parameters (malloc.h) and the mmap threshold folio sets
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 1 << 30
@@ -67,26 +66,16 @@ def cpu_supports_bf16() -> bool:
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def cpu_bf16_pays() -> bool:
-    """True where bf16 matmuls run clearly faster than float32 ones on this CPU.
-
-    Without native bf16 (AVX-512 BF16, AMX) PyTorch emulates it at a small fraction of the
-    float32 speed, so the flag alone is not enough: the two are measured once (~0.1 s).
-    """
-    return cpu_supports_bf16() and (measured_cpu_matmul_flops(torch.bfloat16)
-                                     >= BF16_MIN_SPEEDUP * measured_cpu_matmul_flops(torch.float32))
-
-
 def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
     """'auto' picks the fastest dtype that trains reliably on `device`.
 
-    On a CPU that is bfloat16 autocast for training where bf16 matmuls pay, else float32.
+    On a CPU that is float32: whether bfloat16 pays depends on the model (a 2048^2 matmul
+    said yes where the char model's casts made its steps 1.4x slower), so training measures
+    it on the model's own steps (train/autotune_step.py) and replaces this answer.
     """
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and training and cpu_bf16_pays():
-            return torch.bfloat16
         return torch.float32
     dtype = DTYPES.get(name)
     if dtype is None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from folio.model.cache import KVCache, positions
 from folio.model.fastdropout import FastDropout, causal_attention
 from folio.model.fastloss import fused_linear_cross_entropy
+from folio.model.noinit import no_init
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
 
@@ -262,7 +263,7 @@ def count_params(shape_json: str) -> int | None:
     """Non-embedding parameter count (as nanoGPT prints it) of a run.json model section given
     as JSON, from the model built on the meta device (no memory, no compute); None if unknown."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), no_init():
             return GPT(GPTConfig(**json.loads(shape_json))).num_params()
     except Exception:  # an unknown/old model dict: callers just leave the count out
         return None

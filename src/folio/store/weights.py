@@ -12,6 +12,7 @@ import torch
 
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
+from folio.model.noinit import no_init
 
 TIED_KEY = "lm_head.weight"  # the same tensor as WTE_KEY; stored once
 WTE_KEY = "transformer.wte.weight"
@@ -45,7 +46,7 @@ def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor],
     if WTE_KEY not in state:
         raise CheckpointError(f"{source} has no {WTE_KEY}; it is not a GPT-2/nanoGPT model")
     state[WTE_KEY] = pad_rows(state[WTE_KEY], config.padded_vocab_size, source)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():  # no init kernels (and no torch._dynamo import)
         model = GPT(config, kernels)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

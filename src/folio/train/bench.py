@@ -29,6 +29,7 @@ from folio.errors import ConfigError, FolioError
 
 # In a source checkout the tests carry tiny Shakespeare; an installed folio downloads it.
 REPO_TEXT = Path(__file__).resolve().parents[3] / "tests" / "data" / "tinyshakespeare" / "input.txt"
+PLANNED_ITERS = 2000  # the run a path with knobs on auto plans, so its trainer measures
 RESULT_MARK = "FOLIO_BENCH_RESULT "
 QUALITY_TOLERANCE = 0.02
 ROUNDS = 5  # turns each path takes (fewer when a case has fewer timed steps)
@@ -238,7 +239,8 @@ def step_figures(result: dict, times: list[float], peak: float, tokens: int) -> 
 
 def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
     """One JSON-able line: the case, each path's numbers, and fast / eager ratios."""
-    line = {"case": name, "tokens_per_iter": case.tokens_per_iter, **results}
+    line = {"case": name, "tokens_per_iter": case.tokens_per_iter, **results,
+            **machine_figures()}
     labels = list(results)
     if len(labels) >= 2 and not any("error" in results[k] for k in labels[:2]):
         base, new = results[labels[0]], results[labels[1]]
@@ -250,6 +252,14 @@ def summarise(name: str, case: Case, results: dict[str, dict]) -> dict:
     return line
 
 
+def machine_figures() -> dict:
+    """The CPU (model, speed flags) and torch a line was measured on: never mix machines."""
+    import torch
+
+    from folio.machine.autotune import cpu_identity
+    return {"cpu": cpu_identity(), "torch": torch.__version__}
+
+
 def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> dict:
     """Final val loss of cpu_char after `iters` iterations on each path (issue 9, item 3)."""
     case = CASES["cpu_char"]
@@ -259,7 +269,7 @@ def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> 
         child = Child(case, knobs, data_dir, iters=iters)
         losses[label] = _ask(child)
         child.close()
-    line: dict = {"case": "cpu_char_quality", "iters": iters,
+    line: dict = {"case": "cpu_char_quality", "iters": iters, **machine_figures(),
                   **{label: {k: v.get(k) for k in ("val_loss", "dtype", "compile", "seconds")}
                      for label, v in losses.items()}}
     first = [v.get("val_loss") for v in losses.values()][:2]
@@ -320,6 +330,7 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
     """A Trainer for `case` with the path's knobs, and what the path turned out to use."""
     import torch
 
+    from folio.config import AUTO
     from folio.machine.device import configure_allocator
     from folio.machine.distributed import DistInfo
     from folio.model.gpt import Kernels
@@ -332,17 +343,24 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
         n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
         block_size=case.block_size, batch_size=case.batch_size, dropout=case.dropout,
         bias=False, dtype=knobs["dtype"], compile=knobs["compile"],
-        max_iters=iters or 1, lr_decay_iters=iters or 2000, eval_interval=iters or 1,
+        # a path with knobs on auto plans a 2,000-step run, so its trainer measures its choice
+        # as `folio train` would (the measuring is part of the set-up, not of the timed steps)
+        max_iters=iters or (PLANNED_ITERS if AUTO in knobs.values() else 1),
+        lr_decay_iters=iters or 2000, eval_interval=iters or 1,
         eval_iters=50, log_interval=max(1, iters // 10), warmup_iters=100 if iters else 0,
         learning_rate=1e-3, beta2=0.99, min_lr=1e-4)  # nanoGPT's tiny-Shakespeare recipe
-    auto = Kernels.for_device("cpu")
-    kernels = Kernels(**{name: getattr(auto, name) if knobs[name] == "auto" else knobs[name] == "1"
-                         for name in ("fused_loss", "fast_dropout")})
+    # kernels on auto are left to the trainer (measured), explicit ones are given
+    kernels = None if AUTO in (knobs["fused_loss"], knobs["fast_dropout"]) else \
+        Kernels(fused_loss=knobs["fused_loss"] == "1", fast_dropout=knobs["fast_dropout"] == "1")
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), kernels)
+    tuning = trainer.tuning
     return trainer, {"dtype": str(trainer.dtype).removeprefix("torch."),
-                     "compile": trainer.compiled, "fused_loss": kernels.fused_loss,
-                     "fast_dropout": kernels.fast_dropout, "threads": torch.get_num_threads()}
+                     "choice": tuning.line if tuning else None,
+                     "tuning_s": round(tuning.tuning_s, 2) if tuning else 0.0,
+                     "compile": trainer.compiled, "fused_loss": trainer.kernels.fused_loss,
+                     "fast_dropout": trainer.kernels.fast_dropout,
+                     "threads": torch.get_num_threads()}
 
 
 def peak_rss_mb() -> int:

@@ -26,6 +26,7 @@ from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
 from folio.machine import distributed
 from folio.machine.device import (
+    DTYPES,
     autocast,
     configure_allocator,
     configure_threads,
@@ -37,6 +38,7 @@ from folio.model.gpt import GPT, GPTConfig, Kernels
 from folio.store import guard, hf, rundir, sources
 from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
+from folio.train import autotune_step
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import configure_optimizer, lr_at
 from folio.watch.metrics import finite_or_none, format_duration
@@ -128,6 +130,12 @@ class Trainer:
         # same math either way; on a CPU far less memory (fastloss.py, fastdropout.py)
         self.kernels = Kernels.for_device(device.type) if kernels is None else kernels
         self.model = self._build_model(cfg, resume)
+        self.tuning = None
+        if device.type == "cpu" and kernels is None:  # knobs on auto: measured on this model
+            self.tuning = autotune_step.tune(self, cfg)
+            self.model = autotune_step.build_with(self.model, self.tuning.knobs)
+            self.kernels = self.model.kernels
+            self.dtype = DTYPES[self.tuning.knobs["dtype"]]
         torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
         # the model decides its shape (a resumed or pretrained one may differ from the defaults)
         shape = {k: getattr(self.model.config, k) for k in MODEL_SHAPE_KEYS}
@@ -375,6 +383,8 @@ class Trainer:
         remaining = cfg.max_iters - self.progress.iter_num
         guess = estimate_seconds(self.flops_per_iter * remaining, self.peak, self.device)
         dtype = str(self.dtype).removeprefix("torch.")
+        if self.tuning:  # the measured choice and its ratio
+            dtype = self.tuning.line
         print(f"folio: training on {self.device} ({dtype}, compile "
               f"{'on' if self.compiled else 'off'}, {self.info.world_size} process"
               f"{'es' if self.info.enabled else ''}) | iters {self.progress.iter_num}->"

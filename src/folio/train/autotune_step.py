@@ -1,0 +1,120 @@
+"""The measured choice of CPU training knobs left on `auto`, from the run's own model and data.
+
+Each candidate is a copy of the freshly built model with its knobs applied, trained a few steps
+on real batches with the run's optimizer settings, then thrown away: the run itself starts from
+the untouched model and the RNG state it had before tuning, so it is the same run, bit for bit,
+whether tuning ran, was cached, or was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from folio.config import AUTO, TrainConfig
+from folio.data.loader import Loader, open_tokens
+from folio.machine import autotune
+from folio.machine.device import DTYPES, autocast, cpu_supports_bf16
+from folio.model.gpt import GPT
+from folio.store.weights import gpt_from_state
+from folio.train.optim import configure_optimizer
+
+MIN_PLANNED_STEPS = 500  # shorter runs (tests, --max_iters=0, evals) keep the reference:
+# measuring takes ~4 steps per candidate at least, too much of a shorter run
+BATCHES = 8  # real training batches, cycled, that every candidate sees in the same order
+LOGITS_LIMIT_BYTES = 256 << 20  # above this the (B*T, V) float32 logits are never a candidate
+# Where knobs left on auto run from (the reference is the first: folio's previous CPU path)
+REFERENCE = {"dtype": "float32", "fused_loss": True}
+
+
+def candidates(cfg: TrainConfig, vocab: int) -> dict[str, dict[str, Any]]:
+    """{name: knobs} for the knobs `cfg` leaves on auto; the first is the reference.
+
+    The plain loss (nanoGPT's full (B*T, V) logits) is a candidate only while those logits
+    stay small: the chunked loss exists to keep a 50k vocabulary's memory flat.
+
+    compile=auto is not a candidate on a CPU: inductor takes 25-65 s to compile, more than the
+    whole measuring budget, and its steps were no faster in float32 (issue 15's profile).
+    """
+    small_logits = 4 * cfg.batch_size * cfg.block_size * vocab <= LOGITS_LIMIT_BYTES
+    options: dict[str, list[Any]] = {"fused_loss": [True, False] if small_logits else [True]}
+    if cfg.dtype == AUTO:
+        options["dtype"] = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
+    else:
+        options["dtype"] = [cfg.dtype]
+    found = {}
+    for fused, dtype in itertools.product(options["fused_loss"], options["dtype"]):
+        knobs = {"dtype": dtype, "fused_loss": fused}
+        found[dtype + ("" if fused else " + logits loss")] = knobs
+    return found
+
+
+def build_with(model: GPT, knobs: dict[str, Any], copy: bool = False) -> GPT:
+    """A model built with the kernels `knobs` choose, holding `model`'s weights (shared, or
+    copied with `copy`); the CPU's cheap attention dropout stays as `model` has it."""
+    kernels = dataclasses.replace(model.kernels, fused_loss=knobs["fused_loss"])
+    state = model.state_dict()
+    if copy:
+        state = {k: v.detach().clone() for k, v in state.items()}
+    return gpt_from_state(model.config, state, "the model being tuned", kernels)
+
+
+def tune(trainer: Any, cfg: TrainConfig) -> autotune.Choice:
+    """Choose and return the knobs for `trainer` (built model, not yet moved or wrapped).
+
+    Measures only on one CPU process with a run long enough for it to pay; otherwise (or with
+    everything set explicitly) the reference, or the explicit setting, is returned unmeasured.
+    """
+    found = candidates(cfg, trainer.model.config.padded_vocab_size)
+    reference = next(iter(found))
+    planned = cfg.max_iters - trainer.progress.iter_num
+    # (a compiled model runs other kernels than the eager copies measured here)
+    if trainer.device.type != "cpu" or trainer.info.enabled or planned < MIN_PLANNED_STEPS \
+            or cfg.eval_only or cfg.compile is True:
+        return autotune.Choice(reference, found[reference], f"{reference}: not measured")
+    model = trainer.model
+    shape = {**model.config.to_dict(), "dropout": cfg.dropout}
+    batch = {"batch_size": cfg.batch_size, "block_size": model.config.block_size,
+             "grad_clip": cfg.grad_clip > 0}
+    key = autotune.cache_key(shape, batch, trainer.device.type, found)
+    with torch.random.fork_rng(devices=[]):  # the run's RNG is as if tuning never ran
+        tokens = open_tokens(trainer.dataset_dir, "train", trainer.meta)
+        loader = Loader(tokens, cfg.batch_size, model.config.block_size, cfg.seed,
+                        trainer.device, "train")
+        batches = [loader.next_batch() for _ in range(BATCHES)]
+        return autotune.choose(found, lambda name: step_timer(model, found[name], cfg,
+                                                              trainer.device, batches),
+                               key, planned, reference=reference)
+
+
+def step_timer(model: GPT, knobs: dict[str, Any], cfg: TrainConfig, device: torch.device,
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> autotune.TimeSteps:
+    """Time full training steps (forward, backward, clip, AdamW) of a copy of `model`."""
+    model = build_with(model, knobs, copy=True)  # same initial weights for every candidate
+    model.to(device).train()
+    optimizer = configure_optimizer(model, cfg, device.type)
+    dtype = DTYPES[knobs["dtype"]]
+    done = 0
+
+    def time_steps(n: int) -> autotune.Measurement:
+        nonlocal done
+        seconds, loss = [], torch.zeros(())
+        for _ in range(n):
+            x, y = batches[done % len(batches)]
+            torch.manual_seed(cfg.seed + done)  # the same dropout draws for every candidate
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                loss = model(x, y)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - t0)
+            done += 1
+        return autotune.Measurement(seconds, loss.item())
+    return time_steps
