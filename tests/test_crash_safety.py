@@ -21,6 +21,7 @@ from folio.store.sources import load_model
 from folio.watch.metrics import read_metrics
 
 KILLS = 24
+MAX_KILLS = 72
 # Evaluate and save at every iteration so that many kills land inside checkpoint writes.
 HAMMER = dict(eval_interval=1, eval_iters=1, always_save_checkpoint=True, log_interval=1,
               lr_decay_iters=100_000, dropout=0.1)
@@ -52,8 +53,11 @@ def assert_loadable(out: Path) -> None:
 def test_sigkill_at_random_moments_never_leaves_an_unloadable_run(char_data_dir, tmp_path):
     rng = random.Random(7)
     out = tmp_path / "run"
-    mid_write = 0
-    for kill in range(KILLS):
+    mid_write = kill = 0
+    # at least KILLS kills, and more (bounded) until at least 3 hit a checkpoint write: where
+    # a write lands in time depends on the machine's load
+    while kill < KILLS or (mid_write < 3 and kill < MAX_KILLS):
+        kill += 1
         resume = ["--init_from=resume"] if (out / RESUME_FILE).exists() else []
         before = train_rows(out)
         proc = launch([*tiny_args(char_data_dir, out, max_iters=100_000, **HAMMER), *resume])
@@ -69,7 +73,7 @@ def test_sigkill_at_random_moments_never_leaves_an_unloadable_run(char_data_dir,
         proc.wait(timeout=30)
         mid_write += any(out.glob(".*.tmp"))
         assert_loadable(out)
-    print(f"{KILLS} kills survived, {mid_write} of them inside a checkpoint write")
+    print(f"{kill} kills survived, {mid_write} of them inside a checkpoint write")
     assert mid_write >= 3, "saves too fast to be hit: the test does not test writes"
 
     # Finish the run, then compare every logged loss with an uninterrupted run.
