@@ -38,10 +38,11 @@ from folio.store import guard, hf, rundir, sources
 from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
-from folio.train.optim import configure_optimizer, lr_at
+from folio.train.optim import apply_schedule, configure_optimizer
 from folio.watch.metrics import finite_or_none, format_duration
 
-MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope", "norm",
+                    "qk_norm", "mlp", "tie_head", "logit_softcap", "zero_init_proj")
 
 
 def train(cfg: TrainConfig) -> int:
@@ -170,9 +171,9 @@ class Trainer:
             model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir,
                                    kernels=self.kernels)
         elif cfg.init_from == "scratch":
-            model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
-                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                  dropout=cfg.dropout, bias=cfg.bias), self.kernels)
+            shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
+            model = GPT(GPTConfig(vocab_size=self.meta["vocab_size"], dropout=cfg.dropout,
+                                  **shape), self.kernels)
         else:
             model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout, kernels=self.kernels)
             if self.meta["vocab_size"] > model.config.vocab_size:
@@ -236,15 +237,14 @@ class Trainer:
                 if cfg.eval_only or p.iter_num >= cfg.max_iters:
                     break
                 t0 = time.perf_counter()
-                lr = lr_at(p.iter_num, cfg)
-                loss = self.step(lr)
+                loss = self.step(p.iter_num)
                 p.iter_num += 1
                 if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
                     # a host sync: only at log lines; the mean over every rank's micro-batches
                     loss_value = distributed.all_reduce_mean(loss.item(), self.info)
                     check_finite(loss_value, p.iter_num, "training loss")
                     ms = (time.perf_counter() - t0) * 1000
-                    self.log_step(loss_value, lr, ms, time.perf_counter() - started)
+                    self.log_step(loss_value, self.lr, ms, time.perf_counter() - started)
                 if distributed.broadcast_flag(stop.requested, self.info):
                     return self.save_on_interrupt()
         self.save(best=False)
@@ -255,10 +255,10 @@ class Trainer:
             self.metrics.close()
         return 0
 
-    def step(self, lr: float) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns their mean loss."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, iter_num: int) -> torch.Tensor:
+        """Iteration iter_num's optimizer step over grad_accum micro-batches, at the schedule's
+        learning rates (the base one kept in self.lr); returns their mean loss."""
+        self.lr = apply_schedule(self.optimizer, iter_num, self.cfg)
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
