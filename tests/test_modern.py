@@ -155,3 +155,24 @@ def test_old_run_json_without_the_new_model_fields_still_loads(tiny_run, tmp_pat
     model, _, _ = load_model(old)
     assert not model.config.rope and model.config.tie_head and "wpe" in model.transformer
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_batched_muon_matches_torch_muon():
+    """BatchedMuon is torch.optim.Muon's update (torch's runs in bfloat16: loose tolerance)."""
+    from folio.train.optim import BatchedMuon
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 24), (24, 8), (8, 8), (16, 8)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opts = [BatchedMuon(ours, lr=0.1, weight_decay=0.1),
+            torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1)]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in zip((ours, theirs), opts, strict=True):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert not torch.equal(a, b)  # different precision, so not bitwise
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01)  # each step moves them ~0.1
+    assert opts[0].state_dict()["state"][0].keys() == opts[1].state_dict()["state"][0].keys()

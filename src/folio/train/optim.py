@@ -64,10 +64,63 @@ def muon_adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> Mu
     groups = [{"params": ps, "lr_scale": peak[kind] / base,
                "weight_decay": cfg.weight_decay if kind != "scalar" else 0.0}
               for kind, ps in rest.items() if ps]
-    muon = torch.optim.Muon([{"params": matrices, "lr_scale": cfg.muon_lr / base,
-                              "muon": True}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                            momentum=cfg.muon_momentum)
+    muon = BatchedMuon([{"params": matrices, "lr_scale": cfg.muon_lr / base, "muon": True}],
+                       lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     return MuonAdamW(muon, adamw(groups, cfg, device_type))
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch.optim.Muon's update, settings and state, with Newton-Schulz run once per matrix
+    shape on a stack of the same-shape matrices, in float32 except on CUDA.
+
+    Why not torch's own step: it orthogonalises one matrix at a time in bfloat16, which on a
+    CPU without bfloat16 matmul units cost 175 ms per step for the 16 block matrices of the
+    README CPU model, against 28 ms here (91 ms unbatched float32; one AMD EPYC, AVX512).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            momentum = group["momentum"]
+            updates = []
+            for grad, buf in zip(grads, bufs, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, u in enumerate(updates):  # wide orientation: (r, c) and (c, r) batch together
+                by_shape.setdefault(tuple(sorted(u.shape)), []).append(i)
+            for members in by_shape.values():
+                stack = torch.stack([wide(updates[i]) for i in members])  # (n, r, c), r <= c
+                ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"])
+                for i, o in zip(members, ortho, strict=True):
+                    p = params[i]
+                    o = o if p.size(0) <= p.size(1) else o.T
+                    lr = group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1)))  # "original"
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(o.to(p.dtype), alpha=-lr)
+
+
+def wide(m: torch.Tensor) -> torch.Tensor:
+    """m (r, c) with r <= c (transposed if taller than wide)."""
+    return m if m.size(0) <= m.size(1) else m.T
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Approximate orthogonalisation of each matrix of g (n, r, c), r <= c, by torch.optim.Muon's
+    quintic Newton-Schulz iteration; float32 (bfloat16 on CUDA)."""
+    a, b, c = coefficients
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT  # (n, r, r)
+        x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
+    return x
 
 
 class MuonAdamW:
