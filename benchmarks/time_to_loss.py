@@ -61,12 +61,13 @@ def make_config(shape: str, data_dir: Path, out_dir: str, modern: bool, **change
     return device_defaults(cfg, "cpu")[0]
 
 
-def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float = 0.0) -> dict:
+def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float = 0.0,
+          split: str = "val") -> dict:
     """Train cfg.max_iters iterations (or until `seconds` of training time); evaluate the fixed
     val batches at 0, every eval_every and at the end. Returns the run's curve and timings."""
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), Kernels.for_device("cpu"))
-    val = {"val": trainer.eval_splits["val"]}
+    val = {"val": trainer.eval_splits[split]}  # "val" names the split evaluated
 
     def evaluate() -> float:
         return estimate_loss(trainer.model, val, eval_batches, cfg.batch_size, cfg.block_size,
@@ -114,6 +115,9 @@ def main() -> int:
     parser.add_argument("--eval-batches", type=int, default=100)
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--ablation-shape", default="char")
+    parser.add_argument("--sweep", default="",
+                        help="instead: tune the modern recipe on the TRAIN split, e.g. "
+                        "muon_lr=0.02,0.03,0.05 (one setting, its values)")
     parser.add_argument("--runs-dir", default="", help="write each run's eval curve here")
     parser.add_argument("--data-dir", default="")
     args = parser.parse_args()
@@ -136,6 +140,17 @@ def main() -> int:
             print(json.dumps(line), flush=True)
             return result
 
+        if args.sweep:
+            key, values = args.sweep.split("=")
+            for shape in shapes:
+                for value in values.split(","):
+                    cfg = make_config(shape, data_dir, f"{tmp}/{shape}-{value}", True,
+                                      max_iters=int(short[shape]), **{key: value})
+                    result = train(cfg, int(short[shape]), args.eval_batches, split="train")
+                    print(json.dumps({"shape": shape, "sweep": key, "value": value,
+                                      "train_split_loss": result["final_val"],
+                                      "ms_per_iter": result["ms_per_iter"]}), flush=True)
+            return 0
         for shape in shapes:
             n = int(short[shape])
             base = run("nanogpt", shape, False)
