@@ -75,12 +75,14 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
                              max_tokens=trainer.eval_tokens)["val"]
 
     curve = [(0, 0.0, evaluate())]
+    losses = []  # (iter, training seconds, training loss)
     train_s, i = 0.0, 0
     while i < cfg.max_iters and not (seconds and train_s >= seconds):
         t0 = time.perf_counter()
-        trainer.step(i)
+        loss = trainer.step(i)
         train_s += time.perf_counter() - t0
         i += 1
+        losses.append((i, round(train_s, 3), round(loss.item(), 4)))
         if i % eval_every == 0 or i == cfg.max_iters:
             curve.append((i, round(train_s, 3), round(evaluate(), 4)))
     if curve[-1][0] != i:
@@ -88,7 +90,8 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
     if trainer.metrics is not None:
         trainer.metrics.close()
     return {"iters": i, "train_s": round(train_s, 2), "ms_per_iter": round(1000 * train_s / i, 2),
-            "final_val": curve[-1][2], "best_val": min(v for _, _, v in curve), "curve": curve}
+            "final_val": curve[-1][2], "best_val": min(v for _, _, v in curve), "curve": curve,
+            "losses": losses}
 
 
 def first_reaching(curve: list, target: float) -> tuple[int, float] | tuple[None, None]:
@@ -97,10 +100,14 @@ def first_reaching(curve: list, target: float) -> tuple[int, float] | tuple[None
 
 
 def write_metrics(run_dir: Path, result: dict, cfg: TrainConfig) -> None:
-    """The curve as a run dir metrics.jsonl (eval lines), so `folio plot` draws it."""
+    """The run as a run dir metrics.jsonl (train and eval lines), so `folio plot` draws it;
+    time_s counts training time only."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tokens = cfg.batch_size * cfg.block_size
     with open(run_dir / "metrics.jsonl", "w") as f:
+        for it, s, loss in result["losses"]:
+            f.write(json.dumps({"kind": "train", "iter": it, "tokens": it * tokens, "time_s": s,
+                                "loss": loss}) + "\n")
         for it, s, v in result["curve"]:
             f.write(json.dumps({"kind": "eval", "iter": it, "tokens": it * tokens, "time_s": s,
                                 "train_loss": None, "val_loss": v}) + "\n")
@@ -113,6 +120,8 @@ def main() -> int:
                         help="the modern recipe's short schedule per shape")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=100)
+    parser.add_argument("--same-time", default="char,bpe",
+                        help="shapes that also get the modern run as long as nanoGPT's")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--ablation-shape", default="char")
     parser.add_argument("--sweep", default="",
@@ -136,7 +145,7 @@ def main() -> int:
             if args.runs_dir:
                 write_metrics(Path(args.runs_dir) / f"{shape}-{name}", result, cfg)
             line = {"shape": shape, "run": name, **{k: v for k, v in result.items()
-                                                     if k != "curve"}}
+                                                     if k not in ("curve", "losses")}}
             print(json.dumps(line), flush=True)
             return result
 
@@ -157,8 +166,11 @@ def main() -> int:
             target = base["final_val"]
             fast = run(f"modern_{n}", shape, True, max_iters=n)
             it, s = first_reaching(fast["curve"], target)
-            fit = int(base["train_s"] / (fast["train_s"] / fast["iters"]))
-            same = run("modern_same_time", shape, True, seconds=base["train_s"], max_iters=fit)
+            same = {"best_val": None}
+            if shape in args.same_time.split(","):
+                fit = int(base["train_s"] / (fast["train_s"] / fast["iters"]))
+                same = run("modern_same_time", shape, True, seconds=base["train_s"],
+                           max_iters=fit)
             print(json.dumps({
                 "shape": shape, "target_val": target, "nanogpt_s": base["train_s"],
                 "nanogpt_iters": base["iters"], "modern_iters_to_target": it,

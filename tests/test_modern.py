@@ -119,7 +119,7 @@ def train_losses(run) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_metrics(run).train}
 
 
-def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_path):
+def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_path, capsys):
     """N iterations + resume to 2N gives bitwise the losses of 2N straight, with Muon."""
     common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1,
                   recipe="modern", muon_momentum_warmup=10)
@@ -139,6 +139,10 @@ def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_
     with pytest.raises(ConfigError, match="rope=True has no exact transformers"):
         hf.to_hf_state_dict(model)
     assert main(["export", str(straight), str(tmp_path / "hf")]) != 0
+    plain = tiny_args(char_data_dir, straight, max_iters=20)  # resumed without the recipe
+    capsys.readouterr()
+    assert main(["train", *plain, "--init_from=resume"]) != 0
+    assert "trained with optimizer=muon (recipe=modern)" in capsys.readouterr().err
 
 
 def test_old_run_json_without_the_new_model_fields_still_loads(tiny_run, tmp_path):

@@ -413,6 +413,12 @@ def check_resume_matches(cfg: TrainConfig, run_info: RunInfo, meta: dict) -> Non
             raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
                                   f"in {cfg.out_dir} has {key}={saved[key]}; drop the setting "
                                   "or start a new --out_dir")
+    saved_opt = (run_info.config or {}).get("optimizer", "adamw")
+    if saved_opt != cfg.optimizer:
+        raise CheckpointError(f"cannot resume: the checkpoint in {cfg.out_dir} was trained with "
+                              f"optimizer={saved_opt} (recipe="
+                              f"{run_info.config.get('recipe', 'nanogpt')}), not "
+                              f"{cfg.optimizer}; resume with the settings it was trained with")
     saved_tok = run_info.tokenizer
     if saved_tok != meta["tokenizer"]:
         raise CheckpointError(f"cannot resume: dataset {cfg.dataset!r} uses a different "
