@@ -130,13 +130,13 @@ def main() -> int:
     parser.add_argument("--runs-dir", default="", help="write each run's eval curve here")
     parser.add_argument("--data-dir", default="")
     args = parser.parse_args()
-    shapes = args.shapes.split(",")
+    shapes = [s for s in args.shapes.split(",") if s]
     short = dict(kv.split("=") for kv in args.modern_iters.split(","))
     host = {"cpu": platform.processor() or platform.machine(),
             "capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps({"host": host}), flush=True)
-    datasets = {SHAPES[s]["dataset"] for s in shapes}
+    datasets = {SHAPES[s]["dataset"] for s in [*shapes, args.ablation_shape]}
     with bench_data_dir(args.data_dir, datasets) as data_dir, \
             tempfile.TemporaryDirectory(prefix="folio-ttl-") as tmp:
         def run(name: str, shape: str, modern: bool, seconds: float = 0.0, **changes) -> dict:

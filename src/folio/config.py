@@ -528,7 +528,7 @@ DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
 # tuned on tiny Shakespeare's train split at the README CPU size (see README).
 MODERN_RECIPE: dict[str, Any] = {
     "rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_head": False,
-    "zero_init_proj": True, "bias": False, "optimizer": "muon", "muon_lr": 0.03,
+    "zero_init_proj": True, "bias": False, "optimizer": "muon", "muon_lr": 0.02,
     "learning_rate": 0.01, "embed_lr": 0.01, "head_lr": 0.004, "weight_decay": 0.0,
     "lr_schedule": "wsd", "warmdown_frac": 0.5, "warmup_iters": 0, "min_lr": 0.0,
 }
