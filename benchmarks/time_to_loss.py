@@ -94,6 +94,24 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
             "losses": losses}
 
 
+def interleaved_step_ratio(configs: list[TrainConfig], rounds: int = 6, steps: int = 10
+                           ) -> list[float]:
+    """Median ms per step of each config, their trainers taking turns in blocks of `steps`
+    (after one warmup block), so load from other processes falls on all of them alike."""
+    with contextlib.redirect_stdout(sys.stderr):
+        trainers = [Trainer(c, DistInfo(), torch.device("cpu"), Kernels.for_device("cpu"))
+                    for c in configs]
+    times: list[list[float]] = [[] for _ in trainers]
+    for r in range(rounds + 1):
+        for t, ts in zip(trainers, times, strict=True):
+            for i in range(steps):
+                t0 = time.perf_counter()
+                t.step(r * steps + i)
+                if r:
+                    ts.append(time.perf_counter() - t0)
+    return [round(1000 * sorted(ts)[len(ts) // 2], 2) for ts in times]
+
+
 def first_reaching(curve: list, target: float) -> tuple[int, float] | tuple[None, None]:
     """(iterations, training seconds) of the first eval at or below target."""
     return next(((it, s) for it, s, v in curve if it and v <= target), (None, None))
@@ -122,6 +140,8 @@ def main() -> int:
     parser.add_argument("--eval-batches", type=int, default=100)
     parser.add_argument("--same-time", default="char,bpe",
                         help="shapes that also get the modern run as long as nanoGPT's")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the interleaved step times of both recipes per shape")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--ablation-shape", default="char")
     parser.add_argument("--sweep", default="",
@@ -160,7 +180,17 @@ def main() -> int:
                                       "train_split_loss": result["final_val"],
                                       "ms_per_iter": result["ms_per_iter"]}), flush=True)
             return 0
-        for shape in shapes:
+        def step_times(shape: str) -> list[float]:
+            return interleaved_step_ratio([
+                make_config(shape, data_dir, f"{tmp}/{shape}-ia", False),
+                make_config(shape, data_dir, f"{tmp}/{shape}-ib", True,
+                            max_iters=int(short[shape]))])
+
+        for shape in shapes if args.steps_only else []:
+            a, b = step_times(shape)
+            print(json.dumps({"shape": shape, "interleaved_ms": {"nanogpt": a, "modern": b},
+                              "interleaved_step_ratio": round(b / a, 3)}), flush=True)
+        for shape in [] if args.steps_only else shapes:
             n = int(short[shape])
             base = run("nanogpt", shape, False)
             target = base["final_val"]
@@ -171,8 +201,13 @@ def main() -> int:
                 fit = int(base["train_s"] / (fast["train_s"] / fast["iters"]))
                 same = run("modern_same_time", shape, True, seconds=base["train_s"],
                            max_iters=fit)
+            a, b = step_times(shape)
             print(json.dumps({
-                "shape": shape, "target_val": target, "nanogpt_s": base["train_s"],
+                "shape": shape, "target_val": target,
+                "interleaved_ms": {"nanogpt": a, "modern": b},
+                "interleaved_step_ratio": round(b / a, 3),
+                "iter_ratio_x_interleaved_step_ratio": round(it / base["iters"] * b / a, 3)
+                if it else None, "nanogpt_s": base["train_s"],
                 "nanogpt_iters": base["iters"], "modern_iters_to_target": it,
                 "modern_s_to_target": s,
                 "wall_ratio": round(s / base["train_s"], 3) if s else None,
