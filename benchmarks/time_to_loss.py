@@ -5,7 +5,8 @@ trains (a) the nanoGPT recipe for 2,000 iterations, (b) the modern recipe on a s
 (time to (a)'s final val loss) and (c) the modern recipe with as many iterations as fit in
 (a)'s training time (best val loss in the same wall time). Every run evaluates on the SAME
 fixed val batches (`--eval_batches`, default 100) every `--eval_every` iterations; eval time
-is not counted. Both use the CPU fast path (Kernels.for_device("cpu")), float32, no compile.
+is not counted. Both use the CPU fast path (Kernels.for_device("cpu")), float32, no compile, and
+denormals flushed (as `folio train` on a CPU).
 Prints one JSON line per run and one per shape (the ratios); `--ablation` adds modern runs
 with one piece switched back at a time. Run it alone, under the shared lock:
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from folio.config import TrainConfig, apply, device_defaults
+from folio.machine.device import configure_allocator, flush_denormals
 from folio.machine.distributed import DistInfo
 from folio.model.gpt import Kernels
 from folio.train.bench import bench_data_dir
@@ -150,6 +152,8 @@ def main() -> int:
     parser.add_argument("--runs-dir", default="", help="write each run's eval curve here")
     parser.add_argument("--data-dir", default="")
     args = parser.parse_args()
+    configure_allocator()  # what `folio train` does on a CPU, for both recipes
+    flush_denormals()
     shapes = [s for s in args.shapes.split(",") if s]
     short = dict(kv.split("=") for kv in args.modern_iters.split(","))
     host = {"cpu": platform.processor() or platform.machine(),

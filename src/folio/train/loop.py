@@ -29,6 +29,7 @@ from folio.machine.device import (
     autocast,
     configure_allocator,
     configure_threads,
+    flush_denormals,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig) -> int:
     device = distributed.device_for_rank(info, resolve_device(cfg.device))
     if device.type == "cpu":
         configure_allocator()
+        flush_denormals()
     cfg, note = device_defaults(cfg, device.type)
     if note and info.is_master:
         print(f"folio: {note}", flush=True)
