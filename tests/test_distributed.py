@@ -196,3 +196,35 @@ def test_accumulation_not_divisible_by_the_process_count_is_rejected(char_data_d
                                             gradient_accumulation_steps=3)).config
     with pytest.raises(TrainingError, match="gradient_accumulation_steps=3 is not divisible"):
         Trainer(cfg, DistInfo(rank=0, world_size=2, local_world_size=2), torch.device("cpu"))
+
+
+MODERN = dict(SETTINGS, recipe="modern", muon_momentum_warmup=10)
+
+
+def modern_single_run(char_data_dir, out: Path) -> Path:
+    """The 1-process reference of a --recipe=modern run (Muon + AdamW), as `single_run`."""
+    from folio.config import device_defaults
+    cfg = parse_args(TrainConfig, tiny_args(char_data_dir, out, **MODERN)).config
+    trainer = Trainer(device_defaults(cfg, "cpu")[0], DistInfo(), torch.device("cpu"))
+    trainer.loader = RankStreams([
+        Loader(trainer.eval_splits["train"], cfg.batch_size, cfg.block_size, cfg.seed + rank,
+               trainer.device, "train") for rank in range(2)])
+    assert trainer.run() == 0
+    return out
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_modern_recipe_with_muon_trains_and_resumes_like_one_process(char_data_dir, tmp_path,
+                                                                      fsdp):
+    """Muon under DDP (averaged gradients) and FSDP2 (each update gathered whole, applied to
+    the shards): the same losses and weights as one process, across a resume."""
+    single = modern_single_run(char_data_dir, tmp_path / "single")
+    out = tmp_path / "dist"
+    args = tiny_args(char_data_dir, out, fsdp=fsdp, **MODERN)
+    torchrun(*args, "--max_iters=20")
+    torchrun(*args, "--init_from=resume")
+    difference = max_difference(train_losses(out, 1, 30), train_losses(single, 1, 30))
+    print(f"\nmodern, fsdp={fsdp}, vs 1 process: max loss difference {difference:.2e}")
+    assert difference < 1e-4
+    assert max_weight_difference(out, single) < 1e-4
+    assert rundir.load_resume(out).optimizer["state"]  # Muon's and AdamW's state were saved

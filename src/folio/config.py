@@ -105,6 +105,17 @@ class TrainConfig:
     n_embd: int = setting(768, "embedding width (divisible by n_head)", min=1)
     dropout: float = setting(0.0, "dropout probability", min=0.0, max=0.999)
     bias: bool = setting(False, "use biases in Linear and LayerNorm layers")
+    rope: bool = setting(False, "rotary position embeddings instead of a learned position table")
+    norm: str = setting("layernorm", "normalisation layers", choices=("layernorm", "rmsnorm"))
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head")
+    mlp: str = setting("gelu", "MLP activation", choices=("gelu", "relu2"))
+    tie_head: bool = setting(True, "share the output head's weights with the token embedding")
+    logit_softcap: float = setting(0.0, "soft-cap logits at this value (cap*tanh(x/cap)); 0: off",
+                                   min=0.0)
+    zero_init_proj: bool = setting(False, "start attention and MLP output projections at zero")
+    recipe: str = setting("nanogpt", "modern: the speedrun bundle (rope, rmsnorm, qk_norm, relu2, "
+                          "untied head, Muon, wsd) for settings not given; see README",
+                          choices=("nanogpt", "modern"))
     # optimizer
     learning_rate: float = setting(6e-4, "peak learning rate", above=0.0)
     max_iters: int = setting(5000, "total training iterations (nanoGPT: 600,000)", min=0)
@@ -112,8 +123,22 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=0.999999)
     beta2: float = setting(0.95, "AdamW beta2", min=0.0, max=0.999999)
     grad_clip: float = setting(1.0, "clip gradient norm at this value; 0 disables", min=0.0)
+    optimizer: str = setting("adamw", "adamw | muon (Muon for block matrices, AdamW for the "
+                             "rest)", choices=("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (optimizer=muon)", above=0.0)
+    muon_momentum: float = setting(0.95, "Muon's momentum after its warmup", min=0.0, max=0.999)
+    muon_momentum_warmup: int = setting(300, "iterations Muon's momentum warms up from 0.85",
+                                        min=0)
+    embed_lr: float | None = setting(None, "AdamW peak lr of embeddings (optimizer=muon); "
+                                     "None: learning_rate", above=0.0)
+    head_lr: float | None = setting(None, "AdamW peak lr of the output head (optimizer=muon); "
+                                    "None: learning_rate", above=0.0)
     # learning rate schedule
     decay_lr: bool = setting(True, "warmup then cosine decay; False keeps learning_rate")
+    lr_schedule: str = setting("cosine", "cosine | wsd (warmup, constant, linear warmdown)",
+                               choices=("cosine", "wsd"))
+    warmdown_frac: float = setting(0.5, "wsd: fraction of lr_decay_iters spent in the warmdown",
+                                   min=0.0, max=1.0)
     warmup_iters: int = setting(2000, "linear warmup iterations", min=0)
     lr_decay_iters: int | None = setting(None, "iteration where the cosine reaches min_lr; "
                                           "None: max_iters", min=1)
@@ -492,15 +517,30 @@ def replace(cfg: Config, **changes: Any) -> Config:
 
 # Settings that say where and how to run, or where the run lives, rather than what to train:
 # giving only these leaves `folio train` bare. init_from counts only as scratch or resume.
-PLACE_KEYS = frozenset({"device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
+PLACE_KEYS = frozenset({"recipe", "device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
                         "data_dir", "out_dir", "init_from", "eval_only", "seed", "wandb_log",
                         "wandb_project", "wandb_run_name", "tensorboard", "overwrite"})
 DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
                   "mps": "shakespeare_char"}  # what a bare `folio train` trains on each device
 
 
+# --recipe=modern: the modern small-GPT bundle (modded-nanogpt, nanochat), learning rates
+# tuned on tiny Shakespeare's train split at the README CPU size (see README).
+MODERN_RECIPE: dict[str, Any] = {
+    "rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_head": False,
+    "zero_init_proj": True, "bias": False, "optimizer": "muon", "muon_lr": 0.02,
+    "learning_rate": 0.01, "embed_lr": 0.01, "head_lr": 0.004, "weight_decay": 0.0,
+    "lr_schedule": "wsd", "warmdown_frac": 0.5, "warmup_iters": 0, "min_lr": 0.0,
+}
+
+
 def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, str]:
-    """The one place where the device changes a default; returns (config, note for the log).
+    """The one place where defaults change; returns (config, note for the log).
+
+    The recipe: `recipe=modern` fills in MODERN_RECIPE for every setting not given (after
+    the device's preset below, whose learning rates it replaces).
+
+    The device:
 
     A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) trains
     the tiny-Shakespeare character model sized for the device: nanoGPT README's CPU model on
@@ -510,16 +550,24 @@ def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, st
     was applied.
     """
     bare = not (cfg.given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume")
-    if not bare:
-        return cfg, ""
-    name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
-    preset = {k: v for k, v in load_preset(name).items() if k not in cfg.given}
-    resolved = apply(TrainConfig, preset, cfg)
-    resolved._given = cfg.given  # the preset stands in for defaults; nobody chose it
-    return resolved, (f"no model or training settings given, so on {device_type} folio trains "
-                      f"the {name} preset ({resolved.n_layer} layers, {resolved.n_embd} wide, "
-                      f"{resolved.max_iters} iters, out_dir {resolved.out_dir}); any such "
-                      "setting, or a preset, gives nanoGPT's train.py defaults instead")
+    note = ""
+    if bare:
+        name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
+        preset = {k: v for k, v in load_preset(name).items() if k not in cfg.given}
+        resolved = apply(TrainConfig, preset, cfg)
+        resolved._given = cfg.given  # the preset stands in for defaults; nobody chose it
+        note = (f"no model or training settings given, so on {device_type} folio trains "
+                f"the {name} preset ({resolved.n_layer} layers, {resolved.n_embd} wide, "
+                f"{resolved.max_iters} iters, out_dir {resolved.out_dir}); any such "
+                "setting, or a preset, gives nanoGPT's train.py defaults instead")
+        cfg = resolved
+    if cfg.recipe == "modern":
+        given = cfg.given
+        cfg = apply(TrainConfig, {k: v for k, v in MODERN_RECIPE.items() if k not in given}, cfg)
+        cfg._given = given
+        note = "; ".join(filter(None, [note, "recipe modern: " + ", ".join(
+            f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in given)]))
+    return cfg, note
 
 
 # ---------------------------------------------------------------------------- command line

@@ -120,6 +120,17 @@ def physical_cores() -> int:
     return max(1, len(siblings))
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats as zero on this CPU (x86 FTZ/DAZ): returns whether it took.
+
+    Early in training some values (probably Adam's second moments of rarely-hit rows, such as
+    a small vocabulary's padding rows) pass through the denormal range, where x86 float math
+    is 10-100x slower: without this, the first ~100 steps of nanoGPT's README CPU model
+    took 1.4 s each instead of 0.13 s here. Values below 1.2e-38 change; nothing else does.
+    """
+    return torch.set_flush_denormal(True)
+
+
 def configure_allocator() -> bool:
     """Keep freed memory in the process (glibc): returns whether the settings took.
 

@@ -232,6 +232,17 @@ def rank_state(saved: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torc
 _RANK_KEY = re.compile(r"rank\d+\.")
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard, gathered from every rank (every rank must call);
+    a plain tensor as it is."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full tensor that every rank holds alike, sharded like `param` (itself if not FSDP)."""
+    return _shard_like(value, param)
+
+
 def _is_dtensor(value: Any) -> bool:
     """Whether `value` is an FSDP shard (a DTensor), without importing DTensor (~2 s)."""
     module = sys.modules.get("torch.distributed.tensor")

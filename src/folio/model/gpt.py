@@ -1,4 +1,6 @@
-"""The GPT-2 architecture: embeddings, pre-LayerNorm blocks, tied output head.
+"""The GPT-2 architecture (embeddings, pre-LayerNorm blocks, tied output head), with the
+modern small-GPT options as config fields (rotary positions, RMSNorm, QK-norm, ReLU², untied
+head, logit soft-cap, zero-initialised output projections); the defaults are GPT-2's.
 
 One forward pass serves training, evaluation, prefill and cached decoding: `GPT.forward`
 takes an optional KV cache (cache.py) that the attention layers write into and read from.
@@ -35,6 +37,19 @@ class GPTConfig:
     n_embd: int = 768  # residual stream width
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+    # The modern options; each default is GPT-2's, so an older run.json (without them) loads.
+    rope: bool = False  # rotary position embeddings on q and k instead of a position table
+    norm: str = "layernorm"  # layernorm | rmsnorm (parameter-free)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    mlp: str = "gelu"  # gelu | relu2 (ReLU squared)
+    tie_head: bool = True  # the output head shares the token embedding's weights
+    logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 leaves them as they are
+    zero_init_proj: bool = False  # output projections (attention and MLP) start at zero
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS or self.mlp not in ACTIVATIONS:
+            raise ValueError(f"norm={self.norm!r} / mlp={self.mlp!r}: expected norm in "
+                             f"{sorted(NORMS)} and mlp in {sorted(ACTIVATIONS)}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -79,11 +94,56 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """Parameter-free RMSNorm over the last dimension (nanochat, modded-nanogpt)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),))
+
+
+NORMS = {"layernorm": lambda config: LayerNorm(config.n_embd, bias=config.bias),
+         "rmsnorm": lambda config: RMSNorm()}
+
+
+class ReLU2(nn.Module):
+    """relu(x)^2: the speedrun's MLP activation (sparse, cheap, trains faster than GELU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLU2}
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    return NORMS[config.norm](config)
+
+
+ROPE_BASE = 10000.0
+
+
+def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs/2) of rotary embeddings at positions pos (T,). Computed from the
+    positions alone, so a token's rotation is the same in a full pass and a cached one."""
+    inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device,
+                                           dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by their position's angles."""
+    cos, sin = (t.to(x.dtype) for t in rope)  # (T, hs/2)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
+        self.qk_norm = config.qk_norm
         self.layer = layer  # this block's slot in a KVCache
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -106,11 +166,15 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) at positions cache.length.. (0.. without a cache) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions cache.length.. (0.. without a cache) -> (B, T, C); rope:
+        the rotary cos/sin (T, hs/2) of those positions, or None."""
         q, k, v = self.qkv(x)  # (B, nh, T, hs)
-        # Position-dependent transforms of q and k (e.g. rotary embeddings) go here, before
-        # the keys are cached; `positions(cache, T, device)` gives the positions.
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:  # before the keys are cached: cached keys keep their rotation
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:  # generation: no attention dropout
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
@@ -140,24 +204,25 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig, kernels: Kernels):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = ACTIVATIONS[config.mlp]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = kernels.dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, layer, kernels)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -166,21 +231,28 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.kernels = kernels
-        self.transformer = nn.ModuleDict(dict(
+        layers = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # no table with rotary
             drop=kernels.dropout(config.dropout),
             h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            ln_f=norm_layer(config),
+        )
+        if config.rope:
+            del layers["wpe"]
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        if config.tie_head:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance
-        # does not grow with depth.
+        # does not grow with depth; or start them at zero (each block starts as the identity).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -193,7 +265,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position table is not counted as 'non-embedding' (as nanoGPT)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -213,9 +285,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
         pos = positions(cache, T, idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.rope:
+            rope = rotary(pos, self.config.n_embd // self.config.n_head)  # 2 x (T, hs/2)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)  # (B, T, C)
+            x = block(x, cache, rope)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
@@ -234,22 +312,30 @@ class GPT(nn.Module):
         if targets is not None:
             return self.loss(x, targets)
         last = x[:, -1, :]  # (B, C)
-        return self.lm_head(last) if cache is None else cache.head(last)  # (B, V_padded)
+        logits = self.lm_head(last) if cache is None else cache.head(last)  # (B, V_padded)
+        return self.softcap(logits)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) with logit_softcap on; the logits unchanged without."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the output head on hidden states x (B, T, C) against
         targets (B, T), -1 ignored."""
         x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
-        if self.kernels.fused_loss:  # never holds the (B*T, V) logits
+        # never holds the (B*T, V) logits (it has no soft-cap)
+        if self.kernels.fused_loss and not self.config.logit_softcap:
             return fused_linear_cross_entropy(x, self.lm_head.weight, targets)
-        logits = self.lm_head(x)  # (B*T, V_padded)
+        logits = self.softcap(self.lm_head(x))  # (B*T, V_padded)
         return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. a 1024-token GPT-2 finetuned at 256 tokens)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B."""

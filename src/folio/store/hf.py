@@ -162,6 +162,16 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 # ---------------------------------------------------------------------------- export
 
+def check_gpt2_exact(cfg: GPTConfig) -> None:
+    """Refuse (one line, naming the setting) a model transformers' GPT-2 cannot compute exactly."""
+    default = GPTConfig()
+    for key in ("rope", "norm", "qk_norm", "mlp", "tie_head", "logit_softcap"):
+        if getattr(cfg, key) != getattr(default, key):
+            raise ConfigError(f"cannot export as Hugging Face GPT-2: {key}={getattr(cfg, key)!r} "
+                              "has no exact transformers GPT-2 equivalent (only nanoGPT-recipe "
+                              "models, e.g. not --recipe=modern, export)")
+
+
 def to_hf_state_dict(model: GPT, eot_id: int | None = None
                      ) -> tuple[Any, dict[str, torch.Tensor]]:
     """(transformers GPT2Config, GPT2LMHeadModel state dict) for a folio GPT.
@@ -169,6 +179,7 @@ def to_hf_state_dict(model: GPT, eot_id: int | None = None
     The vocab is sliced to the real vocab_size; a bias-free model gets zero biases (the
     same function, since HF GPT-2 always has biases). eot_id becomes bos/eos_token_id.
     """
+    check_gpt2_exact(model.config)
     transformers = transformers_module()
     cfg = model.config
     hf_config = transformers.GPT2Config(

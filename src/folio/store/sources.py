@@ -62,7 +62,7 @@ def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
     """The GPTConfig run.json describes (with `changes`, e.g. another dropout)."""
     try:
         return GPTConfig(**{**info.model, **changes})
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / RUN_INFO} has a bad model section ({e})") from None
 
 

@@ -284,7 +284,6 @@ def quality(data_dir: Path, iters: int, variants: dict[str, dict[str, str]]) -> 
 def child_main(argv: list[str]) -> int:
     """Build the trainer, then (timing) answer `N` with N steps' times and `end` with the
     peak memory, or (quality, `iters` > 0) train and report the val loss."""
-    from folio.train.optim import lr_at
 
     spec = json.loads(argv[0])
     case, iters = Case(**spec["case"]), spec["iters"]
@@ -304,7 +303,7 @@ def child_main(argv: list[str]) -> int:
             return 0
         t0 = time.perf_counter()
         for i in range(case.warmup):
-            trainer.step(lr_at(i, trainer.cfg))
+            trainer.step(i)
         reply({**setup, "warmup_s": round(time.perf_counter() - t0, 2),
                "gflops_per_iter": round(trainer.flops_per_iter / 1e9, 3)})
         i = case.warmup
@@ -315,7 +314,7 @@ def child_main(argv: list[str]) -> int:
             times = []
             for _ in range(int(request)):
                 t0 = time.perf_counter()
-                loss = trainer.step(lr_at(i, trainer.cfg))
+                loss = trainer.step(i)
                 times.append(time.perf_counter() - t0)
                 i += 1
             reply({"times": times, "loss": round(loss.item(), 4)})

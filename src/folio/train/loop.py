@@ -30,6 +30,7 @@ from folio.machine.device import (
     autocast,
     configure_allocator,
     configure_threads,
+    flush_denormals,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -40,10 +41,11 @@ from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
 from folio.train import autotune_step
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
-from folio.train.optim import configure_optimizer, lr_at
+from folio.train.optim import apply_schedule, configure_optimizer
 from folio.watch.metrics import finite_or_none, format_duration
 
-MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope", "norm",
+                    "qk_norm", "mlp", "tie_head", "logit_softcap", "zero_init_proj")
 
 
 def train(cfg: TrainConfig) -> int:
@@ -56,6 +58,7 @@ def train(cfg: TrainConfig) -> int:
     device = distributed.device_for_rank(info, resolve_device(cfg.device))
     if device.type == "cpu":
         configure_allocator()
+        flush_denormals()
     cfg, note = device_defaults(cfg, device.type)
     if note and info.is_master:
         print(f"folio: {note}", flush=True)
@@ -178,9 +181,9 @@ class Trainer:
             model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir,
                                    kernels=self.kernels)
         elif cfg.init_from == "scratch":
-            model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.meta["vocab_size"],
-                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                  dropout=cfg.dropout, bias=cfg.bias), self.kernels)
+            shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
+            model = GPT(GPTConfig(vocab_size=self.meta["vocab_size"], dropout=cfg.dropout,
+                                  **shape), self.kernels)
         else:
             model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout, kernels=self.kernels)
             if self.meta["vocab_size"] > model.config.vocab_size:
@@ -244,15 +247,14 @@ class Trainer:
                 if cfg.eval_only or p.iter_num >= cfg.max_iters:
                     break
                 t0 = time.perf_counter()
-                lr = lr_at(p.iter_num, cfg)
-                loss = self.step(lr)
+                loss = self.step(p.iter_num)
                 p.iter_num += 1
                 if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
                     # a host sync: only at log lines; the mean over every rank's micro-batches
                     loss_value = distributed.all_reduce_mean(loss.item(), self.info)
                     check_finite(loss_value, p.iter_num, "training loss")
                     ms = (time.perf_counter() - t0) * 1000
-                    self.log_step(loss_value, lr, ms, time.perf_counter() - started)
+                    self.log_step(loss_value, self.lr, ms, time.perf_counter() - started)
                 if distributed.broadcast_flag(stop.requested, self.info):
                     return self.save_on_interrupt()
         self.save(best=False)
@@ -263,10 +265,10 @@ class Trainer:
             self.metrics.close()
         return 0
 
-    def step(self, lr: float) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns their mean loss."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, iter_num: int) -> torch.Tensor:
+        """Iteration iter_num's optimizer step over grad_accum micro-batches, at the schedule's
+        learning rates (the base one kept in self.lr); returns their mean loss."""
+        self.lr = apply_schedule(self.optimizer, iter_num, self.cfg)
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
@@ -423,6 +425,12 @@ def check_resume_matches(cfg: TrainConfig, run_info: RunInfo, meta: dict) -> Non
             raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
                                   f"in {cfg.out_dir} has {key}={saved[key]}; drop the setting "
                                   "or start a new --out_dir")
+    saved_opt = (run_info.config or {}).get("optimizer", "adamw")
+    if saved_opt != cfg.optimizer:
+        raise CheckpointError(f"cannot resume: the checkpoint in {cfg.out_dir} was trained with "
+                              f"optimizer={saved_opt} (recipe="
+                              f"{run_info.config.get('recipe', 'nanogpt')}), not "
+                              f"{cfg.optimizer}; resume with the settings it was trained with")
     saved_tok = run_info.tokenizer
     if saved_tok != meta["tokenizer"]:
         raise CheckpointError(f"cannot resume: dataset {cfg.dataset!r} uses a different "
