@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,13 @@ def test_killed_prepare_resumes_to_the_same_bytes(source, tokenizer, tmp_path):
     common = [dataset_arg, "--name=c", f"--tokenizer={tokenizer}", "--num_proc=2"]
     run_child(["prepare", *common, f"--data_dir={tmp_path / 'whole'}"])
     killed = tmp_path / "killed"
-    code = run_child(["prepare", *common, f"--data_dir={killed}"],
-                     kill_after_progress_s=random.Random().uniform(0.0, 0.3))
+    # a kill that lands after the (small) prepare has finished tests nothing: kill sooner
+    for delay in (random.Random().uniform(0.0, 0.3), 0.05, 0.0, 0.0):
+        shutil.rmtree(killed, ignore_errors=True)
+        code = run_child(["prepare", *common, f"--data_dir={killed}"],
+                         kill_after_progress_s=delay)
+        if not (killed / "c" / "meta.json").exists():
+            break
     assert code == -signal.SIGKILL
     assert not (killed / "c" / "meta.json").exists()  # an interrupted prepare never looks done
     state = json.loads((killed / "c" / writer.WORK_DIR / "progress.json").read_text())

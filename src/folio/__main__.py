@@ -1,7 +1,5 @@
 """`python -m folio` (and `torchrun -m folio train ...`)."""
 
-import sys
+from folio.cli import run
 
-from folio.cli import main
-
-sys.exit(main())
+run()

@@ -1,5 +1,5 @@
 """The `folio` command line: every command's parser, and nothing else."""
 
-from folio.cli.main import main
+from folio.cli.main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
