@@ -135,17 +135,22 @@ def test_two_process_run_resumes_where_it_stopped(single_run, ddp_run):
     assert ("eval", 30) in metrics(ddp)
 
 
+def run_twice_and_compare(args: list[str], out: Path, single: Path, tolerance: float) -> None:
+    """Two processes train 20 iterations, resume to 30; losses and weights match `single`."""
+    torchrun(*args, "--max_iters=20")
+    torchrun(*args, "--init_from=resume")
+    difference = max_difference(train_losses(out, 1, 30), train_losses(single, 1, 30))
+    print(f"\n{out.name} vs 1 process: max loss difference {difference:.2e}")
+    assert difference < tolerance
+    assert max_weight_difference(out, single) < tolerance
+
+
 def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_dir, tmp_path):
     """FSDP2 shards (per block; the root holds the tied embedding) train like one process;
     the gathered checkpoint resumes under FSDP and loads as a plain model in one process."""
     out = tmp_path / "fsdp"
-    args = tiny_args(char_data_dir, out, fsdp=True, **SETTINGS)
-    torchrun(*args, "--max_iters=20")
-    torchrun(*args, "--init_from=resume")
-    difference = max_difference(train_losses(out, 1, 30), train_losses(single_run, 1, 30))
-    print(f"\nFSDP vs 1 process: max loss difference {difference:.2e}")
-    assert difference < 1e-5
-    assert max_weight_difference(out, single_run) < 1e-5
+    run_twice_and_compare(tiny_args(char_data_dir, out, fsdp=True, **SETTINGS), out, single_run,
+                          tolerance=1e-5)
 
     model, tokenizer, info = sources.load_model(out)
     assert info.world_size == 2 and info.config["fsdp"] is True
@@ -220,11 +225,6 @@ def test_modern_recipe_with_muon_trains_and_resumes_like_one_process(char_data_d
     the shards): the same losses and weights as one process, across a resume."""
     single = modern_single_run(char_data_dir, tmp_path / "single")
     out = tmp_path / "dist"
-    args = tiny_args(char_data_dir, out, fsdp=fsdp, **MODERN)
-    torchrun(*args, "--max_iters=20")
-    torchrun(*args, "--init_from=resume")
-    difference = max_difference(train_losses(out, 1, 30), train_losses(single, 1, 30))
-    print(f"\nmodern, fsdp={fsdp}, vs 1 process: max loss difference {difference:.2e}")
-    assert difference < 1e-4
-    assert max_weight_difference(out, single) < 1e-4
+    run_twice_and_compare(tiny_args(char_data_dir, out, fsdp=fsdp, **MODERN), out, single,
+                          tolerance=1e-4)
     assert rundir.load_resume(out).optimizer["state"]  # Muon's and AdamW's state were saved

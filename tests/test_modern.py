@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_args
+from test_train import straight_and_resumed
 
 from folio.cli import main
 from folio.config import TrainConfig, device_defaults, parse_args
@@ -115,21 +116,10 @@ def test_recipe_modern_fills_only_what_was_not_given():
     assert not plain.rope and plain.optimizer == "adamw" and plain.lr_schedule == "cosine"
 
 
-def train_losses(run) -> dict[int, float]:
-    return {r["iter"]: r["loss"] for r in read_metrics(run).train}
-
-
 def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_path, capsys):
     """N iterations + resume to 2N gives bitwise the losses of 2N straight, with Muon."""
-    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1,
-                  recipe="modern", muon_momentum_warmup=10)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train", *tiny_args(char_data_dir, straight, **common)]) == 0
-    assert main(["train", *tiny_args(char_data_dir, resumed, **{**common, "max_iters": 8})]) == 0
-    assert main(["train", *tiny_args(char_data_dir, resumed, **common),
-                 "--init_from=resume"]) == 0
-    expected, got = train_losses(straight), train_losses(resumed)
-    assert got == expected and list(got) == list(range(1, 17))  # exact float equality
+    straight, _ = straight_and_resumed(char_data_dir, tmp_path, recipe="modern",
+                                       muon_momentum_warmup=10)
     evals = read_metrics(straight).eval
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     info = json.loads((straight / "run.json").read_text())

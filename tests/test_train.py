@@ -65,18 +65,22 @@ def test_eval_losses_fall_and_are_logged(tiny_run):
     assert info["tokenizer"]["kind"] == "char" and info["versions"]["torch"]
 
 
-def test_resume_matches_uninterrupted_run(char_data_dir, tmp_path):
-    """N iterations + resume to 2N gives bitwise the same losses as 2N straight (CPU, fp32)."""
-    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1,
-                  dropout=0.1)
+def straight_and_resumed(data_dir: Path, tmp_path: Path, **settings) -> tuple[Path, Path]:
+    """A 16-iteration run straight, and one stopped at 8 and resumed to 16 (same settings)."""
+    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1, **settings)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train", *tiny_args(char_data_dir, straight, **common)]) == 0
-    assert main(["train", *tiny_args(char_data_dir, resumed, **{**common, "max_iters": 8})]) == 0
-    assert main(["train", *tiny_args(char_data_dir, resumed, **common),
-                 "--init_from=resume"]) == 0
+    assert main(["train", *tiny_args(data_dir, straight, **common)]) == 0
+    assert main(["train", *tiny_args(data_dir, resumed, **{**common, "max_iters": 8})]) == 0
+    assert main(["train", *tiny_args(data_dir, resumed, **common), "--init_from=resume"]) == 0
     expected, got = train_losses(straight), train_losses(resumed)
     assert list(got) == list(range(1, 17))
     assert got == expected  # exact float equality
+    return straight, resumed
+
+
+def test_resume_matches_uninterrupted_run(char_data_dir, tmp_path):
+    """N iterations + resume to 2N gives bitwise the same losses as 2N straight (CPU, fp32)."""
+    _, resumed = straight_and_resumed(char_data_dir, tmp_path, dropout=0.1)
     assert [r["iter"] for r in read_metrics(resumed).eval] == [0, 8, 16]
 
 
