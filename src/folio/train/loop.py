@@ -44,8 +44,10 @@ from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import apply_schedule, configure_optimizer
 from folio.watch.metrics import finite_or_none, format_duration
 
-MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope", "norm",
-                    "qk_norm", "mlp", "tie_head", "logit_softcap", "zero_init_proj")
+# The GPTConfig fields a TrainConfig setting decides and a checkpoint fixes (the vocabulary
+# comes from the dataset, dropout may change on resume).
+MODEL_SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig)
+                         if f.name not in ("vocab_size", "dropout"))
 
 
 def train(cfg: TrainConfig) -> int:

@@ -85,19 +85,20 @@ def metrics_path(path: str | Path) -> Path:
     return path / METRICS_FILE if path.is_dir() else path
 
 
+def parse_row(line: str | bytes) -> dict | None:
+    """A metrics.jsonl line as a train or eval row; None for a line that is not a JSON object
+    of a known kind (a line torn by a crash, say)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and row.get("kind") in ("train", "eval") else None
+
+
 def _read_rows(path: Path) -> list[dict]:
-    """The train and eval rows of a metrics.jsonl in file order; lines that are not JSON
-    objects of a known kind (a line torn by a crash) are skipped."""
-    rows = []
+    """The train and eval rows of a metrics.jsonl in file order; other lines are skipped."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("kind") in ("train", "eval"):
-                rows.append(row)
-    return rows
+        return [row for row in map(parse_row, f) if row is not None]
 
 
 def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:

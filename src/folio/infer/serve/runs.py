@@ -7,7 +7,6 @@ A run dir that is being written or is corrupt is summarised with its error, neve
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +20,7 @@ from folio.infer.sample import load_run
 from folio.model.gpt import GPT
 from folio.store.guard import LOCK_FILE, is_training
 from folio.store.rundir import MODEL_FILE, RESUME_FILE, RUN_INFO, RunInfo, read_run_info
-from folio.watch.metrics import METRICS_FILE
+from folio.watch.metrics import METRICS_FILE, parse_row
 
 RECENT_S = 120.0  # metrics.jsonl written this recently: training (for trainers without .lock)
 MAX_METRICS_CHUNK = 4 << 20  # bytes of metrics.jsonl sent per request
@@ -135,14 +134,7 @@ def read_metrics_chunk(run_dir: Path, offset: int) -> dict[str, Any]:
     except OSError:
         return {"rows": [], "offset": 0, "reset": offset != 0}
     end = data.rfind(b"\n") + 1  # an unfinished last line waits for the next call
-    rows = []
-    for line in data[:end].splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("kind") in ("train", "eval"):
-            rows.append(row)
+    rows = [row for row in map(parse_row, data[:end].splitlines()) if row is not None]
     return {"rows": rows, "offset": start + end, "reset": reset}
 
 
