@@ -534,6 +534,14 @@ MODERN_RECIPE: dict[str, Any] = {
 }
 
 
+def fill_unset(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """`values` for the settings `cfg` was not given; they stand in for defaults, so `given`
+    stays as it was (nobody chose them)."""
+    filled = apply(TrainConfig, {k: v for k, v in values.items() if k not in cfg.given}, cfg)
+    filled._given = cfg.given
+    return filled
+
+
 def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, str]:
     """The one place where defaults change; returns (config, note for the log).
 
@@ -553,20 +561,16 @@ def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, st
     note = ""
     if bare:
         name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
-        preset = {k: v for k, v in load_preset(name).items() if k not in cfg.given}
-        resolved = apply(TrainConfig, preset, cfg)
-        resolved._given = cfg.given  # the preset stands in for defaults; nobody chose it
+        resolved = fill_unset(cfg, load_preset(name))
         note = (f"no model or training settings given, so on {device_type} folio trains "
                 f"the {name} preset ({resolved.n_layer} layers, {resolved.n_embd} wide, "
                 f"{resolved.max_iters} iters, out_dir {resolved.out_dir}); any such "
                 "setting, or a preset, gives nanoGPT's train.py defaults instead")
         cfg = resolved
     if cfg.recipe == "modern":
-        given = cfg.given
-        cfg = apply(TrainConfig, {k: v for k, v in MODERN_RECIPE.items() if k not in given}, cfg)
-        cfg._given = given
         note = "; ".join(filter(None, [note, "recipe modern: " + ", ".join(
-            f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in given)]))
+            f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in cfg.given)]))
+        cfg = fill_unset(cfg, MODERN_RECIPE)
     return cfg, note
 
 

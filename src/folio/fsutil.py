@@ -6,6 +6,7 @@ A crash or Ctrl+C at any moment leaves either the old file or the new one, never
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -84,3 +85,12 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
     """Atomically produce `path` with a library writer that only accepts a filename."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def sha256_file(path: Path, block_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in blocks (memory stays flat for any size)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_bytes):
+            sha.update(block)
+    return sha.hexdigest()

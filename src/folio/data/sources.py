@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from folio.data.clean import decode_utf8
 from folio.errors import DataError
-from folio.fsutil import atomic_open, cache_dir
+from folio.fsutil import atomic_open, cache_dir, sha256_file
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
@@ -219,14 +219,6 @@ def download(url: str, dest: Path, sha256: str) -> None:
         reason = getattr(e, "reason", None) or e
         raise DataError(f"cannot download {url} ({reason}); download it yourself and save it "
                         f"as {dest}") from None
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(PIECE_BYTES):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _check_sha256(path: Path, actual: str, fix: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from folio.fsutil import atomic_write_json, fsync_dir
+from folio.fsutil import atomic_write_json, fsync_dir, sha256_file
 
 SPLITS = ("train", "val")
 WORK_DIR = ".partial"
@@ -93,7 +93,7 @@ class TokenWriter:
         for f in self.files:
             f.close()
         for split in SPLITS:
-            meta[f"{split}_sha256"] = sha256_of(self.work / f"{split}.bin")
+            meta[f"{split}_sha256"] = sha256_file(self.work / f"{split}.bin")
         meta["fingerprint"] = self.fingerprint  # of the settings and input that made it
         atomic_write_json(self.work / "meta.json", meta)
         self._move_into_place()
@@ -132,11 +132,3 @@ class TokenWriter:
         os.replace(self.work / "meta.json", self.out / "meta.json")
         shutil.rmtree(self.work, ignore_errors=True)
         fsync_dir(self.out)
-
-
-def sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            sha.update(block)
-    return sha.hexdigest()
