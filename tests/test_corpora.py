@@ -164,6 +164,20 @@ def test_openwebtext_recipe_matches_nanogpt_split_and_eot(hub_dir, tmp_path, cap
     assert meta["documents"] == 2_400
 
 
+def test_resume_at_the_train_val_boundary_goes_on_with_val(hub_dir):
+    """Regression: a prepare killed right after the last train chunk resumed with
+    select(range(n, n)), which datasets refuses (IndexError, CI of stop 19)."""
+    from folio.data.hub import HubSource
+
+    hub = HubSource(str(hub_dir), None, "train", "text", 0.0005)
+    hub.load()
+    n_train = hub.num_rows("train")
+    resumed = list(layout.document_items(hub, skip=n_train))
+    assert [split for split, _, _ in resumed] == [1, 1]
+    assert [text for _, text, _ in resumed] == list(hub.documents("val"))
+    assert list(layout.document_items(hub, skip=hub.num_rows())) == []
+
+
 def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     hub = tmp_path / "corpus"
     write_format(hub / "data.jsonl", DOCS * 10, field="content")

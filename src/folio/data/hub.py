@@ -80,6 +80,8 @@ class HubSource:
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
         """The split's texts from row `start` on."""
         rows = self.splits[split]
+        if start >= len(rows):  # datasets refuses select(range(n, n)) on n rows
+            return
         if start:
             rows = rows.select(range(start, len(rows)))
         for batch in rows.iter(batch_size=BATCH_ROWS):
