@@ -51,8 +51,8 @@ def nanogpt_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int,
     for _ in range(max_new_tokens):
         idx_cond = idx if idx.size(1) <= model.config.block_size \
             else idx[:, -model.config.block_size:]
-        logits, _ = model(idx_cond)  # (1, 1, V): the last position only
-        logits = logits[:, -1, :] / TEMPERATURE
+        logits = model(idx_cond)  # (1, V_padded): the last position only
+        logits = logits[:, :model.config.vocab_size] / TEMPERATURE
         v, _ = torch.topk(logits, min(TOP_K, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("Inf")
         probs = F.softmax(logits, dim=-1)

@@ -43,6 +43,22 @@ def test_a_second_run_reuses_the_cached_choice(char_data_dir, tmp_path, monkeypa
     assert again.tuning.knobs == first.tuning.knobs and "cached 20" in again.tuning.line
 
 
+def test_run_json_records_the_measured_choice(char_data_dir, tmp_path, monkeypatch):
+    from folio.store.rundir import read_run_info
+
+    monkeypatch.setenv("FOLIO_CACHE", str(tmp_path / "cache"))
+    trainer = tiny_trainer(char_data_dir, tmp_path / "a")
+    trainer.write_info()
+    recorded = read_run_info(tmp_path / "a").tuning
+    assert recorded["choice"] == trainer.tuning.name and not recorded["cached"]
+    assert recorded["knobs"] == trainer.tuning.knobs
+    assert recorded["speedup"] == round(trainer.tuning.speedup, 3)
+    assert set(recorded["ms_per_step"]) == set(trainer.tuning.ms_per_step)
+    untuned = tiny_trainer(char_data_dir, tmp_path / "b", max_iters=10)  # not measured
+    untuned.write_info()
+    assert read_run_info(tmp_path / "b").tuning["choice"] == untuned.tuning.name
+
+
 def test_explicit_dtype_is_never_a_candidate():
     cfg = TrainConfig(dtype="float32")
     assert {k["dtype"] for k in autotune_step.candidates(cfg, 65).values()} == {"float32"}

@@ -196,6 +196,9 @@ class RunInfo:
     """Whether training ran torch.compile'd; None for an import."""
     world_size: int = 1
     """Training processes (torchrun ranks); 1 for an import."""
+    tuning: dict[str, Any] | None = None
+    """The CPU fast path measured for the settings left on auto: {"choice", "knobs", "speedup"
+    (over eager float32), "cached", "ms_per_step"}; None when nothing was measured."""
     device: str | None = None
     """The device that wrote the run (cuda:0, mps, cpu)."""
     versions: dict[str, Any] = field(default_factory=dict)

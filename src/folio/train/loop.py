@@ -378,7 +378,13 @@ class Trainer:
             iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
             best_iter=p.best_iter, source="train",
             dtype=str(self.dtype).removeprefix("torch."), compile=self.compiled,
-            world_size=self.info.world_size, **rundir.provenance(self.device)))
+            world_size=self.info.world_size, tuning=self._tuning_record(),
+            **rundir.provenance(self.device)))
+
+    def _tuning_record(self) -> dict[str, Any] | None:
+        t = self.tuning
+        return t and {"choice": t.name, "knobs": t.knobs, "speedup": round(t.speedup, 3),
+                      "cached": t.cached, "ms_per_step": t.ms_per_step}
 
     def announce(self) -> None:
         if not self.master:
