@@ -1,10 +1,11 @@
 """Sampling speed and start-up on the CPU: folio's KV cache vs nanoGPT-style recompute.
 
 For each model, 1,000 new tokens from a one-token prompt (so the window fills and slides):
-folio with its KV cache, folio without it, and nanoGPT's `generate` (crop the context to
-block_size, a full forward pass for every token, top-k over the whole vocabulary), all in
-this run; one JSON line per model with tokens/s and the ratios. Models are randomly
-initialised at the real shapes (speed does not depend on the weights):
+folio with its KV cache as `folio sample` decodes (the measured CPU fast path,
+infer/fastdecode.py) and in plain float32, folio without the cache, and nanoGPT's `generate`
+(crop the context to block_size, a full forward pass for every token, top-k over the whole
+vocabulary), all in this run; one JSON line per model with tokens/s and the ratios. Models
+are randomly initialised at the real shapes (speed does not depend on the weights):
   cpu_char: nanoGPT's README CPU char model (4 x 4 x 128, block 64), as `folio bench` cpu_char
   gpu_char: nanoGPT's README char model (config/train_shakespeare_char.py), 6 x 6 x 384, block 256
   seed_bpe: the seed user's BPE model (4 layers x 4 heads x 64 wide, GPT-2's vocabulary), block 256
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from folio.infer.fastdecode import for_decoding
 from folio.infer.sample import generate_tokens
 from folio.machine.autotune import cpu_identity
 from folio.model.gpt import GPT, GPTConfig
@@ -73,10 +75,12 @@ def bench_model(name: str, new_tokens: int) -> dict:
     torch.manual_seed(0)
     model = GPT(SHAPES[name]).eval()
 
-    def folio(use_cache: bool):
+    fast, choice = for_decoding(model, "auto", new_tokens)  # what `folio sample` decodes with
+
+    def folio(use_cache: bool, decoder: GPT = model):
         def run(n: int) -> None:
             gen = torch.Generator().manual_seed(1337)
-            for _ in generate_tokens(model, [0], n, TEMPERATURE, TOP_K, generator=gen,
+            for _ in generate_tokens(decoder, [0], n, TEMPERATURE, TOP_K, generator=gen,
                                      use_cache=use_cache):
                 pass
         return run
@@ -85,12 +89,16 @@ def bench_model(name: str, new_tokens: int) -> dict:
         nanogpt_generate(model, torch.zeros((1, 1), dtype=torch.long), n,
                          torch.Generator().manual_seed(1337))
 
-    rates = {"kv_cache": timed(folio(True), new_tokens),
+    rates = {"kv_cache": timed(folio(True, fast), new_tokens),
+             "kv_cache_float32": timed(folio(True), new_tokens),
              "folio_recompute": timed(folio(False), new_tokens),
              "nanogpt_recompute": timed(nanogpt, new_tokens)}
     return {"benchmark": "sample_speed", "model": name, "shape": SHAPES[name].to_dict(),
-            "new_tokens": new_tokens, **{k: round(v, 1) for k, v in rates.items()},
+            "new_tokens": new_tokens, "decoding": choice.line,
+            **{k: round(v, 1) for k, v in rates.items()},
             "kv_cache_over_nanogpt": round(rates["kv_cache"] / rates["nanogpt_recompute"], 2),
+            "kv_cache_float32_over_nanogpt":
+                round(rates["kv_cache_float32"] / rates["nanogpt_recompute"], 2),
             "kv_cache_over_folio_recompute":
                 round(rates["kv_cache"] / rates["folio_recompute"], 2)}
 

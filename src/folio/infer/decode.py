@@ -18,7 +18,7 @@ class CachedDecoder:
         self.model = model  # compiled or not: model.compile(dynamic=True) covers the cached step
         self.cache = model.new_cache()
         self.tokens: list[int] = []  # what the cache holds
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot write into inference tensors
     def __call__(self, window: list[int]) -> torch.Tensor:
@@ -38,7 +38,7 @@ class RecomputeDecoder:
 
     def __init__(self, model: GPT) -> None:
         self.model = model
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
 
     @torch.no_grad()
     def __call__(self, window: list[int]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from folio.config import SampleConfig
 from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
+from folio.infer import fastdecode
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
 from folio.machine.device import resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
@@ -235,14 +236,14 @@ def _text_pieces(tokens: Iterator[int], stream: TextStream, eot_id: int | None
 
 # ---------------------------------------------------------------------------- CLI
 
-def describe(cfg: SampleConfig, model: GPT, info: RunInfo) -> str:
+def describe(cfg: SampleConfig, model: GPT, info: RunInfo, decoding: str) -> str:
     """The settings line printed on stderr before the samples."""
-    weight = model.lm_head.weight
+    weight = model.transformer.wte.weight
     where = f"iter {info.iter_num}"
     if info.best_val_loss is not None:
         where += f", val loss {info.best_val_loss:.4f}"
     return (f"folio: sampling {cfg.out_dir} ({where}, {model.num_params() / 1e6:.2f}M params) "
-            f"on {weight.device} {str(weight.dtype).removeprefix('torch.')}: "
+            f"on {weight.device} ({decoding}): "
             f"{cfg.num_samples} x {cfg.max_new_tokens} tokens, temperature {cfg.temperature}, "
             f"top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}"
             + (f", stop {cfg.stop!r}" if cfg.stop else ""))
@@ -254,7 +255,12 @@ def run(cfg: SampleConfig) -> None:
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop)
     model, tokenizer, info = load_run(cfg.out_dir, cfg.device, cfg.dtype, cfg.compile)
     encode_prompt(tokenizer, prompt)  # a bad prompt fails before anything is printed
-    print(describe(cfg, model, info), file=sys.stderr, flush=True)
+    decoding = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    if not cfg.compile:
+        model, choice = fastdecode.for_decoding(model, cfg.dtype,
+                                              cfg.max_new_tokens * cfg.num_samples)
+        decoding = choice.line
+    print(describe(cfg, model, info, decoding), file=sys.stderr, flush=True)
     generator = torch.Generator().manual_seed(cfg.seed)  # one stream: samples differ
     out = sys.stdout
     for _ in range(cfg.num_samples):

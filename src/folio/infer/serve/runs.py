@@ -16,6 +16,7 @@ from typing import Any
 
 from folio.data.tokenizer import Tokenizer
 from folio.errors import FolioError
+from folio.infer import fastdecode
 from folio.infer.sample import load_run
 from folio.model.gpt import GPT
 from folio.store.guard import LOCK_FILE, is_training
@@ -24,6 +25,7 @@ from folio.watch.metrics import METRICS_FILE, parse_row
 
 RECENT_S = 120.0  # metrics.jsonl written this recently: training (for trainers without .lock)
 MAX_METRICS_CHUNK = 4 << 20  # bytes of metrics.jsonl sent per request
+PLANNED_TOKENS = 10_000  # what a loaded model is expected to decode: sizes the fast-path measuring
 
 
 def is_run_dir(path: Path) -> bool:
@@ -169,6 +171,7 @@ class ModelPool:
             loaded = self._models.get(name)
             if loaded is None or loaded.stamp != stamp:
                 model, tokenizer, info = load_run(run_dir, self.device, self.dtype)
+                model, _ = fastdecode.for_decoding(model, self.dtype, PLANNED_TOKENS)
                 loaded = LoadedModel(name, model, tokenizer, info, stamp)
                 self._models[name] = loaded
             self._models.move_to_end(name)
