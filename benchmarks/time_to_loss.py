@@ -5,8 +5,9 @@ trains (a) the nanoGPT recipe for 2,000 iterations, (b) the modern recipe on a s
 (time to (a)'s final val loss) and (c) the modern recipe with as many iterations as fit in
 (a)'s training time (best val loss in the same wall time). Every run evaluates on the SAME
 fixed val batches (`--eval_batches`, default 100) every `--eval_every` iterations; eval time
-is not counted. Both use the CPU fast path (Kernels.for_device("cpu")), float32, no compile, and
-denormals flushed (as `folio train` on a CPU).
+is not counted. Both run as `folio train` does on a CPU with dtype=float32: the CPU fast path,
+its knobs measured on the run's own model (for Muon also the Newton-Schulz dtype), no compile,
+denormals flushed.
 Prints one JSON line per run and one per shape (the ratios); `--ablation` adds modern runs
 with one piece switched back at a time. Run it alone, under the shared lock:
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from folio.config import TrainConfig, apply, device_defaults
+from folio.machine.autotune import cpu_identity
 from folio.machine.device import configure_allocator, flush_denormals
 from folio.machine.distributed import DistInfo
-from folio.model.gpt import Kernels
 from folio.train.bench import bench_data_dir
 from folio.train.evaluate import estimate_loss
 from folio.train.loop import Trainer
@@ -68,7 +68,7 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
     """Train cfg.max_iters iterations (or until `seconds` of training time); evaluate the fixed
     val batches at 0, every eval_every and at the end. Returns the run's curve and timings."""
     with contextlib.redirect_stdout(sys.stderr):
-        trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), Kernels.for_device("cpu"))
+        trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))  # knobs on auto: measured
     val = {"val": trainer.eval_splits[split]}  # "val" names the split evaluated
 
     def evaluate() -> float:
@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
     if trainer.metrics is not None:
         trainer.metrics.close()
     return {"iters": i, "train_s": round(train_s, 2), "ms_per_iter": round(1000 * train_s / i, 2),
+            "cpu_path": trainer.tuning.line if trainer.tuning else None,
             "final_val": curve[-1][2], "best_val": min(v for _, _, v in curve), "curve": curve,
             "losses": losses}
 
@@ -101,8 +102,7 @@ def interleaved_step_ratio(configs: list[TrainConfig], rounds: int = 6, steps: i
     """Median ms per step of each config, their trainers taking turns in blocks of `steps`
     (after one warmup block), so load from other processes falls on all of them alike."""
     with contextlib.redirect_stdout(sys.stderr):
-        trainers = [Trainer(c, DistInfo(), torch.device("cpu"), Kernels.for_device("cpu"))
-                    for c in configs]
+        trainers = [Trainer(c, DistInfo(), torch.device("cpu")) for c in configs]
     times: list[list[float]] = [[] for _ in trainers]
     for r in range(rounds + 1):
         for t, ts in zip(trainers, times, strict=True):
@@ -156,9 +156,8 @@ def main() -> int:
     flush_denormals()
     shapes = [s for s in args.shapes.split(",") if s]
     short = dict(kv.split("=") for kv in args.modern_iters.split(","))
-    host = {"cpu": platform.processor() or platform.machine(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    host = {"cpu": cpu_identity(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
     print(json.dumps({"host": host}), flush=True)
     datasets = {SHAPES[s]["dataset"] for s in [*shapes, args.ablation_shape]}
     with bench_data_dir(args.data_dir, datasets) as data_dir, \

@@ -26,6 +26,7 @@ def test_the_run_starts_the_same_whether_tuning_measured_or_not(char_data_dir, t
     assert tuned.tuning.tuning_s > 0 and not tuned.tuning.cached
     assert tuned.tuning.line.endswith("measured") or "measured;" in tuned.tuning.line
     assert list((tmp_path / "cache" / "autotune").glob("*.json"))
+    monkeypatch.setenv("FOLIO_CACHE", str(tmp_path / "empty"))
     plain = tiny_trainer(char_data_dir, tmp_path / "b", max_iters=10)  # too short: not measured
     assert plain.tuning.line == "float32: not measured"
     assert torch.equal(rng_after_tuning, torch.get_rng_state())
@@ -41,6 +42,8 @@ def test_a_second_run_reuses_the_cached_choice(char_data_dir, tmp_path, monkeypa
     again = tiny_trainer(char_data_dir, tmp_path / "b")
     assert again.tuning.cached and again.tuning.tuning_s == 0
     assert again.tuning.knobs == first.tuning.knobs and "cached 20" in again.tuning.line
+    short = tiny_trainer(char_data_dir, tmp_path / "c", max_iters=10)  # too short to measure
+    assert short.tuning.cached and short.tuning.knobs == first.tuning.knobs
 
 
 def test_run_json_records_the_measured_choice(char_data_dir, tmp_path, monkeypatch):
@@ -54,6 +57,7 @@ def test_run_json_records_the_measured_choice(char_data_dir, tmp_path, monkeypat
     assert recorded["knobs"] == trainer.tuning.knobs
     assert recorded["speedup"] == round(trainer.tuning.speedup, 3)
     assert set(recorded["ms_per_step"]) == set(trainer.tuning.ms_per_step)
+    monkeypatch.setenv("FOLIO_CACHE", str(tmp_path / "empty"))
     untuned = tiny_trainer(char_data_dir, tmp_path / "b", max_iters=10)  # not measured
     untuned.write_info()
     assert read_run_info(tmp_path / "b").tuning["choice"] == untuned.tuning.name
@@ -72,3 +76,36 @@ def test_the_full_logits_loss_is_a_candidate_only_while_its_logits_are_small():
         == {True, False}
     big = TrainConfig(dtype="float32", batch_size=64, block_size=256)  # 3.3 GB of logits
     assert [k["fused_loss"] for k in autotune_step.candidates(big, 50304).values()] == [True]
+
+
+def test_newton_schulz_dtype_is_a_candidate_only_for_muon_on_a_bf16_cpu():
+    from folio.machine.device import cpu_supports_bf16
+
+    adamw = autotune_step.candidates(TrainConfig(dtype="float32"), 65)
+    assert all("newton_schulz" not in knobs for knobs in adamw.values())
+    muon = autotune_step.candidates(TrainConfig(dtype="float32", optimizer="muon"), 65)
+    assert next(iter(muon.values()))["newton_schulz"] == "float32"  # the reference
+    assert {k["newton_schulz"] for k in muon.values()} == \
+        ({"float32", "bfloat16"} if cpu_supports_bf16() else {"float32"})
+    assert autotune_step.ns_dtype({"newton_schulz": "bfloat16"}) == torch.bfloat16
+    assert autotune_step.ns_dtype({"dtype": "float32"}) is None
+
+
+def test_a_resumed_run_keeps_its_measured_choice(char_data_dir, tmp_path, monkeypatch, capsys):
+    """Regression: a resume with too few iterations left to measure fell back to the
+    reference kernels, so it did not go on as the run it resumed."""
+    from conftest import tiny_args
+
+    from folio.cli import main
+    from folio.store.rundir import read_run_info
+
+    monkeypatch.setenv("FOLIO_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args(char_data_dir, run, max_iters=500, eval_interval=500)]) == 0
+    first = read_run_info(run).tuning
+    assert "measured" in capsys.readouterr().out and not first["cached"]
+    (tmp_path / "cache").rename(tmp_path / "gone")  # nothing cached to fall back on
+    assert main(["train", *tiny_args(char_data_dir, run, max_iters=510, eval_interval=500),
+                 "--init_from=resume"]) == 0
+    assert f"{first['choice']}: kept from the run resumed" in capsys.readouterr().out
+    assert read_run_info(run).tuning["knobs"] == first["knobs"]

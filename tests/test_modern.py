@@ -151,14 +151,16 @@ def test_old_run_json_without_the_new_model_fields_still_loads(tiny_run, tmp_pat
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-def test_batched_muon_matches_torch_muon():
-    """BatchedMuon is torch.optim.Muon's update (torch's runs in bfloat16: loose tolerance)."""
+@pytest.mark.parametrize("ns_dtype", [None, torch.bfloat16])
+def test_batched_muon_matches_torch_muon(ns_dtype):
+    """BatchedMuon is torch.optim.Muon's update (torch's runs in bfloat16: loose tolerance),
+    with its Newton-Schulz iteration in float32 (the CPU default) or bfloat16."""
     from folio.train.optim import BatchedMuon
     torch.manual_seed(0)
     shapes = [(24, 8), (8, 24), (24, 8), (8, 8), (16, 8)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opts = [BatchedMuon(ours, lr=0.1, weight_decay=0.1),
+    opts = [BatchedMuon(ours, lr=0.1, weight_decay=0.1, ns_dtype=ns_dtype),
             torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1)]
     for _ in range(3):
         grads = [torch.randn(s) for s in shapes]

@@ -102,8 +102,10 @@ def cache_path(key: Mapping[str, Any], root: Path | None = None) -> Path:
 def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], TimeSteps],
            key: Mapping[str, Any], planned_steps: int, *, reference: str | None = None,
            budget_s: float = BUDGET_S, run_fraction: float = RUN_FRACTION,
-           tolerance: float = LOSS_TOLERANCE, cache_root: Path | None = None) -> Choice:
-    """The fastest safe candidate, from the cache or measured; `build(name)` gives its timer.
+           tolerance: float = LOSS_TOLERANCE, cache_root: Path | None = None,
+           may_measure: bool = True) -> Choice:
+    """The fastest safe candidate, from the cache or measured (without `may_measure`, the
+    reference where nothing is cached); `build(name)` gives its timer.
 
     `candidates` maps a name to its knob settings (only the knobs left on auto: the caller
     never passes an explicit setting); `reference` (default: the first) is the baseline the
@@ -116,6 +118,8 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
     cached = _read_cached(path, key, candidates)
     if cached is not None:
         return cached
+    if not may_measure:
+        return Choice(reference, dict(candidates[reference]), f"{reference}: not measured")
     started = time.perf_counter()
     stats = measure({name: build(name) for name in candidates}, reference, planned_steps,
                     budget_s, run_fraction)

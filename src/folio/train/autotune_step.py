@@ -23,8 +23,8 @@ from folio.model.gpt import GPT
 from folio.store.weights import gpt_from_state
 from folio.train.optim import configure_optimizer
 
-MIN_PLANNED_STEPS = 500  # shorter runs (tests, --max_iters=0, evals) keep the reference:
-# measuring takes ~4 steps per candidate at least, too much of a shorter run
+STEPS_PER_CANDIDATE = 2  # measuring costs at least a warm-up and a timed step per candidate;
+# a run too short for that to fit RUN_FRACTION of it uses a cached choice or the reference
 BATCHES = 8  # real training batches, cycled, that every candidate sees in the same order
 LOGITS_LIMIT_BYTES = 256 << 20  # above this the (B*T, V) float32 logits are never a candidate
 # Where knobs left on auto run from (the reference is the first: folio's previous CPU path)
@@ -41,15 +41,19 @@ def candidates(cfg: TrainConfig, vocab: int) -> dict[str, dict[str, Any]]:
     whole measuring budget, and its steps were no faster in float32 (issue 15's profile).
     """
     small_logits = 4 * cfg.batch_size * cfg.block_size * vocab <= LOGITS_LIMIT_BYTES
-    options: dict[str, list[Any]] = {"fused_loss": [True, False] if small_logits else [True]}
-    if cfg.dtype == AUTO:
-        options["dtype"] = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
-    else:
-        options["dtype"] = [cfg.dtype]
+    bf16 = ["bfloat16"] if cpu_supports_bf16() else []
+    fused_options = [True, False] if small_logits else [True]
+    dtypes = ["float32", *bf16] if cfg.dtype == AUTO else [cfg.dtype]
+    # Muon's Newton-Schulz iteration is its own matmul-bound step: its dtype is a knob too
+    ns_dtypes = ["float32", *bf16] if cfg.optimizer == "muon" else [None]
     found = {}
-    for fused, dtype in itertools.product(options["fused_loss"], options["dtype"]):
+    for fused, dtype, ns in itertools.product(fused_options, dtypes, ns_dtypes):
         knobs = {"dtype": dtype, "fused_loss": fused}
-        found[dtype + ("" if fused else " + logits loss")] = knobs
+        name = dtype + ("" if fused else " + logits loss")
+        if ns:
+            knobs["newton_schulz"] = ns
+            name += "" if ns == "float32" else f" + {ns} Newton-Schulz"
+        found[name] = knobs
     return found
 
 
@@ -63,32 +67,50 @@ def build_with(model: GPT, knobs: dict[str, Any], copy: bool = False) -> GPT:
     return gpt_from_state(model.config, state, "the model being tuned", kernels)
 
 
-def tune(trainer: Any, cfg: TrainConfig) -> autotune.Choice:
+def ns_dtype(knobs: dict[str, Any]) -> torch.dtype | None:
+    """Muon's Newton-Schulz dtype the knobs choose (None: the optimizer's default)."""
+    return DTYPES[knobs["newton_schulz"]] if "newton_schulz" in knobs else None
+
+
+def tune(trainer: Any, cfg: TrainConfig, kept: dict[str, Any] | None = None
+         ) -> autotune.Choice:
     """Choose and return the knobs for `trainer` (built model, not yet moved or wrapped).
 
-    Measures only on one CPU process with a run long enough for it to pay; otherwise (or with
-    everything set explicitly) the reference, or the explicit setting, is returned unmeasured.
+    A resumed run keeps the choice its run.json records (`kept`) while that is still one of
+    the candidates, so it goes on with the same kernels however few iterations remain.
+    Otherwise measures only on one CPU process with a run long enough for it to pay; else (or
+    with everything set explicitly) the reference, or the explicit setting, unmeasured.
     """
     found = candidates(cfg, trainer.model.config.padded_vocab_size)
     reference = next(iter(found))
+    name = (kept or {}).get("choice")
+    if name in found and found[name] == kept.get("knobs"):
+        return autotune.Choice(name, found[name], f"{name}: kept from the run resumed",
+                               float(kept.get("speedup", 1.0)), cached=True)
     planned = cfg.max_iters - trainer.progress.iter_num
     # (a compiled model runs other kernels than the eager copies measured here)
-    if trainer.device.type != "cpu" or trainer.info.enabled or planned < MIN_PLANNED_STEPS \
-            or cfg.eval_only or cfg.compile is True:
+    if trainer.device.type != "cpu" or trainer.info.enabled or cfg.eval_only \
+            or cfg.compile is True:
         return autotune.Choice(reference, found[reference], f"{reference}: not measured")
     model = trainer.model
     shape = {**model.config.to_dict(), "dropout": cfg.dropout}
     batch = {"batch_size": cfg.batch_size, "block_size": model.config.block_size,
              "grad_clip": cfg.grad_clip > 0}
     key = autotune.cache_key(shape, batch, trainer.device.type, found)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def timer(name: str) -> autotune.TimeSteps:
+        if not batches:  # read only when measuring
+            tokens = open_tokens(trainer.dataset_dir, "train", trainer.meta)
+            loader = Loader(tokens, cfg.batch_size, model.config.block_size, cfg.seed,
+                            trainer.device, "train")
+            batches.extend(loader.next_batch() for _ in range(BATCHES))
+        return step_timer(model, found[name], cfg, trainer.device, batches)
+
+    long_enough = planned * autotune.RUN_FRACTION >= STEPS_PER_CANDIDATE * len(found)
     with torch.random.fork_rng(devices=[]):  # the run's RNG is as if tuning never ran
-        tokens = open_tokens(trainer.dataset_dir, "train", trainer.meta)
-        loader = Loader(tokens, cfg.batch_size, model.config.block_size, cfg.seed,
-                        trainer.device, "train")
-        batches = [loader.next_batch() for _ in range(BATCHES)]
-        return autotune.choose(found, lambda name: step_timer(model, found[name], cfg,
-                                                              trainer.device, batches),
-                               key, planned, reference=reference)
+        return autotune.choose(found, timer, key, planned, reference=reference,
+                               may_measure=long_enough)
 
 
 def step_timer(model: GPT, knobs: dict[str, Any], cfg: TrainConfig, device: torch.device,
@@ -96,7 +118,7 @@ def step_timer(model: GPT, knobs: dict[str, Any], cfg: TrainConfig, device: torc
     """Time full training steps (forward, backward, clip, AdamW) of a copy of `model`."""
     model = build_with(model, knobs, copy=True)  # same initial weights for every candidate
     model.to(device).train()
-    optimizer = configure_optimizer(model, cfg, device.type)
+    optimizer = configure_optimizer(model, cfg, device.type, ns_dtype(knobs))
     dtype = DTYPES[knobs["dtype"]]
     done = 0
 

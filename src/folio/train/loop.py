@@ -137,7 +137,7 @@ class Trainer:
         self.model = self._build_model(cfg, resume)
         self.tuning = None
         if device.type == "cpu" and kernels is None:  # knobs on auto: measured on this model
-            self.tuning = autotune_step.tune(self, cfg)
+            self.tuning = autotune_step.tune(self, cfg, resume and resume.extra["tuning"])
             self.model = autotune_step.build_with(self.model, self.tuning.knobs)
             self.kernels = self.model.kernels
             self.dtype = DTYPES[self.tuning.knobs["dtype"]]
@@ -159,7 +159,9 @@ class Trainer:
         self.eval_tokens = CPU_EVAL_TOKENS if stack else 0
         self.train_model = distributed.wrap(self.model, info, device, self.dtype,
                                             compile=self.compiled, fsdp=cfg.fsdp)
-        self.optimizer = configure_optimizer(self.model, cfg, device.type)
+        knobs = self.tuning.knobs if self.tuning else {}
+        self.optimizer = configure_optimizer(self.model, cfg, device.type,
+                                             autotune_step.ns_dtype(knobs))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         if resume is not None:
             self._restore(resume)
@@ -176,6 +178,7 @@ class Trainer:
         check_resume_matches(cfg, run_info, self.meta)
         state.extra["model_config"] = sources.model_config(run_info, self.out_dir,
                                                            dropout=cfg.dropout)
+        state.extra["tuning"] = run_info.tuning  # a resume keeps the measured choice
         return state
 
     def _build_model(self, cfg: TrainConfig, resume: ResumeState | None) -> GPT:

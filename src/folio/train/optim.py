@@ -15,11 +15,13 @@ from folio.machine.distributed import full_tensor, shard_like
 MUON_MOMENTUM_START = 0.85  # Muon's momentum warms up from here to muon_momentum
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str):
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str,
+                        ns_dtype: torch.dtype | None = None):
     """The optimizer `cfg.optimizer` names: AdamW for everything (nanoGPT), or Muon for the
-    transformer blocks' 2-D weight matrices and AdamW for the rest (muon)."""
+    transformer blocks' 2-D weight matrices and AdamW for the rest (muon); `ns_dtype` is
+    Muon's Newton-Schulz dtype (default: bfloat16 on CUDA, else float32)."""
     if cfg.optimizer == "muon":
-        return muon_adamw(model, cfg, device_type)
+        return muon_adamw(model, cfg, device_type, ns_dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -55,7 +57,8 @@ def muon_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], dict[str, l
     return muon, rest
 
 
-def muon_adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> MuonAdamW:
+def muon_adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str,
+               ns_dtype: torch.dtype | None = None) -> MuonAdamW:
     """Muon at muon_lr for block matrices; AdamW at embed_lr / head_lr / learning_rate for
     embeddings / head / the rest. Every group's `lr_scale` is its peak over learning_rate,
     so one schedule drives all of them (`apply_schedule`)."""
@@ -66,20 +69,29 @@ def muon_adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> Mu
                "weight_decay": cfg.weight_decay if kind != "scalar" else 0.0}
               for kind, ps in rest.items() if ps]
     muon = BatchedMuon([{"params": matrices, "lr_scale": cfg.muon_lr / base, "muon": True}],
-                       lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+                       lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                       ns_dtype=ns_dtype)
     return MuonAdamW(muon, adamw(groups, cfg, device_type))
 
 
 class BatchedMuon(torch.optim.Muon):
     """torch.optim.Muon's update, settings and state, with Newton-Schulz run once per matrix
-    shape on a stack of the same-shape matrices, in float32 except on CUDA.
+    shape on a stack of the same-shape matrices, in `ns_dtype` (default: bfloat16 on CUDA,
+    float32 elsewhere; on a CPU with bfloat16 matmul units training measures which is faster,
+    train/autotune_step.py).
 
     Why not torch's own step: it orthogonalises one matrix at a time in bfloat16, which on a
     CPU without bfloat16 matmul units cost 175 ms per step for the 16 block matrices of the
-    README CPU model, against 28 ms here (91 ms unbatched float32; one AMD EPYC, AVX512).
+    README CPU model, against 28 ms here (91 ms unbatched float32; one AMD EPYC, AVX512). On a
+    Zen 5 with AVX-512 BF16 the batched bfloat16 iteration takes 8 ms against float32's 20.
     Under FSDP each matrix's update is gathered whole, orthogonalised alike on every rank and
     applied to the local shard (Newton-Schulz needs the whole matrix).
     """
+
+    def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, **settings: Any
+                 ) -> None:
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -100,7 +112,7 @@ class BatchedMuon(torch.optim.Muon):
             for members in by_shape.values():
                 stack = torch.stack([wide(updates[i]) for i in members])  # (n, r, c), r <= c
                 ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"])
+                                      group["eps"], self.ns_dtype)
                 for i, o in zip(members, ortho, strict=True):
                     p = params[i]
                     o = o if p.size(0) <= p.size(1) else o.T
@@ -115,11 +127,11 @@ def wide(m: torch.Tensor) -> torch.Tensor:
 
 
 def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> torch.Tensor:
+                  eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate orthogonalisation of each matrix of g (n, r, c), r <= c, by torch.optim.Muon's
-    quintic Newton-Schulz iteration; float32 (bfloat16 on CUDA)."""
+    quintic Newton-Schulz iteration, in `dtype` (default: bfloat16 on CUDA, else float32)."""
     a, b, c = coefficients
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(dtype or (torch.bfloat16 if g.is_cuda else torch.float32))
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm <= 1
     for _ in range(steps):
         gram = x @ x.mT  # (n, r, r)
