@@ -116,6 +116,34 @@ def test_recipe_modern_fills_only_what_was_not_given():
     assert not plain.rope and plain.optimizer == "adamw" and plain.lr_schedule == "cosine"
 
 
+def test_modern_head_is_untied_unless_it_outweighs_the_blocks():
+    from folio.config import modern_ties_head
+
+    assert not modern_ties_head(65, 128, 4)  # README CPU char model
+    assert not modern_ties_head(50304, 768, 12)  # GPT-2 small: the speedrun's untied head
+    assert modern_ties_head(50304, 64, 4)  # the seed's BPE shape: the head is most of it
+
+
+def test_modern_recipe_ties_a_gpt2_vocabulary_head_on_a_small_model(tmp_path, capsys):
+    from conftest import REPO
+
+    from folio.store.sources import load_model
+
+    data = tmp_path / "data"
+    text = (REPO / "tests" / "data" / "tinyshakespeare" / "input.txt").read_text()[:60_000]
+    (tmp_path / "slice.txt").write_text(text)
+    assert main(["prepare", str(tmp_path / "slice.txt"), "--name=bpe", "--tokenizer=gpt2",
+                 f"--data_dir={data}"]) == 0
+    common = ["--dataset=bpe", f"--data_dir={data}", "--recipe=modern", "--n_layer=1",
+              "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--max_iters=2",
+              "--eval_iters=1", "--device=cpu", "--compile=False"]
+    assert main(["train", *common, f"--out_dir={tmp_path / 'auto'}"]) == 0
+    assert "head untied unless it outweighs the blocks" in capsys.readouterr().out
+    assert load_model(tmp_path / "auto")[0].config.tie_head
+    assert main(["train", *common, f"--out_dir={tmp_path / 'given'}", "--tie_head=False"]) == 0
+    assert not load_model(tmp_path / "given")[0].config.tie_head
+
+
 def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_path, capsys):
     """N iterations + resume to 2N gives bitwise the losses of 2N straight, with Muon."""
     straight, _ = straight_and_resumed(char_data_dir, tmp_path, recipe="modern",

@@ -527,11 +527,20 @@ DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
 # --recipe=modern: the modern small-GPT bundle (modded-nanogpt, nanochat), learning rates
 # tuned on tiny Shakespeare's train split at the README CPU size (see README).
 MODERN_RECIPE: dict[str, Any] = {
-    "rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_head": False,
+    "rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2",
     "zero_init_proj": True, "bias": False, "optimizer": "muon", "muon_lr": 0.02,
     "learning_rate": 0.01, "embed_lr": 0.01, "head_lr": 0.004, "weight_decay": 0.0,
     "lr_schedule": "wsd", "warmdown_frac": 0.5, "warmup_iters": 0, "min_lr": 0.0,
 }
+
+
+def modern_ties_head(vocab_size: int, n_embd: int, n_layer: int) -> bool:
+    """The modern recipe's head where tie_head is not given: untied, as in the speedrun and
+    nanochat, unless its weights would outnumber all the blocks' (12 n_embd^2 each). Then one
+    shared matrix learns more from little data and steps faster: the seed's BPE shape (4 x 64,
+    GPT-2's vocabulary) reached train loss 4.27 tied against 4.34 untied after 600 iterations,
+    at 98 against 116 ms a step."""
+    return vocab_size * n_embd > 12 * n_layer * n_embd**2
 
 
 def fill_unset(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
@@ -568,8 +577,10 @@ def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, st
                 "setting, or a preset, gives nanoGPT's train.py defaults instead")
         cfg = resolved
     if cfg.recipe == "modern":
-        note = "; ".join(filter(None, [note, "recipe modern: " + ", ".join(
-            f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in cfg.given)]))
+        filled = [f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in cfg.given]
+        if "tie_head" not in cfg.given:
+            filled.append("head untied unless it outweighs the blocks")
+        note = "; ".join(filter(None, [note, "recipe modern: " + ", ".join(filled)]))
         cfg = fill_unset(cfg, MODERN_RECIPE)
     return cfg, note
 

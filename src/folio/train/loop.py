@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from folio.config import TrainConfig, device_defaults
+from folio.config import TrainConfig, device_defaults, modern_ties_head
 from folio.data.loader import Loader, check_split_length, open_tokens
 from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
@@ -187,6 +187,9 @@ class Trainer:
                                    kernels=self.kernels)
         elif cfg.init_from == "scratch":
             shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
+            if cfg.recipe == "modern" and "tie_head" not in cfg.given:
+                shape["tie_head"] = modern_ties_head(self.meta["vocab_size"], cfg.n_embd,
+                                                     cfg.n_layer)
             model = GPT(GPTConfig(vocab_size=self.meta["vocab_size"], dropout=cfg.dropout,
                                   **shape), self.kernels)
         else:
