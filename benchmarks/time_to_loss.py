@@ -136,7 +136,7 @@ def write_metrics(run_dir: Path, result: dict, cfg: TrainConfig) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="char,bpe")
-    parser.add_argument("--modern-iters", default="char=600,bpe=600",
+    parser.add_argument("--modern-iters", default="char=400,bpe=600",
                         help="the modern recipe's short schedule per shape")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=100)
