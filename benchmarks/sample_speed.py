@@ -126,7 +126,8 @@ def startup(model: str, new_tokens: int, repeats: int) -> dict:
                  f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--device=cpu",
                  f"--n_layer={shape.n_layer}", f"--n_head={shape.n_head}",
                  f"--n_embd={shape.n_embd}", f"--block_size={shape.block_size}",
-                 "--max_iters=0", "--eval_iters=1", "--batch_size=1", "--compile=False"]
+                 "--max_iters=0", "--eval_iters=1", "--batch_size=1", "--compile=False",
+                 "--overwrite=True"]  # each repeat starts the run again
         sample = [python, "-m", "folio", "sample", f"--out_dir={run_dir}", "--device=cpu",
                   "--num_samples=1", "--seed=1337"]
         times: dict[str, list[float]] = {"import_torch_s": [], "train_max_iters_0_s": [],
