@@ -311,3 +311,29 @@ def test_bench_variant_this_machine_refuses_is_reported_in_its_json_line(seeded_
     line = json.loads(proc.stdout)
     assert "float16 is not supported" in line["fast:dtype=float16"]["error"]
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_attention_runs_in_float32_under_bfloat16_autocast():
+    """The CPU kernels compute attention (forward and backward) in float32 under bfloat16
+    autocast; plain kernels leave it to autocast (bfloat16). The loss stays bfloat16-close."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AttentionDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                self.seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    x, y = batch()
+    want, _ = loss_and_grads(tiny_gpt(), x, y)
+    for kernels, dtype in ((Kernels(float32_attention=True), torch.float32),
+                           (PLAIN_KERNELS, torch.bfloat16)):
+        with AttentionDtypes() as mode:
+            loss, grads = loss_and_grads(tiny_gpt(kernels=kernels), x, y, torch.bfloat16)
+        assert mode.seen == {dtype}, kernels
+        assert abs(loss.item() - want.item()) < 0.02 and all(g.isfinite().all()
+                                                               for g in grads.values())

@@ -176,5 +176,6 @@ def test_fast_dropout_kernel_builds_fast_dropout_layers_and_attention():
 
 
 def test_kernels_are_chosen_for_the_device():
-    assert Kernels.for_device("cpu") == Kernels(fused_loss=True, fast_dropout=True)
+    assert Kernels.for_device("cpu") == Kernels(fused_loss=True, fast_dropout=True,
+                                                float32_attention=True)
     assert Kernels.for_device("cuda") == Kernels.for_device("mps") == Kernels()

@@ -23,7 +23,7 @@ import torch
 
 from folio.fsutil import atomic_write_json, cache_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: CPU attention in float32 under bf16, the Newton-Schulz knob
 BUDGET_S = 10.0  # never measure longer than this...
 RUN_FRACTION = 0.02  # ...nor longer than this share of the planned run
 MAX_ROUNDS = 5  # timed rounds (each candidate a few steps per round) when the budget allows

@@ -68,13 +68,16 @@ class Kernels:
 
     fused_loss: bool = False  # training loss without the (B*T, V) logits (fastloss.py)
     fast_dropout: bool = False  # CPU dropout masks cheap to draw and keep (fastdropout.py)
+    # attention in float32 under bfloat16 autocast: a CPU's bfloat16 attention backward took
+    # 3.7x float32's for the README CPU model (Zen 5), more than its bfloat16 matmuls saved
+    float32_attention: bool = False
 
     @classmethod
     def for_device(cls, device_type: str) -> Kernels:
-        """What training uses on a device: both on a CPU (far less memory, faster), off
+        """What training uses on a device: all on a CPU (far less memory, faster), off
         elsewhere (the GPU kernels and torch.compile do better)."""
         on = device_type == "cpu"
-        return cls(fused_loss=on, fast_dropout=on)
+        return cls(fused_loss=on, fast_dropout=on, float32_attention=on)
 
     def dropout(self, p: float) -> nn.Dropout:
         return FastDropout(p) if self.fast_dropout else nn.Dropout(p)
@@ -152,6 +155,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = kernels.dropout(config.dropout)
         # Attention dropout that keeps no (B, nh, T, T) tensors (fastdropout.py); off: SDPA.
         self.fast_dropout = kernels.fast_dropout
+        self.float32_attention = kernels.float32_attention
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to queries, keys and values, each (B, nh, T, hs)."""
@@ -180,12 +184,19 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
             return self.project(attend(q.to(k.dtype), k, v, start).to(q.dtype))
+        if self.float32_attention and q.dtype != torch.float32:
+            with torch.autocast(q.device.type, enabled=False):
+                y = self.causal(q.float(), k.float(), v.float())  # (B, nh, T, hs)
+            return self.project(y.to(q.dtype))
+        return self.project(self.causal(q, k, v))
+
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q, k, v (B, nh, T, hs) -> (B, nh, T, hs), with attention
+        dropout while training."""
         dropout = self.dropout if self.training else 0.0
         if dropout and self.fast_dropout:
-            y = causal_attention(q, k, v, dropout)  # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        return self.project(y)
+            return causal_attention(q, k, v, dropout)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
