@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 folio prepare shakespeare_char
-folio train shakespeare_char_cpu --device=cpu
+# run again, it goes on from the saved run (nothing is overwritten; done if it is complete)
+resume=()
+if [ -f out-shakespeare-char/run.json ]; then resume=(--init_from=resume); fi
+folio train shakespeare_char_cpu --device=cpu ${resume[@]+"${resume[@]}"}
 folio sample --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=300
 folio plot out-shakespeare-char
 echo "loss curve: out-shakespeare-char/loss.png"
