@@ -178,6 +178,34 @@ def test_resume_at_the_train_val_boundary_goes_on_with_val(hub_dir):
     assert list(layout.document_items(hub, skip=hub.num_rows())) == []
 
 
+def resident_kb(paths: set[str]) -> int:
+    """This process's resident memory in mappings of `paths` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+                inside = len(fields) == 6 and fields[5] in paths
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_reading_a_hub_split_releases_the_cache_pages_it_touched(hub_dir, monkeypatch):
+    from folio.data import hub as hub_module
+
+    source = hub_module.HubSource(str(hub_dir), None, "train", "text", 0.0005)
+    source.load()
+    paths = {os.path.realpath(f["filename"]) for f in source.splits["train"].cache_files}
+    expected = list(source.documents("train"))  # every page touched, nothing released yet
+    kept = resident_kb(paths)
+    monkeypatch.setattr(hub_module, "RELEASE_BYTES", 1)  # release after every batch
+    assert list(source.documents("train")) == expected  # released pages read back correctly
+    released = resident_kb(paths)
+    assert kept > 200 and released < kept / 2, (kept, released)
+
+
 def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     hub = tmp_path / "corpus"
     write_format(hub / "data.jsonl", DOCS * 10, field="content")

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from folio.data.mapped_pages import MappedFiles
 from folio.errors import DataError
 
 SPLIT_SEED = 2357  # nanoGPT's data/openwebtext/prepare.py
 BATCH_ROWS = 1000
+RELEASE_BYTES = 1 << 20  # characters read between releases of the cache's mapped pages
 EXTRA = "pip install 'folio[datasets]'"
 
 
@@ -78,14 +80,24 @@ class HubSource:
         self.splits = {"train": parts["train"], "val": parts["test"]}  # nanoGPT renames test
 
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
-        """The split's texts from row `start` on."""
+        """The split's texts from row `start` on. Every RELEASE_BYTES of text read, the Arrow
+        cache's pages this process has touched are released (mapped_pages.py): reading a
+        shuffled split touches the whole file, which would otherwise all count as resident."""
         rows = self.splits[split]
         if start >= len(rows):  # datasets refuses select(range(n, n)) on n rows
             return
         if start:
             rows = rows.select(range(start, len(rows)))
+        cache = MappedFiles(f["filename"] for f in rows.cache_files)
+        cache.read_randomly()  # the split is shuffled: rows come from all over the file
+        read = 0
         for batch in rows.iter(batch_size=BATCH_ROWS):
-            yield from batch[self.text_field]
+            texts = batch[self.text_field]
+            read += sum(map(len, texts))
+            if read >= RELEASE_BYTES:
+                cache.release()
+                read = 0
+            yield from texts
 
     def num_rows(self, split: str | None = None) -> int:
         return sum(len(s) for name, s in self.splits.items() if split in (None, name))
