@@ -12,18 +12,18 @@ from folio.infer import fastdecode
 from folio.infer.sample import generate_tokens
 from folio.machine.device import cpu_supports_bf16
 from folio.model.gpt import GPT, GPTConfig
-from folio.model.packed import MIN_PACKED_ELEMENTS, PackedLinear, can_pack, packed_copy
+from folio.model.packed import MIN_PACKED_ELEMENTS, PackedLinear, can_pack, decoding_copy
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN to pack weights for")
 
 
-def wide_model(vocab_size: int = 1024) -> GPT:
+def wide_model(vocab_size: int = 1024, dropout: float = 0.0) -> GPT:
     """One block whose MLP weights (512 x 128) and head (1024 x 128) are large enough to pack,
     and whose attention weight (384 x 128) is not."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=1, n_head=4,
-                          n_embd=128, bias=True))
+                          n_embd=128, bias=True, dropout=dropout))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4)  # lively logits: greedy decoding does not settle on one token
@@ -34,10 +34,12 @@ def greedy(model: GPT, n: int = 40) -> list[int]:
     return list(generate_tokens(model, [1, 2, 3], n, temperature=1e-6, top_k=1))
 
 
-def test_packed_copy_decodes_like_the_model_and_leaves_it_untouched():
-    model = wide_model()
+def test_decoding_copy_decodes_like_the_model_and_leaves_it_untouched():
+    model = wide_model(dropout=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    packed = packed_copy(model)
+    packed = decoding_copy(model, pack=True)
+    assert not any(isinstance(m, nn.Dropout) for m in packed.modules())
+    assert any(isinstance(m, nn.Dropout) for m in model.modules())
     block = packed.transformer.h[0]
     assert isinstance(block.mlp.c_fc, PackedLinear) and isinstance(block.mlp.c_proj, PackedLinear)
     assert isinstance(packed.lm_head, PackedLinear)

@@ -22,7 +22,7 @@ from folio.config import AUTO
 from folio.machine import autotune
 from folio.machine.device import DTYPES, cpu_supports_bf16
 from folio.model.gpt import GPT
-from folio.model.packed import can_pack, packed_copy
+from folio.model.packed import can_pack, decoding_copy
 from folio.store.weights import gpt_from_state
 
 BUDGET_S = 1.0  # the first sample on a machine waits at most this long for the measurement
@@ -45,12 +45,13 @@ def candidates(model: GPT, dtype_setting: str) -> dict[str, dict[str, Any]]:
 
 
 def build(model: GPT, knobs: dict[str, Any]) -> GPT:
-    """`model` (shared) or a copy in knobs' dtype, with its linear layers packed or not."""
+    """A decoding copy (model/packed.py) of `model` or of a twin in knobs' dtype, its linear
+    layers packed or not."""
     dtype = DTYPES[knobs["dtype"]]
     if model.transformer.wte.weight.dtype != dtype:  # a twin sharing nothing once converted
         model = gpt_from_state(model.config, model.state_dict(), "the model being tuned",
                                model.kernels).to(dtype).eval()
-    return packed_copy(model) if knobs["packed"] else model
+    return decoding_copy(model, knobs["packed"])
 
 
 def for_decoding(model: GPT, dtype_setting: str, planned_tokens: int
