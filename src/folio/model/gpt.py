@@ -68,8 +68,9 @@ class Kernels:
 
     fused_loss: bool = False  # training loss without the (B*T, V) logits (fastloss.py)
     fast_dropout: bool = False  # CPU dropout masks cheap to draw and keep (fastdropout.py)
-    # attention in float32 under bfloat16 autocast: a CPU's bfloat16 attention backward took
-    # 3.7x float32's for the README CPU model (Zen 5), more than its bfloat16 matmuls saved
+    # SDPA in float32 under bfloat16 autocast: a CPU's bfloat16 SDPA backward took 3.7x
+    # float32's for the README CPU model (Zen 5), more than its bfloat16 matmuls saved (the
+    # fast-dropout attention, made of matmul tiles, stays in bfloat16: it gains there)
     float32_attention: bool = False
 
     @classmethod
@@ -184,19 +185,16 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
             return self.project(attend(q.to(k.dtype), k, v, start).to(q.dtype))
+        dropout = self.dropout if self.training else 0.0
+        if dropout and self.fast_dropout:  # tiles of matmuls, which bfloat16 speeds up
+            return self.project(causal_attention(q, k, v, dropout))  # (B, T, C)
         if self.float32_attention and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
-                y = self.causal(q.float(), k.float(), v.float())  # (B, nh, T, hs)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   dropout_p=dropout, is_causal=True)
             return self.project(y.to(q.dtype))
-        return self.project(self.causal(q, k, v))
-
-    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of q, k, v (B, nh, T, hs) -> (B, nh, T, hs), with attention
-        dropout while training."""
-        dropout = self.dropout if self.training else 0.0
-        if dropout and self.fast_dropout:
-            return causal_attention(q, k, v, dropout)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return self.project(y)  # (B, T, C)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
