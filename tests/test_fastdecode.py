@@ -108,3 +108,25 @@ def test_folio_sample_names_how_it_decodes(tiny_run, capsys, tmp_path, monkeypat
                  "--max_new_tokens=5", "--dtype=float32"]) == 0
     err = capsys.readouterr().err
     assert "on cpu (float32: set)" in err  # nothing to measure: no layer worth packing
+
+
+def test_folio_sample_counts_the_parameters_of_a_packed_model(char_data_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    """Regression: the settings line counted the decoding copy's parameters, and packed
+    layers hold none (a 0.80M model showed as 0.05M)."""
+    from conftest import tiny_args
+
+    from folio.infer.sample import load
+
+    monkeypatch.setenv("FOLIO_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "wide"
+    assert main(["train", *tiny_args(char_data_dir, run, max_iters=0), "--n_embd=128",
+                 "--n_head=4"]) == 0
+    monkeypatch.setattr(fastdecode, "candidates", lambda model, dtype: {
+        "float32 + packed": {"dtype": "float32", "packed": True}})  # the one way: packed
+    capsys.readouterr()
+    assert main(["sample", str(run), "--device=cpu", "--num_samples=1", "--max_new_tokens=3",
+                 "--dtype=float32"]) == 0
+    err = capsys.readouterr().err
+    assert "float32 + packed: set" in err
+    assert f"{load(run, device='cpu')[0].num_params() / 1e6:.2f}M params" in err

@@ -255,12 +255,13 @@ def run(cfg: SampleConfig) -> None:
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop)
     model, tokenizer, info = load_run(cfg.out_dir, cfg.device, cfg.dtype, cfg.compile)
     encode_prompt(tokenizer, prompt)  # a bad prompt fails before anything is printed
+    loaded = model  # the parameters to count: a packed decoding copy holds none
     decoding = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     if not cfg.compile:
         model, choice = fastdecode.for_decoding(model, cfg.dtype,
                                               cfg.max_new_tokens * cfg.num_samples)
         decoding = choice.line
-    print(describe(cfg, model, info, decoding), file=sys.stderr, flush=True)
+    print(describe(cfg, loaded, info, decoding), file=sys.stderr, flush=True)
     generator = torch.Generator().manual_seed(cfg.seed)  # one stream: samples differ
     out = sys.stdout
     for _ in range(cfg.num_samples):
