@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from folio.config import AUTO
 from folio.machine import autotune
-from folio.machine.device import DTYPES, cpu_supports_bf16
+from folio.machine.device import DTYPES, cpu_supports_bf16, dtype_name
 from folio.model.gpt import GPT
 from folio.model.packed import can_pack, decoding_copy
 from folio.store.weights import gpt_from_state
@@ -32,14 +32,15 @@ MAX_MEASURED_PARAMS = 400_000_000  # larger models are not copied to compare (me
 
 def candidates(model: GPT, dtype_setting: str) -> dict[str, dict[str, Any]]:
     """{name: knobs} to compare; the first (the model as loaded) is the reference."""
-    loaded = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    loaded = dtype_name(model.transformer.wte.weight.dtype)
     dtypes = [loaded]
     if dtype_setting == AUTO and loaded == "float32" and cpu_supports_bf16():
         dtypes.append("bfloat16")
+    packable = can_pack(model)
     found = {}
     for dtype in dtypes:
         found[dtype] = {"dtype": dtype, "packed": False}
-        if can_pack(model):
+        if packable:
             found[f"{dtype} + packed"] = {"dtype": dtype, "packed": True}
     return found
 
@@ -59,14 +60,13 @@ def for_decoding(model: GPT, dtype_setting: str, planned_tokens: int
     """The fastest way found to decode with `model` (eval mode, as loaded, not compiled) and
     the choice; on other devices, `model` itself."""
     found = candidates(model, dtype_setting)
-    reference = next(iter(found))
     device = model.transformer.wte.weight.device
     if device.type != "cpu" or model.num_params() > MAX_MEASURED_PARAMS \
             or model.config.block_size < 2:
-        return model, autotune.Choice(reference, found[reference], f"{reference}: not measured")
+        return model, autotune.unmeasured(found)
     key = autotune.cache_key(model.config.to_dict(), {"decode": 1}, device.type, found)
     choice = autotune.choose(found, lambda name: decode_timer(build(model, found[name])), key,
-                             planned_tokens, reference=reference, budget_s=BUDGET_S,
+                             planned_tokens, budget_s=BUDGET_S,
                              run_fraction=RUN_FRACTION)
     return build(model, choice.knobs), choice
 

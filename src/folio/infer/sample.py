@@ -19,7 +19,7 @@ from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
 from folio.infer import fastdecode
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
-from folio.machine.device import resolve_device, resolve_dtype, topk
+from folio.machine.device import dtype_name, resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
 from folio.store.rundir import RunInfo
 from folio.store.sources import load_model
@@ -256,7 +256,7 @@ def run(cfg: SampleConfig) -> None:
     model, tokenizer, info = load_run(cfg.out_dir, cfg.device, cfg.dtype, cfg.compile)
     encode_prompt(tokenizer, prompt)  # a bad prompt fails before anything is printed
     loaded = model  # the parameters to count: a packed decoding copy holds none
-    decoding = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    decoding = dtype_name(model.transformer.wte.weight.dtype)
     if not cfg.compile:
         model, choice = fastdecode.for_decoding(model, cfg.dtype,
                                               cfg.max_new_tokens * cfg.num_samples)

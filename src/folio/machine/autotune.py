@@ -119,7 +119,7 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
     if cached is not None:
         return cached
     if not may_measure:
-        return Choice(reference, dict(candidates[reference]), f"{reference}: not measured")
+        return unmeasured(candidates, reference)
     started = time.perf_counter()
     stats = measure({name: build(name) for name in candidates}, reference, planned_steps,
                     budget_s, run_fraction)
@@ -138,6 +138,13 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds")})
     return choice
+
+
+def unmeasured(candidates: Mapping[str, Mapping[str, Any]], reference: str | None = None
+               ) -> Choice:
+    """The reference candidate (default: the first), taken without measuring."""
+    reference = reference or next(iter(candidates))
+    return Choice(reference, dict(candidates[reference]), f"{reference}: not measured")
 
 
 @dataclass

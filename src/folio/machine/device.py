@@ -66,6 +66,11 @@ def cpu_supports_bf16() -> bool:
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The settings' name of a torch dtype: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
     """'auto' picks the fastest dtype that trains reliably on `device`.
 

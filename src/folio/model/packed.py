@@ -38,10 +38,9 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.dtype, self.device = weight.dtype, weight.device
-        # plain attributes, not buffers: the packed layout is not a checkpoint format
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # tuned for 1 row
+        # plain attributes, not buffers: the packed layout is not a checkpoint format; the
+        # layout is tuned for one row at a time (batch size hint 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,6 @@ def tune(trainer: Any, cfg: TrainConfig, kept: dict[str, Any] | None = None
     with everything set explicitly) the reference, or the explicit setting, unmeasured.
     """
     found = candidates(cfg, trainer.model.config.padded_vocab_size)
-    reference = next(iter(found))
     name = (kept or {}).get("choice")
     if name in found and found[name] == kept.get("knobs"):
         return autotune.Choice(name, found[name], f"{name}: kept from the run resumed",
@@ -91,7 +90,7 @@ def tune(trainer: Any, cfg: TrainConfig, kept: dict[str, Any] | None = None
     # (a compiled model runs other kernels than the eager copies measured here)
     if trainer.device.type != "cpu" or trainer.info.enabled or cfg.eval_only \
             or cfg.compile is True:
-        return autotune.Choice(reference, found[reference], f"{reference}: not measured")
+        return autotune.unmeasured(found)
     model = trainer.model
     shape = {**model.config.to_dict(), "dropout": cfg.dropout}
     batch = {"batch_size": cfg.batch_size, "block_size": model.config.block_size,
@@ -109,8 +108,7 @@ def tune(trainer: Any, cfg: TrainConfig, kept: dict[str, Any] | None = None
 
     long_enough = planned * autotune.RUN_FRACTION >= STEPS_PER_CANDIDATE * len(found)
     with torch.random.fork_rng(devices=[]):  # the run's RNG is as if tuning never ran
-        return autotune.choose(found, timer, key, planned, reference=reference,
-                               may_measure=long_enough)
+        return autotune.choose(found, timer, key, planned, may_measure=long_enough)
 
 
 def step_timer(model: GPT, knobs: dict[str, Any], cfg: TrainConfig, device: torch.device,

@@ -330,7 +330,7 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
     import torch
 
     from folio.config import AUTO
-    from folio.machine.device import configure_allocator
+    from folio.machine.device import configure_allocator, dtype_name
     from folio.machine.distributed import DistInfo
     from folio.model.gpt import Kernels
     from folio.train.loop import Trainer
@@ -354,7 +354,7 @@ def build_trainer(case: Case, knobs: dict[str, str], data_dir: Path, iters: int,
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), kernels)
     tuning = trainer.tuning
-    return trainer, {"dtype": str(trainer.dtype).removeprefix("torch."),
+    return trainer, {"dtype": dtype_name(trainer.dtype),
                      "choice": tuning.line if tuning else None,
                      "tuning_s": round(tuning.tuning_s, 2) if tuning else 0.0,
                      "compile": trainer.compiled, "fused_loss": trainer.kernels.fused_loss,

@@ -30,6 +30,7 @@ from folio.machine.device import (
     autocast,
     configure_allocator,
     configure_threads,
+    dtype_name,
     flush_denormals,
     peak_flops,
     resolve_device,
@@ -383,7 +384,7 @@ class Trainer:
             config=dataclasses.asdict(self.cfg), dataset=self.cfg.dataset,
             iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
             best_iter=p.best_iter, source="train",
-            dtype=str(self.dtype).removeprefix("torch."), compile=self.compiled,
+            dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
             **rundir.provenance(self.device)))
 
@@ -398,7 +399,7 @@ class Trainer:
         cfg = self.cfg
         remaining = cfg.max_iters - self.progress.iter_num
         guess = estimate_seconds(self.flops_per_iter * remaining, self.peak, self.device)
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.dtype)
         if self.tuning:  # the measured choice and its ratio
             dtype = self.tuning.line
         print(f"folio: training on {self.device} ({dtype}, compile "
