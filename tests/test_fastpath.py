@@ -108,6 +108,14 @@ def test_fused_loss_without_gradients_gives_the_same_value():
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
 
 
+def test_fused_loss_is_exact_for_a_target_whose_probability_underflows():
+    h, w = torch.ones(8, 4), torch.zeros(50, 4)
+    w[7] = -50.0  # token 7's logit is -200, the others 0: its softmax exp(-200) is 0 in float32
+    y = torch.full((8,), 7)
+    want = F.cross_entropy(h @ w.t(), y)  # 200 + log(49)
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, y, rows=4), want)
+
+
 def tiny_gpt(dropout: float = 0.0, vocab_size: int = 300,
              kernels: Kernels = PLAIN_KERNELS) -> GPT:
     """The same weights whatever the kernels."""
@@ -132,9 +140,10 @@ def batch(vocab_size: int = 300):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 10 rows, so a tiny model's 64 positions take the chunked path."""
+    """Blocks of 10 rows and softmax chunks of 4, so a tiny model's 64 positions take many."""
     import folio.model.fastloss
-    monkeypatch.setattr(folio.model.fastloss, "CHUNK_BYTES", 4 * 320 * 10)
+    monkeypatch.setattr(folio.model.fastloss, "BLOCK_BYTES", 4 * 320 * 10)
+    monkeypatch.setattr(folio.model.fastloss, "SOFTMAX_BYTES", 4 * 320 * 4)
 
 
 def test_model_with_fused_loss_matches_the_plain_path_in_float32(small_chunks):
