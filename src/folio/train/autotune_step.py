@@ -35,7 +35,7 @@ def candidates(cfg: TrainConfig, vocab: int) -> dict[str, dict[str, Any]]:
     """{name: knobs} for the knobs `cfg` leaves on auto; the first is the reference.
 
     The plain loss (nanoGPT's full (B*T, V) logits) is a candidate only while those logits
-    stay small: the chunked loss exists to keep a 50k vocabulary's memory flat.
+    stay small: the fused loss never holds them in float32, so large ones stay out of memory.
 
     compile=auto is not a candidate on a CPU: inductor takes 25-65 s to compile, more than the
     whole measuring budget, and its steps were no faster in float32 (issue 15's profile).
