@@ -113,7 +113,14 @@ class GPT2Tokenizer(TiktokenBPE):
     eot_id = GPT2_VOCAB_SIZE - 1
 
     def __init__(self) -> None:
-        self._enc = gpt2_encoding()
+        for name in GPT2_FILES:  # a missing or damaged file fails here, not later in a worker
+            gpt2_vocab_file(name)
+
+    @functools.cached_property
+    def _enc(self) -> Any:
+        """Built at first use: a process that only plans (workers encode) never holds its
+        ~20 MB."""
+        return gpt2_encoding()
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "gpt2"}
