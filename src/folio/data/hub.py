@@ -100,7 +100,8 @@ class HubSource:
         tables = [pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in where.files]
         texts = [c for t in tables for c in t.column(self.text_field).chunks]  # record batches
         first = np.cumsum([0] + [len(c) for c in texts])  # each batch's first row
-        cache = MappedFiles(where.files)  # the mappings `tables` hold, alive until we return
+        # the mappings `order` and `tables` hold, alive until this returns
+        cache = MappedFiles([*where.files, where.order])
         cache.read_randomly()  # rows come from all over the files
         for b in range(0, len(order), BATCH_ROWS):
             rows = np.asarray(order[b:b + BATCH_ROWS], dtype=np.int64)
