@@ -71,11 +71,11 @@ def test_explicit_dtype_is_never_a_candidate():
 
 
 def test_the_full_logits_loss_is_a_candidate_only_while_its_logits_are_small():
-    small = TrainConfig(dtype="float32", batch_size=8, block_size=64)
-    assert {k["fused_loss"] for k in autotune_step.candidates(small, 50304).values()} \
+    char = TrainConfig(dtype="float32", batch_size=64, block_size=256)  # 4.3 MB of logits
+    assert {k["fused_loss"] for k in autotune_step.candidates(char, 65).values()} \
         == {True, False}
-    big = TrainConfig(dtype="float32", batch_size=64, block_size=256)  # 3.3 GB of logits
-    assert [k["fused_loss"] for k in autotune_step.candidates(big, 50304).values()] == [True]
+    bpe = TrainConfig(dtype="float32", batch_size=8, block_size=64)  # 103 MB of logits
+    assert [k["fused_loss"] for k in autotune_step.candidates(bpe, 50304).values()] == [True]
 
 
 def test_newton_schulz_dtype_is_a_candidate_only_for_muon_on_a_bf16_cpu():
