@@ -245,6 +245,21 @@ def test_offline_without_a_cached_copy_is_one_line_naming_the_download(tmp_path)
     assert "with network access to download it (about 55 GB)" in result.stderr
 
 
+def test_a_missing_text_field_of_a_hub_dataset_is_one_line(tmp_path):
+    write_format(tmp_path / "corpus" / "train.parquet", shakespeare_docs() * 20)  # ~22 MB
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    for _ in range(2):  # the second loads from a warm cache, where a Pool's child was
+        # terminated mid-cleanup and the exit printed a leaked-semaphore warning
+        result = subprocess.run([sys.executable, "-m", "folio", "prepare",
+                                 f"hf:{tmp_path / 'corpus'}", "--text_field=body",
+                                 f"--data_dir={tmp_path / 'data'}"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1, result.stderr  # no traceback, no warning
+        assert "has no column 'body' (columns: text, n); pass --text_field=NAME" in result.stderr
+
+
 def test_gpt2_124m_trains_on_a_prepared_mini_openwebtext(hub_dir, tmp_path, capsys):
     assert prepare(capsys, "openwebtext", f"--source={hub_dir}", f"--data_dir={tmp_path}")[0] == 0
     code = main(["train", "gpt2_124m", "--max_iters=2", "--n_layer=2", "--n_head=2",

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,9 +83,11 @@ class HubSource:
         """Download (first time) or open the cached dataset and split it as nanoGPT does, in
         a child process (see the module docstring); its errors arrive here as DataError."""
         orders = tempfile.TemporaryDirectory(prefix="folio-split-")  # removed with self
-        with _environment(CHILD_ENV), multiprocessing.get_context("spawn").Pool(1) as pool:
-            splits, self._fingerprint, self._nbytes = pool.apply(
-                _load_and_split, (dataclasses.replace(self), orders.name))
+        # an executor, not a Pool: leaving it waits for the child (no leaked semaphores on errors)
+        with _environment(CHILD_ENV), ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")) as child:
+            splits, self._fingerprint, self._nbytes = child.submit(
+                _load_and_split, dataclasses.replace(self), orders.name).result()
         self._orders = orders
         self.splits = {name: SplitRows(**rows) for name, rows in splits.items()}
 
