@@ -22,14 +22,18 @@ from folio.model.gpt import GPT
 MIN_PACKED_ELEMENTS = 1 << 16  # smaller weights lose more to the call's overhead than they gain
 
 
+def worth_packing(module: nn.Module) -> bool:
+    """Whether `module` is a linear layer large enough to gain from packing."""
+    return isinstance(module, nn.Linear) and module.weight.numel() >= MIN_PACKED_ELEMENTS
+
+
 def can_pack(model: GPT) -> bool:
     """Whether `model` has a linear layer worth packing, on a CPU and torch build that can."""
     weight = model.lm_head.weight
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and any(isinstance(m, nn.Linear) and m.weight.numel() >= MIN_PACKED_ELEMENTS
-                    for m in model.modules()))
+            and any(worth_packing(m) for m in model.modules()))
 
 
 class PackedLinear(nn.Module):
@@ -63,11 +67,7 @@ def _for_decoding(module: nn.Module, pack: bool) -> nn.Module:
     if isinstance(module, nn.Dropout):
         return nn.Identity()
     if isinstance(module, nn.Linear):
-        return _packed_or_same(module) if pack else module
+        return PackedLinear(module) if pack and worth_packing(module) else module
     twin = copy.copy(module)
     twin._modules = {name: _for_decoding(child, pack) for name, child in module._modules.items()}
     return twin
-
-
-def _packed_or_same(linear: nn.Linear) -> nn.Module:
-    return PackedLinear(linear) if linear.weight.numel() >= MIN_PACKED_ELEMENTS else linear
