@@ -87,6 +87,7 @@ class HubSource:
         with _environment(CHILD_ENV), ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("spawn")) as child:
             splits, self._fingerprint, self._nbytes = child.submit(
+                # a copy of the fields only: the child needs no temp dir or earlier splits
                 _load_and_split, dataclasses.replace(self), orders.name).result()
         self._orders = orders
         self.splits = {name: SplitRows(**rows) for name, rows in splits.items()}
