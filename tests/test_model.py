@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from folio.model.fastdropout import FastDropout
-from folio.model.gpt import GPT, GPTConfig, Kernels
+from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
 
 
-def tiny(**overrides) -> GPT:
+def tiny(kernels: Kernels = PLAIN_KERNELS, **overrides) -> GPT:
     torch.manual_seed(0)
     cfg = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                bias=False)
-    return GPT(GPTConfig(**{**cfg, **overrides}))
+    return GPT(GPTConfig(**{**cfg, **overrides}), kernels)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_64():
@@ -31,15 +31,37 @@ def test_forward_gives_the_loss_with_targets_and_next_token_logits_without():
     loss = model(idx, idx)
     assert loss.shape == () and loss.requires_grad
     logits = model(idx)
-    assert logits.shape == (3, 128)
-    torch.testing.assert_close(logits, model.lm_head(model.hidden(idx))[:, -1])
+    assert logits.shape == (3, 65)  # the table's 63 padding rows are cropped
+    torch.testing.assert_close(logits, model.lm_head(model.hidden(idx))[:, -1, :65])
 
 
-def test_initial_loss_is_near_uniform():
-    model = tiny()
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_untrained_char_model_starts_at_the_log_of_its_real_vocabulary(fused_loss):
+    model = tiny(kernels=Kernels(fused_loss=fused_loss))
     idx, targets = torch.randint(65, (2, 4, 16))
     loss = model(idx, targets)
-    assert abs(loss.item() - math.log(128)) < 0.1  # 128 padded logits, all near zero
+    assert abs(loss.item() - math.log(65)) < 0.1  # not ln 128: padding rows are no tokens
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_loss_is_cross_entropy_over_the_cropped_logits(fused_loss):
+    # regression: the 63 padding rows (zero here, as after an import) entered the softmax
+    model = tiny(kernels=Kernels(fused_loss=fused_loss))
+    with torch.no_grad():
+        model.lm_head.weight[65:] = 0
+    idx, targets = torch.randint(65, (2, 4, 16))
+    logits = model.lm_head(model.hidden(idx))[..., :65]  # (B, T, 65)
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 65), targets.reshape(-1))
+    torch.testing.assert_close(model(idx, targets), want, atol=1e-6, rtol=0)
+
+
+def test_padding_rows_get_no_gradient_from_the_loss():
+    for fused_loss in (False, True):
+        model = tiny(kernels=Kernels(fused_loss=fused_loss), tie_head=False)
+        idx, targets = torch.randint(65, (2, 4, 16))
+        model(idx, targets).backward()
+        grad = model.lm_head.weight.grad
+        assert grad[65:].abs().max() == 0 and grad[:65].abs().max() > 0
 
 
 def test_changing_a_future_token_leaves_earlier_logits_unchanged():
@@ -92,7 +114,7 @@ def test_crop_block_size_shrinks_the_position_table():
     model = tiny()
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape == (8, 32)
-    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 128)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 65)
     assert model.new_cache().capacity == 8
 
 
@@ -157,7 +179,7 @@ def test_kernels_change_neither_the_return_types_nor_the_results(kernels):
     for m in (plain, model):
         m.eval()
     logits, loss = model(idx), model(idx[:, :-1], idx[:, 1:])
-    assert logits.shape == (2, 128) and loss.shape == ()
+    assert logits.shape == (2, 65) and loss.shape == ()
     torch.testing.assert_close(logits, plain(idx))
     torch.testing.assert_close(loss, plain(idx[:, :-1], idx[:, 1:]))
     model.train()

@@ -22,13 +22,13 @@ class CachedDecoder:
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot write into inference tensors
     def __call__(self, window: list[int]) -> torch.Tensor:
-        """Logits (V_padded,) for the token after `window` (at most block_size tokens)."""
+        """Logits (V,) for the token after `window` (at most block_size tokens)."""
         n = len(self.tokens)
         if not (n < len(window) and window[:n] == self.tokens):
             self.cache.reset()  # a new or cropped window: rebuild
             self.tokens, n = [], 0
         new = torch.tensor([window[n:]], dtype=torch.long, device=self.device)  # (1, T)
-        logits = self.model(new, cache=self.cache)  # (1, V_padded)
+        logits = self.model(new, cache=self.cache)  # (1, V)
         self.tokens = list(window)
         return logits[0]
 
@@ -43,4 +43,4 @@ class RecomputeDecoder:
     @torch.no_grad()
     def __call__(self, window: list[int]) -> torch.Tensor:
         idx = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T)
-        return self.model(idx)[0]  # (V_padded,)
+        return self.model(idx)[0]  # (V,)

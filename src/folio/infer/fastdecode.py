@@ -88,9 +88,8 @@ def decode_timer(model: GPT) -> autotune.TimeSteps:
                 model(tokens[:, :cfg.block_size // 2], cache=cache)
             at = cache.length
             t0 = time.perf_counter()
-            logits = model(tokens[:, at:at + 1], cache=cache)  # (1, V_padded)
+            logits = model(tokens[:, at:at + 1], cache=cache)  # (1, V)
             seconds.append(time.perf_counter() - t0)
-            losses.append(F.cross_entropy(logits[:, :cfg.vocab_size].float(),
-                                          tokens[:, at + 1]).item())
+            losses.append(F.cross_entropy(logits.float(), tokens[:, at + 1]).item())
         return autotune.Measurement(seconds, sum(losses) / len(losses))
     return time_steps

@@ -188,11 +188,10 @@ def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int,
     """
     block = model.config.block_size
     keep = max(1, block - max(1, int(block * SLIDE_FRACTION)))
-    vocab = model.config.vocab_size  # the padded rows are never sampled
     decode = CachedDecoder(model) if use_cache else RecomputeDecoder(model)
     window = list(prompt_ids[-block:])
     for _ in range(max_new_tokens):
-        token = sample_token(decode(window)[:vocab], temperature, top_k, top_p, generator)
+        token = sample_token(decode(window), temperature, top_k, top_p, generator)
         yield token
         window.append(token)
         if len(window) > block:

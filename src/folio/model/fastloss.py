@@ -40,14 +40,16 @@ def _log_probs(p: torch.Tensor, h: torch.Tensor, w: torch.Tensor, y: torch.Tenso
 
 
 def _blocked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
-                  rows: int, grads: bool
+                  rows: int, grads: bool, vocab: int
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean loss and, if `grads`, its gradients wrt h (N, C) and w (V, C), block by block.
+    """Mean loss over the first `vocab` rows of w (V_padded, C) and, if `grads`, its gradients
+    wrt h (N, C) and w (zero in the padding rows), block by block.
 
     Matmuls run in `dtype`, the softmax in float32. Buffers are allocated once and reused:
     fresh large allocations cost page faults that, on a CPU, can take longer than the math.
     """
-    N, V = h.size(0), w.size(0)
+    padded, w = w.size(0), w[:vocab]  # the padding rows are no tokens: out of the softmax
+    N, V = h.size(0), vocab
     rows = min(rows, N)
     step = min(rows, max(1, SOFTMAX_BYTES // (4 * V)))  # rows per softmax chunk
     valid = y != IGNORE_INDEX
@@ -80,9 +82,11 @@ def _blocked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torc
         # (C, n) @ (n, V) with a contiguous left operand: 1.3x faster than block.t() @ h
         part = torch.mm(weighted_ht[:, s:e], block).t()  # (V, C)
         if grad_w is None:  # float32, laid out as w (the optimizer would copy it otherwise)
-            grad_w = torch.empty(part.shape, device=h.device).copy_(part)
+            grad_w = torch.empty(padded, part.size(1), device=h.device)
+            grad_w[V:].zero_()
+            grad_w[:V].copy_(part)
         else:
-            grad_w.add_(part)
+            grad_w[:V].add_(part)
     if grads:
         grad_h = grad_h.float().mul_(weight)
     return -(_log_probs(p, hc, wc, safe_y) * weight).sum(), grad_h, grad_w
@@ -93,8 +97,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
-                rows: int) -> torch.Tensor:
-        loss, grad_h, grad_w = _blocked_loss(h, w, y, dtype, rows, grads=True)
+                rows: int, vocab: int) -> torch.Tensor:
+        loss, grad_h, grad_w = _blocked_loss(h, w, y, dtype, rows, True, vocab)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -104,26 +108,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Scaled in place: no second (V, C) buffer, and no host sync to test for a 1.0. The
         # saved tensors are this graph's own; a second backward through it (retain_graph)
         # is refused by autograd's in-place check rather than scaling them twice.
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                               dtype: torch.dtype | None = None, rows: int | None = None
-                               ) -> torch.Tensor:
-    """F.cross_entropy(h @ w.T, y, ignore_index=-1) for h (N, C), w (V, C), y (N,).
+                               vocab: int | None = None, dtype: torch.dtype | None = None,
+                               rows: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(h @ w[:vocab].T, y, ignore_index=-1) for h (N, C), w (V_padded, C),
+    y (N,): the rows of w past `vocab` (default: all of them) pad the table and are no tokens.
 
     `dtype` is the matmul dtype (default: the autocast dtype when autocast is on, else h's);
     `rows` the rows per block (default: block_rows). Gradients reach h and w; with no
     gradient needed only the loss is computed.
     """
+    vocab = vocab or w.size(0)
     if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
-        return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(F.linear(h, w[:vocab]).float(), y, ignore_index=IGNORE_INDEX)
     if dtype is None:
         device_type = h.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else h.dtype)
-    rows = rows or block_rows(w.size(0), dtype)
+    rows = rows or block_rows(vocab, dtype)
     with torch.autocast(h.device.type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            return _FusedLinearCrossEntropy.apply(h.float(), w, y, dtype, rows)
-        return _blocked_loss(h, w, y, dtype, rows, grads=False)[0]
+            return _FusedLinearCrossEntropy.apply(h.float(), w, y, dtype, rows, vocab)
+        return _blocked_loss(h, w, y, dtype, rows, False, vocab)[0]

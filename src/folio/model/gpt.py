@@ -319,18 +319,19 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """The model's one forward pass, for training, evaluation, prefill and decoding.
 
-        idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy, a scalar
-        (targets of -1 do not count). Without, returns the logits (B, V_padded) for the token
-        after each sequence: only the last position goes through the output head. With a
-        cache, idx continues the sequences it holds (see KVCache). The kernels never change
-        what is returned, only how it is computed.
+        idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy over the
+        real vocabulary, a scalar (targets of -1 do not count). Without, returns the logits
+        (B, V) for the token after each sequence: only the last position goes through the
+        output head, and the table's padding rows are cropped. With a cache, idx continues the
+        sequences it holds (see KVCache). The kernels never change what is returned, only how
+        it is computed.
         """
         x = self.hidden(idx, cache)  # (B, T, C)
         if targets is not None:
             return self.loss(x, targets)
         last = x[:, -1, :]  # (B, C)
         logits = self.lm_head(last) if cache is None else cache.head(last)  # (B, V_padded)
-        return self.softcap(logits)
+        return self.softcap(logits[:, :self.config.vocab_size])  # (B, V)
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """cap * tanh(logits / cap) with logit_softcap on; the logits unchanged without."""
@@ -341,10 +342,11 @@ class GPT(nn.Module):
         """Mean cross-entropy of the output head on hidden states x (B, T, C) against
         targets (B, T), -1 ignored."""
         x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+        vocab = self.config.vocab_size  # the padding rows are no tokens: out of the softmax
         # never holds the (B*T, V) logits (it has no soft-cap)
         if self.kernels.fused_loss and not self.config.logit_softcap:
-            return fused_linear_cross_entropy(x, self.lm_head.weight, targets)
-        logits = self.softcap(self.lm_head(x))  # (B*T, V_padded)
+            return fused_linear_cross_entropy(x, self.lm_head.weight, targets, vocab)
+        logits = self.softcap(F.linear(x, self.lm_head.weight[:vocab]))  # (B*T, V)
         return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
     def crop_block_size(self, block_size: int) -> None:
