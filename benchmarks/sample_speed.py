@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from folio.infer.fastdecode import for_decoding
 from folio.infer.sample import generate_tokens
-from folio.machine.autotune import cpu_identity
 from folio.model.gpt import GPT, GPTConfig
+from folio.speed.autotune import cpu_identity
+from folio.speed.decoding import for_decoding
 
 SHAPES = {
     "cpu_char": GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
@@ -113,7 +113,7 @@ def wall(args: list[str], env: dict[str, str]) -> float:
 
 def startup(model: str, new_tokens: int, repeats: int) -> dict:
     """Best-of-`repeats` wall times of fresh processes, in one run so they compare."""
-    from folio.train.bench import bench_data_dir
+    from folio.speed.bench import bench_data_dir
 
     python = sys.executable
     env = dict(os.environ)

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from folio.config import TrainConfig, apply, device_defaults
-from folio.machine.autotune import cpu_identity
 from folio.machine.device import configure_allocator, flush_denormals
 from folio.machine.distributed import DistInfo
-from folio.train.bench import bench_data_dir
+from folio.speed.autotune import cpu_identity
+from folio.speed.bench import bench_data_dir
 from folio.train.evaluate import estimate_loss
 from folio.train.loop import Trainer
 

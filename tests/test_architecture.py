@@ -21,11 +21,12 @@ LAYERS = {
     "errors": 0, "fsutil": 0, "config": 0,
     "machine": 1, "data": 1,
     "model": 2,
-    "watch": 3, "store": 3,
-    "train": 4, "infer": 4,
-    "cli": 5, "__main__": 6,
+    "speed": 3,
+    "watch": 4, "store": 4,
+    "train": 5, "infer": 5,
+    "cli": 6, "__main__": 7,
 }
-SUBPACKAGES = ["data", "model", "train", "store", "infer", "watch", "machine"]
+SUBPACKAGES = ["data", "model", "speed", "train", "store", "infer", "watch", "machine"]
 
 
 def module_name(path: Path) -> str:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from folio.machine import autotune
-from folio.machine.autotune import Measurement
+from folio.speed import autotune
+from folio.speed.autotune import Measurement
 
 CANDIDATES = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"}}
 KEY = autotune.cache_key({"n_layer": 2, "n_embd": 32}, {"batch_size": 4, "block_size": 16},

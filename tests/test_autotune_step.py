@@ -6,7 +6,7 @@ import torch
 
 from folio.config import TrainConfig
 from folio.machine.distributed import DistInfo
-from folio.train import autotune_step
+from folio.speed import training
 from folio.train.loop import Trainer
 
 
@@ -64,31 +64,32 @@ def test_run_json_records_the_measured_choice(char_data_dir, tmp_path, monkeypat
 
 
 def test_explicit_dtype_is_never_a_candidate():
-    cfg = TrainConfig(dtype="float32")
-    assert {k["dtype"] for k in autotune_step.candidates(cfg, 65).values()} == {"float32"}
-    auto = autotune_step.candidates(TrainConfig(dtype="auto"), 65)
-    assert next(iter(auto.values())) == autotune_step.REFERENCE
+    explicit = training.candidates("float32", "adamw", 1 << 20)
+    assert {k["dtype"] for k in explicit.values()} == {"float32"}
+    auto = training.candidates("auto", "adamw", 1 << 20)
+    assert next(iter(auto.values())) == training.REFERENCE
 
 
 def test_the_full_logits_loss_is_a_candidate_only_while_its_logits_are_small():
-    char = TrainConfig(dtype="float32", batch_size=64, block_size=256)  # 4.3 MB of logits
-    assert {k["fused_loss"] for k in autotune_step.candidates(char, 65).values()} \
+    char = 4 * 64 * 256 * 65  # batch 64 x 256 tokens, 65-token vocabulary: 4.3 MB of logits
+    assert {k["fused_loss"] for k in training.candidates("float32", "adamw", char).values()} \
         == {True, False}
-    bpe = TrainConfig(dtype="float32", batch_size=8, block_size=64)  # 103 MB of logits
-    assert [k["fused_loss"] for k in autotune_step.candidates(bpe, 50304).values()] == [True]
+    bpe = 4 * 8 * 64 * 50304  # batch 8 x 64, GPT-2's vocabulary: 103 MB of logits
+    assert [k["fused_loss"] for k in training.candidates("float32", "adamw", bpe).values()] \
+        == [True]
 
 
 def test_newton_schulz_dtype_is_a_candidate_only_for_muon_on_a_bf16_cpu():
     from folio.machine.device import cpu_supports_bf16
 
-    adamw = autotune_step.candidates(TrainConfig(dtype="float32"), 65)
+    adamw = training.candidates("float32", "adamw", 1 << 20)
     assert all("newton_schulz" not in knobs for knobs in adamw.values())
-    muon = autotune_step.candidates(TrainConfig(dtype="float32", optimizer="muon"), 65)
+    muon = training.candidates("float32", "muon", 1 << 20)
     assert next(iter(muon.values()))["newton_schulz"] == "float32"  # the reference
     assert {k["newton_schulz"] for k in muon.values()} == \
         ({"float32", "bfloat16"} if cpu_supports_bf16() else {"float32"})
-    assert autotune_step.ns_dtype({"newton_schulz": "bfloat16"}) == torch.bfloat16
-    assert autotune_step.ns_dtype({"dtype": "float32"}) is None
+    assert training.ns_dtype({"newton_schulz": "bfloat16"}) == torch.bfloat16
+    assert training.ns_dtype({"dtype": "float32"}) is None
 
 
 def test_a_resumed_run_keeps_its_measured_choice(char_data_dir, tmp_path, monkeypatch, capsys):

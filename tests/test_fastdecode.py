@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from folio.cli import main
-from folio.infer import fastdecode
 from folio.infer.sample import generate_tokens
 from folio.machine.device import cpu_supports_bf16
 from folio.model.gpt import GPT, GPTConfig
-from folio.model.packed import MIN_PACKED_ELEMENTS, PackedLinear, can_pack, decoding_copy
+from folio.speed import decoding
+from folio.speed.packed import MIN_PACKED_ELEMENTS, PackedLinear, can_pack, decoding_copy
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN to pack weights for")
@@ -62,22 +62,22 @@ def test_decoding_copy_decodes_like_the_model_and_leaves_it_untouched():
 def test_a_model_without_large_layers_is_not_packed():
     tiny = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32))
     assert not can_pack(tiny)
-    assert not any(k["packed"] for k in fastdecode.candidates(tiny, "auto").values())
+    assert not any(k["packed"] for k in decoding.candidates(tiny, "auto").values())
 
 
 def test_explicit_dtype_is_never_changed_for_decoding():
     model = wide_model()
-    pinned = fastdecode.candidates(model, "float32")
+    pinned = decoding.candidates(model, "float32")
     assert {k["dtype"] for k in pinned.values()} == {"float32"}
     assert {k["packed"] for k in pinned.values()} == {False, True}
-    auto = fastdecode.candidates(model, "auto")
+    auto = decoding.candidates(model, "auto")
     assert next(iter(auto)) == "float32"  # the reference: the model as loaded
     assert ("bfloat16" in {k["dtype"] for k in auto.values()}) == cpu_supports_bf16()
 
 
 def test_bfloat16_candidate_decodes_in_bfloat16_and_keeps_attention_in_float32():
     model = wide_model()
-    twin = fastdecode.build(model, {"dtype": "bfloat16", "packed": False})
+    twin = decoding.build(model, {"dtype": "bfloat16", "packed": False})
     assert twin.transformer.wte.weight.dtype == torch.bfloat16
     assert model.transformer.wte.weight.dtype == torch.float32  # the original is untouched
     cache = twin.new_cache()
@@ -93,12 +93,12 @@ def test_bfloat16_candidate_decodes_in_bfloat16_and_keeps_attention_in_float32()
 def test_the_decoding_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FOLIO_CACHE", str(tmp_path))
     model = wide_model()
-    chosen, first = fastdecode.for_decoding(model, "auto", planned_tokens=2000)
+    chosen, first = decoding.for_decoding(model, "auto", planned_tokens=2000)
     assert not first.cached and first.tuning_s > 0
-    assert set(first.ms_per_step) == set(fastdecode.candidates(model, "auto"))
+    assert set(first.ms_per_step) == set(decoding.candidates(model, "auto"))
     assert str(chosen.transformer.wte.weight.dtype) == f"torch.{first.knobs['dtype']}"
     assert any(isinstance(m, PackedLinear) for m in chosen.modules()) == first.knobs["packed"]
-    _, again = fastdecode.for_decoding(model, "auto", planned_tokens=2000)
+    _, again = decoding.for_decoding(model, "auto", planned_tokens=2000)
     assert again.cached and again.knobs == first.knobs and "cached" in again.line
 
 
@@ -122,7 +122,7 @@ def test_folio_sample_counts_the_parameters_of_a_packed_model(char_data_dir, tmp
     run = tmp_path / "wide"
     assert main(["train", *tiny_args(char_data_dir, run, max_iters=0), "--n_embd=128",
                  "--n_head=4"]) == 0
-    monkeypatch.setattr(fastdecode, "candidates", lambda model, dtype: {
+    monkeypatch.setattr(decoding, "candidates", lambda model, dtype: {
         "float32 + packed": {"dtype": "float32", "packed": True}})  # the one way: packed
     capsys.readouterr()
     assert main(["sample", str(run), "--device=cpu", "--num_samples=1", "--max_new_tokens=3",

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from folio.model.fastdropout import causal_attention, dropout, keep_mask
-from folio.model.fastloss import fused_linear_cross_entropy
-from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
+from folio.model.gpt import GPT, GPTConfig
+from folio.speed.fastdropout import causal_attention, dropout, keep_mask
+from folio.speed.fastloss import fused_linear_cross_entropy
+from folio.speed.kernels import PLAIN, Kernels, apply
 
 BF16 = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 bits of mantissa
 
@@ -117,11 +118,11 @@ def test_fused_loss_is_exact_for_a_target_whose_probability_underflows():
 
 
 def tiny_gpt(dropout: float = 0.0, vocab_size: int = 300,
-             kernels: Kernels = PLAIN_KERNELS) -> GPT:
+             kernels: Kernels = PLAIN) -> GPT:
     """The same weights whatever the kernels."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
-                         dropout=dropout, bias=False), kernels)
+    return apply(GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2,
+                               n_embd=32, dropout=dropout, bias=False)), kernels)
 
 
 def loss_and_grads(model: GPT, x, y, dtype=torch.float32):
@@ -141,9 +142,9 @@ def batch(vocab_size: int = 300):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Blocks of 10 rows and softmax chunks of 4, so a tiny model's 64 positions take many."""
-    import folio.model.fastloss
-    monkeypatch.setattr(folio.model.fastloss, "BLOCK_BYTES", 4 * 320 * 10)
-    monkeypatch.setattr(folio.model.fastloss, "SOFTMAX_BYTES", 4 * 320 * 4)
+    import folio.speed.fastloss
+    monkeypatch.setattr(folio.speed.fastloss, "BLOCK_BYTES", 4 * 320 * 10)
+    monkeypatch.setattr(folio.speed.fastloss, "SOFTMAX_BYTES", 4 * 320 * 4)
 
 
 def test_model_with_fused_loss_matches_the_plain_path_in_float32(small_chunks):
@@ -232,7 +233,7 @@ def test_causal_attention_with_dropout_matches_the_math_with_the_same_mask():
 
 
 def test_tiled_causal_attention_matches_sdpa_when_nothing_is_dropped(monkeypatch):
-    import folio.model.fastdropout as fd
+    import folio.speed.fastdropout as fd
     monkeypatch.setattr(fd, "QUERY_BLOCK", 4)  # 5 query blocks, the last one short
     monkeypatch.setattr(fd, "CHUNK_BYTES", 4 * 4 * 18 * 2)  # 2 sequences per tile
     g = torch.Generator().manual_seed(0)
@@ -340,7 +341,7 @@ def test_cpu_attention_runs_in_float32_under_bfloat16_autocast():
     x, y = batch()
     want, _ = loss_and_grads(tiny_gpt(), x, y)
     for kernels, dtype in ((Kernels(float32_attention=True), torch.float32),
-                           (PLAIN_KERNELS, torch.bfloat16)):
+                           (PLAIN, torch.bfloat16)):
         with AttentionDtypes() as mode:
             loss, grads = loss_and_grads(tiny_gpt(kernels=kernels), x, y, torch.bfloat16)
         assert mode.seen == {dtype}, kernels

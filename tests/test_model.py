@@ -8,15 +8,16 @@ import math
 import pytest
 import torch
 
-from folio.model.fastdropout import FastDropout
-from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
+from folio.model.gpt import GPT, GPTConfig
+from folio.speed.fastdropout import FastDropout
+from folio.speed.kernels import PLAIN, CpuAttention, Kernels, apply, kernels_of
 
 
-def tiny(kernels: Kernels = PLAIN_KERNELS, **overrides) -> GPT:
+def tiny(kernels: Kernels = PLAIN, **overrides) -> GPT:
     torch.manual_seed(0)
     cfg = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                bias=False)
-    return GPT(GPTConfig(**{**cfg, **overrides}), kernels)
+    return apply(GPT(GPTConfig(**{**cfg, **overrides})), kernels)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_64():
@@ -173,7 +174,7 @@ KERNELS = [Kernels(), Kernels(fused_loss=True), Kernels(fast_dropout=True),
 def test_kernels_change_neither_the_return_types_nor_the_results(kernels):
     plain = tiny(dropout=0.1)
     torch.manual_seed(0)
-    model = GPT(plain.config, kernels)
+    model = apply(GPT(plain.config), kernels)
     model.load_state_dict(plain.state_dict())
     idx = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(4))
     for m in (plain, model):
@@ -187,14 +188,17 @@ def test_kernels_change_neither_the_return_types_nor_the_results(kernels):
 
 
 def test_fast_dropout_kernel_builds_fast_dropout_layers_and_attention():
-    fast = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=2, n_head=2, n_embd=16,
-                         dropout=0.1), Kernels(fast_dropout=True))
+    fast = apply(GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=2, n_head=2, n_embd=16,
+                               dropout=0.1)), Kernels(fast_dropout=True))
     dropouts = [m for m in fast.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) == 5 and all(type(m) is FastDropout for m in dropouts)
-    assert all(block.attn.fast_dropout for block in fast.transformer.h)
-    plain = tiny(dropout=0.1)
+    assert all(block.attn.attention.fast_dropout for block in fast.transformer.h)
+    assert kernels_of(fast) == Kernels(fast_dropout=True)
+    plain = apply(fast, PLAIN)  # and back: the model's own modules
     assert not any(isinstance(m, FastDropout) for m in plain.modules())
-    assert not any(block.attn.fast_dropout for block in plain.transformer.h)
+    assert not any(isinstance(block.attn.attention, CpuAttention)
+                   for block in plain.transformer.h)
+    assert kernels_of(plain) == PLAIN
 
 
 def test_kernels_are_chosen_for_the_device():

@@ -47,7 +47,7 @@ def run_serve(cfg: config.ServeConfig) -> int:
 
 
 def run_bench(cfg: config.BenchConfig) -> int:
-    from folio.train.bench import bench
+    from folio.speed.bench import bench
     return bench(cfg)
 
 
@@ -74,7 +74,7 @@ def presets_note() -> str:
 
 
 def bench_note() -> str:
-    from folio.train.bench import describe_cases
+    from folio.speed.bench import describe_cases
     return f"cases:\n{describe_cases()}"
 
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from folio.config import SampleConfig
 from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
-from folio.infer import fastdecode
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
 from folio.machine.device import dtype_name, resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
+from folio.speed.decoding import for_decoding
 from folio.store.rundir import RunInfo
 from folio.store.sources import load_model
 
@@ -257,7 +257,7 @@ def run(cfg: SampleConfig) -> None:
     loaded = model  # the parameters to count: a packed decoding copy holds none
     decoding = dtype_name(model.transformer.wte.weight.dtype)
     if not cfg.compile:
-        model, choice = fastdecode.for_decoding(model, cfg.dtype,
+        model, choice = for_decoding(model, cfg.dtype,
                                               cfg.max_new_tokens * cfg.num_samples)
         decoding = choice.line
     print(describe(cfg, loaded, info, decoding), file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -76,7 +75,7 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
 
     On a CPU that is float32: whether bfloat16 pays depends on the model (a 2048^2 matmul
     said yes where the char model's casts made its steps 1.4x slower), so training measures
-    it on the model's own steps (train/autotune_step.py) and replaces this answer.
+    it on the model's own steps (speed/training.py) and replaces this answer.
     """
     if name == "auto":
         if device.type == "cuda":
@@ -167,19 +166,6 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = torch.topk(logits.cpu(), k)
         return values.to(logits.device), indices.to(logits.device)
     return torch.topk(logits, k)
-
-
-def vocab_head(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (..., C) -> logits (..., V) with the output embedding `weight` (V, C), for decoding.
-
-    On the CPU a few rows times a contiguous (C, V) copy is 2-3x faster than F.linear's
-    (V, C) layout for a 50k vocabulary, and float32 is 5x faster than bfloat16 for a small
-    one (the logits are float32 then); elsewhere the weight is used as is.
-    """
-    if weight.device.type != "cpu":
-        return lambda x: x @ weight.t()
-    head = weight.detach().t().float().contiguous()  # (C, V)
-    return lambda x: x.float() @ head
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> float:

@@ -4,9 +4,10 @@ head, logit soft-cap, zero-initialised output projections); the defaults are GPT
 
 One forward pass serves training, evaluation, prefill and cached decoding: `GPT.forward`
 takes an optional KV cache (cache.py) that the attention layers write into and read from.
-Parameter names match nanoGPT (and so, after a transpose, Hugging Face GPT-2). No device,
-dtype or distributed code lives here; the optional CPU kernels (fastloss.py,
-fastdropout.py) are chosen when the model is built, with `Kernels`.
+Parameter names match nanoGPT (and so, after a transpose, Hugging Face GPT-2). The model is
+plain PyTorch math with no device, dtype or distributed code: folio.speed swaps its
+parameter-free pieces (dropout, `CausalAttention`, `CrossEntropy`) for faster kernels of the
+same math, and machine.distributed wraps it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from folio.machine.device import vocab_head
 from folio.model.cache import KVCache, positions
-from folio.model.fastdropout import FastDropout, causal_attention
-from folio.model.fastloss import fused_linear_cross_entropy
 from folio.model.noinit import no_init
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
@@ -58,33 +56,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """How the model computes, not what: the same results either way (up to float rounding
-    and which dropout masks are drawn), the same return types. Chosen when the model is
-    built; not part of its shape, so not saved in run.json."""
-
-    fused_loss: bool = False  # training loss without the (B*T, V) logits (fastloss.py)
-    fast_dropout: bool = False  # CPU dropout masks cheap to draw and keep (fastdropout.py)
-    # SDPA in float32 under bfloat16 autocast: a CPU's bfloat16 SDPA backward took 3.7x
-    # float32's for the README CPU model (Zen 5), more than its bfloat16 matmuls saved (the
-    # fast-dropout attention, made of matmul tiles, stays in bfloat16: it gains there)
-    float32_attention: bool = False
-
-    @classmethod
-    def for_device(cls, device_type: str) -> Kernels:
-        """What training uses on a device: all on a CPU (far less memory, faster), off
-        elsewhere (the GPU kernels and torch.compile do better)."""
-        on = device_type == "cpu"
-        return cls(fused_loss=on, fast_dropout=on, float32_attention=on)
-
-    def dropout(self, p: float) -> nn.Dropout:
-        return FastDropout(p) if self.fast_dropout else nn.Dropout(p)
-
-
-PLAIN_KERNELS = Kernels()  # nanoGPT's math as written: what a model uses unless told otherwise
 
 
 class LayerNorm(nn.Module):
@@ -143,92 +114,76 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+class CausalAttention(nn.Module):
+    """The one attention call: softmax(q kᵀ / √hs + causal mask) v, with dropout on the
+    weights while training. Parameter-free, so folio.speed can swap in a faster kernel."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """T queries (B, nh, T, hs) at the last T of S positions, over keys and values
+        (B, nh, S, hs) of every position so far -> (B, nh, T, hs)."""
+        T, S = q.size(2), k.size(2)
+        mask = None
+        if 1 < T < S:  # new queries after cached positions: query t sees keys 0..S-T+t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=mask is None and T > 1)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.qk_norm = config.qk_norm
         self.layer = layer  # this block's slot in a KVCache
-        self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.attention = CausalAttention(config.dropout)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = kernels.dropout(config.dropout)
-        # Attention dropout that keeps no (B, nh, T, T) tensors (fastdropout.py); off: SDPA.
-        self.fast_dropout = kernels.fast_dropout
-        self.float32_attention = kernels.float32_attention
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project to queries, keys and values, each (B, nh, T, hs)."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        shape = (B, T, self.n_head, C // self.n_head)
-        return (q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2),
-                v.view(shape).transpose(1, 2))
-
-    def project(self, y: torch.Tensor) -> torch.Tensor:
-        """Merge heads (B, nh, T, hs) -> (B, T, C) and apply the output projection."""
-        B, nh, T, hs = y.shape
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
-        return self.resid_dropout(self.c_proj(y))
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C) at positions cache.length.. (0.. without a cache) -> (B, T, C); rope:
         the rotary cos/sin (T, hs/2) of those positions, or None."""
-        q, k, v = self.qkv(x)  # (B, nh, T, hs)
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        shape = (B, T, self.n_head, C // self.n_head)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # before the keys are cached: cached keys keep their rotation
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:  # generation: no attention dropout
-            start = cache.length
-            k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs): every position
-            return self.project(attend(q.to(k.dtype), k, v, start).to(q.dtype))
-        dropout = self.dropout if self.training else 0.0
-        if dropout and self.fast_dropout:  # tiles of matmuls, which bfloat16 speeds up
-            return self.project(causal_attention(q, k, v, dropout))  # (B, T, C)
-        if self.float32_attention and q.dtype != torch.float32:
-            with torch.autocast(q.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                   dropout_p=dropout, is_causal=True)
-            return self.project(y.to(q.dtype))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        return self.project(y)  # (B, T, C)
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of T queries (B, nh, T, hs) at positions start.. over keys and values
-    (B, nh, start + T, hs) of every position so far -> (B, nh, T, hs)."""
-    T = q.size(2)
-    if T == 1:  # one query may see every position: no mask
-        return F.scaled_dot_product_attention(q, keys, values)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-    # query t (position start + t) sees keys 0..start + t
-    mask = torch.ones(T, keys.size(2), dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if cache is not None:  # keys and values of every position so far (in the cache's dtype)
+            k, v = cache.update(self.layer, k, v)  # (B, nh, length + T, hs)
+        y = self.attention(q.to(k.dtype), k, v).to(q.dtype)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: Kernels):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.mlp]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = kernels.dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, kernels: Kernels):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = norm_layer(config)
-        self.attn = CausalSelfAttention(config, layer, kernels)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = norm_layer(config)
-        self.mlp = MLP(config, kernels)
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -236,16 +191,36 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
+class CrossEntropy(nn.Module):
+    """The one loss: mean cross-entropy of the output head's logits over the real vocabulary
+    (the table's padding rows are no tokens), soft-capped as the config says; targets of -1
+    do not count. Parameter-free, so folio.speed can swap in a fused kernel."""
+
+    def __init__(self, vocab_size: int, softcap: float):
+        super().__init__()
+        self.vocab_size, self.softcap = vocab_size, softcap
+
+    def forward(self, x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
+                ) -> torch.Tensor:
+        """x (N, C) hidden states, head (V_padded, C) the output weight, targets (N,)."""
+        logits = softcap(F.linear(x, head[:self.vocab_size]), self.softcap)  # (N, V)
+        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap); the logits unchanged for cap 0."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: Kernels = PLAIN_KERNELS):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.kernels = kernels
         layers = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),  # no table with rotary
-            drop=kernels.dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=norm_layer(config),
         )
         if config.rope:
@@ -254,6 +229,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.loss = CrossEntropy(config.vocab_size, config.logit_softcap)
+        self.cache_dtype: torch.dtype | None = None  # new KV caches' dtype; None: the model's
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the stream's variance
         # does not grow with depth; or start them at zero (each block starts as the identity).
@@ -279,19 +256,13 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def new_cache(self, batch_size: int = 1) -> KVCache:
+    def new_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to block_size tokens, on the
-        model's device and in its dtype.
-
-        The cache carries the output head laid out for a few rows at a time (2-3x faster on a
-        CPU for a large vocabulary); a copy taken now, so the weights must not change while it
-        is in use. A packed head (model/packed.py) is used as it is."""
+        model's device, in `dtype` (default: cache_dtype, else the model's)."""
         cfg = self.config
-        head = self.lm_head
-        if isinstance(head, nn.Linear):
-            head = vocab_head(head.weight)
+        like = self.transformer.wte.weight
         return KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size,
-                       self.transformer.wte.weight, head, batch_size)
+                       batch_size, dtype or self.cache_dtype or like.dtype, like.device)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) for token ids idx (B, T), placed after what
@@ -322,32 +293,16 @@ class GPT(nn.Module):
         idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy over the
         real vocabulary, a scalar (targets of -1 do not count). Without, returns the logits
         (B, V) for the token after each sequence: only the last position goes through the
-        output head, and the table's padding rows are cropped. With a cache, idx continues the
-        sequences it holds (see KVCache). The kernels never change what is returned, only how
-        it is computed.
+        output head. With a cache, idx continues the sequences it holds (see KVCache).
         """
         x = self.hidden(idx, cache)  # (B, T, C)
-        if targets is not None:
-            return self.loss(x, targets)
-        last = x[:, -1, :]  # (B, C)
-        logits = self.lm_head(last) if cache is None else cache.head(last)  # (B, V_padded)
-        return self.softcap(logits[:, :self.config.vocab_size])  # (B, V)
+        if targets is None:
+            return self.logits(x[:, -1, :])  # (B, V)
+        return self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
-    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        """cap * tanh(logits / cap) with logit_softcap on; the logits unchanged without."""
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
-
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the output head on hidden states x (B, T, C) against
-        targets (B, T), -1 ignored."""
-        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
-        vocab = self.config.vocab_size  # the padding rows are no tokens: out of the softmax
-        # never holds the (B*T, V) logits (it has no soft-cap)
-        if self.kernels.fused_loss and not self.config.logit_softcap:
-            return fused_linear_cross_entropy(x, self.lm_head.weight, targets, vocab)
-        logits = self.softcap(F.linear(x, self.lm_head.weight[:vocab]))  # (B*T, V)
-        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V) over the real vocabulary, soft-capped."""
+        return softcap(self.lm_head(x)[..., :self.config.vocab_size], self.config.logit_softcap)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. a 1024-token GPT-2 finetuned at 256 tokens)."""

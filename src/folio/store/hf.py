@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from folio.errors import CheckpointError, ConfigError
-from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
+from folio.model.gpt import GPT, GPTConfig
 from folio.store.weights import BUFFERS, gpt_from_state
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -44,14 +44,13 @@ def transformers_module():
 
 # ---------------------------------------------------------------------------- import
 
-def load_pretrained(name_or_path: str, dropout: float = 0.0, kernels: Kernels = PLAIN_KERNELS
-                    ) -> GPT:
+def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
     """A folio GPT holding GPT-2 weights: a model name (gpt2, gpt2-medium, ...) or a local dir."""
     hf_model = _load_hf_model(name_or_path)
     config = gpt_config_from_hf(hf_model.config, dropout, source=name_or_path)
     state = from_hf_state_dict(hf_model.state_dict())
     del hf_model
-    return gpt_from_state(config, state, source=name_or_path, kernels=kernels)
+    return gpt_from_state(config, state, source=name_or_path)
 
 
 def tokenizer_spec(directory: Path, vocab_size: int) -> dict[str, Any]:

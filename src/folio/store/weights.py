@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from folio.errors import CheckpointError
-from folio.model.gpt import GPT, PLAIN_KERNELS, GPTConfig, Kernels
+from folio.model.gpt import GPT, GPTConfig
 from folio.model.noinit import no_init
 
 TIED_KEY = "lm_head.weight"  # the same tensor as WTE_KEY; stored once
@@ -45,7 +45,7 @@ def pad_rows(tensor: torch.Tensor, rows: int, source: str | Path) -> torch.Tenso
 
 
 def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor],
-                   source: str | Path, kernels: Kernels = PLAIN_KERNELS) -> GPT:
+                   source: str | Path) -> GPT:
     """A GPT of `config` holding `state`; the embedding is zero-padded to the table size.
 
     The model is built on the meta device and the tensors are assigned, so a large model is
@@ -60,7 +60,7 @@ def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor],
         if key in state:
             state[key] = pad_rows(state[key], config.padded_vocab_size, source)
     with torch.device("meta"), no_init():  # no init kernels (and no torch._dynamo import)
-        model = GPT(config, kernels)
+        model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if k != TIED_KEY or not config.tie_head}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -36,13 +36,17 @@ from folio.machine.device import (
     resolve_device,
     resolve_dtype,
 )
-from folio.model.gpt import GPT, GPTConfig, Kernels
+from folio.model.gpt import GPT, GPTConfig
+from folio.speed import autotune
+from folio.speed import kernels as speed_kernels
+from folio.speed import training as training_choice
+from folio.speed.kernels import Kernels
 from folio.store import guard, hf, rundir, sources
 from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
-from folio.train import autotune_step
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import apply_schedule, configure_optimizer
+from folio.train.step import Batch, TrainStep
 from folio.watch.metrics import finite_or_none, format_duration
 
 # The GPTConfig fields a TrainConfig setting decides and a checkpoint fixes (the vocabulary
@@ -113,12 +117,28 @@ class Progress:
     evaluated_at: int = -1  # iteration whose eval already ran (skip it again after resume)
 
 
+@dataclass
+class Resumed:
+    """What a resumed run starts from: the saved state, the model it describes, and the fast
+    path its run.json records (kept while it is still a candidate)."""
+
+    state: ResumeState
+    model_config: GPTConfig
+    tuning: dict[str, Any] | None
+
+
 class Trainer:
-    """Holds the objects of one training run; `run()` is the loop."""
+    """Holds the objects of one training run, built from explicit parts; `run()` is the loop.
+
+    Set-up: the dataset, the resume state, the plain model (`build_model`), its fast path
+    measured and applied (`choose_kernels`), the data loader, the wrapped model, the optimizer
+    and the one step function, then the restored state. `kernels` given: used as they are,
+    nothing measured (`folio bench`'s fixed paths).
+    """
 
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
                  kernels: Kernels | None = None):
-        self.info, self.device = info, device
+        self.cfg, self.info, self.device = cfg, info, device
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -127,90 +147,93 @@ class Trainer:
                                 f"is not divisible by the {info.world_size} processes; make it "
                                 "a multiple of the process count")
         self.grad_accum = cfg.gradient_accumulation_steps // info.world_size
-        self.dtype = resolve_dtype(cfg.dtype, device, training=True)
         self.out_dir = Path(cfg.out_dir)
         self.dataset_dir = ensure_dataset(cfg, info)
         self.meta = read_meta(self.dataset_dir)
         self.progress = Progress()
-        resume = self._load_resume(cfg) if cfg.init_from == "resume" else None
-        # same math either way; on a CPU far less memory (fastloss.py, fastdropout.py)
-        self.kernels = Kernels.for_device(device.type) if kernels is None else kernels
-        self.model = self._build_model(cfg, resume)
-        self.tuning = None
-        if device.type == "cpu" and kernels is None:  # knobs on auto: measured on this model
-            self.tuning = autotune_step.tune(self, cfg, resume and resume.extra["tuning"])
-            self.model = autotune_step.build_with(self.model, self.tuning.knobs)
-            self.kernels = self.model.kernels
-            self.dtype = DTYPES[self.tuning.knobs["dtype"]]
-        torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
-        # the model decides its shape (a resumed or pretrained one may differ from the defaults)
-        shape = {k: getattr(self.model.config, k) for k in MODEL_SHAPE_KEYS}
-        self.cfg = cfg = dataclasses.replace(cfg, **shape)
+        resumed = load_resume(cfg, self.out_dir, self.meta) if cfg.init_from == "resume" else None
+        self.model = model = build_model(cfg, self.meta, resumed, self.master)
+        block_size = model.config.block_size  # the model decides its shape
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
         self.eval_splits = splits
-        self.loader = Loader(splits["train"], cfg.batch_size, cfg.block_size,
+        self.loader = Loader(splits["train"], cfg.batch_size, block_size,
                              cfg.seed + info.rank, device, "train")
-        check_split_length(splits["val"], cfg.block_size, "val")  # fail now, not at the eval
+        check_split_length(splits["val"], block_size, "val")  # fail now, not at the eval
 
-        self.model.to(device)
+        self.dtype = resolve_dtype(cfg.dtype, device, training=True)
+        self.tuning: autotune.Choice | None = None
+        knobs: dict[str, Any] = {}
+        if kernels is None:
+            kernels = Kernels.for_device(device.type)
+            if device.type == "cpu":  # knobs on auto: measured on this model
+                self.tuning = self.choose_kernels(resumed)
+                knobs = self.tuning.knobs
+                kernels = training_choice.cpu_kernels(knobs)
+                self.dtype = DTYPES[knobs["dtype"]]
+        self.kernels = kernels
+        speed_kernels.apply(model, kernels)
+        torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout
+
+        model.to(device)
         self.compiled = should_compile(cfg, device)
         # stack small eval batches on a CPU when the fused loss keeps memory flat; on a GPU the
         # full logits of a bigger batch would cost memory, and a compiled model a recompile
-        stack = device.type == "cpu" and self.kernels.fused_loss and not self.compiled
+        stack = device.type == "cpu" and kernels.fused_loss and not self.compiled
         self.eval_tokens = CPU_EVAL_TOKENS if stack else 0
-        self.train_model = distributed.wrap(self.model, info, device, self.dtype,
+        self.train_model = distributed.wrap(model, info, device, self.dtype,
                                             compile=self.compiled, fsdp=cfg.fsdp)
-        knobs = self.tuning.knobs if self.tuning else {}
-        self.optimizer = configure_optimizer(self.model, cfg, device.type,
-                                             autotune_step.ns_dtype(knobs))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        if resume is not None:
-            self._restore(resume)
-        self.tokens_per_iter = (cfg.gradient_accumulation_steps * cfg.batch_size
-                                * cfg.block_size)
-        self.flops_per_iter = self.model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        self.optimizer = configure_optimizer(model, cfg, device.type,
+                                             training_choice.ns_dtype(knobs))
+        self.step_fn = TrainStep(self.train_model, model, self.optimizer, device, self.dtype,
+                                 cfg.grad_clip, torch.amp.GradScaler(
+                                     device.type, enabled=self.dtype == torch.float16))
+        if resumed is not None:
+            self._restore(resumed.state)
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+        self.flops_per_iter = model.flops_per_token(block_size) * self.tokens_per_iter
         self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
-        self.metrics = self._open_metrics(cfg, resume)
+        self.metrics = self._open_metrics(cfg, resumed and resumed.state)
 
     # ------------------------------------------------------------------ setup steps
 
-    def _load_resume(self, cfg: TrainConfig) -> ResumeState:
-        state, run_info = sources.load_resume(self.out_dir)
-        check_resume_matches(cfg, run_info, self.meta)
-        state.extra["model_config"] = sources.model_config(run_info, self.out_dir,
-                                                           dropout=cfg.dropout)
-        state.extra["tuning"] = run_info.tuning  # a resume keeps the measured choice
-        return state
+    def choose_kernels(self, resumed: Resumed | None) -> autotune.Choice:
+        """The CPU fast path for the plain model: kept from the run resumed, cached, measured
+        on copies of it with the loop's own step function, or the reference unmeasured."""
+        cfg, model = self.cfg, self.model
+        vocab = model.config.padded_vocab_size
+        found = training_choice.candidates(
+            cfg.dtype, cfg.optimizer, 4 * cfg.batch_size * model.config.block_size * vocab)
+        kept = training_choice.kept_choice(found, resumed and resumed.tuning)
+        if kept is not None:
+            return kept
+        # (a compiled model runs other kernels than the eager copies measured here)
+        if self.info.enabled or cfg.eval_only or cfg.compile is True:
+            return autotune.unmeasured(found)
+        shape = {**model.config.to_dict(), "dropout": cfg.dropout}
+        batch = {"batch_size": cfg.batch_size, "block_size": model.config.block_size,
+                 "grad_clip": cfg.grad_clip > 0}
+        key = autotune.cache_key(shape, batch, self.device.type, found)
 
-    def _build_model(self, cfg: TrainConfig, resume: ResumeState | None) -> GPT:
-        if resume is not None:
-            model = gpt_from_state(resume.extra["model_config"], resume.model, self.out_dir,
-                                   kernels=self.kernels)
-        elif cfg.init_from == "scratch":
-            shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
-            if cfg.recipe == "modern" and "tie_head" not in cfg.given:
-                shape["tie_head"] = modern_ties_head(self.meta["vocab_size"], cfg.n_embd,
-                                                     cfg.n_layer)
-            model = GPT(GPTConfig(vocab_size=self.meta["vocab_size"], dropout=cfg.dropout,
-                                  **shape), self.kernels)
-        else:
-            model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout, kernels=self.kernels)
-            if self.meta["vocab_size"] > model.config.vocab_size:
-                raise DataError(f"dataset {cfg.dataset} has {self.meta['vocab_size']} tokens, "
-                                f"more than {cfg.init_from}'s {model.config.vocab_size}; prepare "
-                                "it with --tokenizer gpt2")
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        if self.master:
-            print(f"folio: model has {model.num_params() / 1e6:.2f}M parameters "
-                  f"({model.num_params(non_embedding=False) / 1e6:.2f}M with position "
-                  "embeddings)", flush=True)
-        return model
+        def make_step(twin: GPT, knobs: dict[str, Any]) -> training_choice.StepFn:
+            twin.to(self.device)
+            optimizer = configure_optimizer(twin, cfg, self.device.type,
+                                            training_choice.ns_dtype(knobs))
+            step = TrainStep(twin, twin, optimizer, self.device, DTYPES[knobs["dtype"]],
+                             cfg.grad_clip, torch.amp.GradScaler(self.device.type, enabled=False))
+            return lambda x, y: step(lambda: (x, y))
+
+        def batches() -> list[Batch]:
+            loader = Loader(self.eval_splits["train"], cfg.batch_size, model.config.block_size,
+                            cfg.seed, self.device, "train")
+            return [loader.next_batch() for _ in range(training_choice.BATCHES)]
+
+        planned = cfg.max_iters - (resumed.state.iter_num if resumed else 0)
+        return training_choice.choose(model, found, make_step, batches, key, planned, cfg.seed)
 
     def _restore(self, resume: ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
         if "scaler" in resume.extra:
-            self.scaler.load_state_dict(resume.extra["scaler"])
+            self.step_fn.scaler.load_state_dict(resume.extra["scaler"])
         rng = distributed.rank_state(resume.rng, self.info)
         loader = distributed.rank_state(resume.loader, self.info)
         # Each rank continues its own streams; with another process count (or from a nanoGPT
@@ -234,7 +257,7 @@ class Trainer:
         from folio.watch.metrics import MetricsLog
         title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
         wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name,
-                     "config": dataclasses.asdict(cfg), "id": self.wandb_run_id}
+                     "config": self.settings(), "id": self.wandb_run_id}
         log = MetricsLog(self.out_dir, wandb_cfg=wandb_cfg if cfg.wandb_log else None,
                          tensorboard=cfg.tensorboard, title_info=title, max_iters=cfg.max_iters)
         log.truncate_after(self.progress.iter_num if resume else -1)
@@ -278,28 +301,12 @@ class Trainer:
         """Iteration iter_num's optimizer step over grad_accum micro-batches, at the schedule's
         learning rates (the base one kept in self.lr); returns their mean loss."""
         self.lr = apply_schedule(self.optimizer, iter_num, self.cfg)
-        total = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
-            x, y = self.loader.next_batch()
-            last = micro == self.grad_accum - 1
-            with distributed.no_sync(self.train_model, sync=last), \
-                    autocast(self.device, self.dtype):
-                loss = self.train_model(x, y)
-                loss = loss / self.grad_accum  # the mean over all micro-batches
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return self.step_fn(self.loader.next_batch, self.grad_accum)
 
     def evaluate_and_save(self, time_s: float) -> None:
         cfg, p = self.cfg, self.progress
         losses = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
-                               cfg.batch_size, cfg.block_size, self.device,
+                               cfg.batch_size, self.model.config.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
                                seed_offset=self.info.rank, max_tokens=self.eval_tokens)
         losses = {k: distributed.all_reduce_mean(v, self.info) for k, v in losses.items()}
@@ -351,7 +358,7 @@ class Trainer:
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
-                 "scaler": self.scaler.state_dict(), "dataset": self.cfg.dataset,
+                 "scaler": self.step_fn.scaler.state_dict(), "dataset": self.cfg.dataset,
                  "world_size": info.world_size, "wandb_run_id": self.wandb_run_id}
         state = ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
@@ -381,12 +388,18 @@ class Trainer:
         p = self.progress
         rundir.write_run_info(self.out_dir, RunInfo(
             model=self.model.config.to_dict(), tokenizer=self.meta["tokenizer"],
-            config=dataclasses.asdict(self.cfg), dataset=self.cfg.dataset,
+            config=self.settings(), dataset=self.cfg.dataset,
             iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
             best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
             **rundir.provenance(self.device)))
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings as recorded, with the model shape the model has (a resumed or
+        pretrained model decides it, whatever the defaults say)."""
+        shape = {k: getattr(self.model.config, k) for k in MODEL_SHAPE_KEYS}
+        return {**dataclasses.asdict(self.cfg), **shape}
 
     def _tuning_record(self) -> dict[str, Any] | None:
         t = self.tuning
@@ -410,6 +423,39 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def load_resume(cfg: TrainConfig, out_dir: Path, meta: dict) -> Resumed:
+    """The saved state of the run in out_dir, checked against the settings and dataset."""
+    state, run_info = sources.load_resume(out_dir)
+    check_resume_matches(cfg, run_info, meta)
+    config = sources.model_config(run_info, out_dir, dropout=cfg.dropout)
+    return Resumed(state, config, run_info.tuning)
+
+
+def build_model(cfg: TrainConfig, meta: dict, resumed: Resumed | None, master: bool) -> GPT:
+    """The plain model a run starts from: resumed, new, or pretrained; its config is the one
+    source of the run's model shape from here on."""
+    if resumed is not None:
+        model = gpt_from_state(resumed.model_config, resumed.state.model, cfg.out_dir)
+    elif cfg.init_from == "scratch":
+        shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
+        if cfg.recipe == "modern" and "tie_head" not in cfg.given:
+            shape["tie_head"] = modern_ties_head(meta["vocab_size"], cfg.n_embd, cfg.n_layer)
+        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout, **shape))
+    else:
+        model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
+        if meta["vocab_size"] > model.config.vocab_size:
+            raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
+                            f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
+                            "--tokenizer gpt2")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    if master:
+        print(f"folio: model has {model.num_params() / 1e6:.2f}M parameters "
+              f"({model.num_params(non_embedding=False) / 1e6:.2f}M with position "
+              "embeddings)", flush=True)
+    return model
+
 
 def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     """The prepared dataset dir; tiny Shakespeare is prepared on first use."""

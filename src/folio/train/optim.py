@@ -78,7 +78,7 @@ class BatchedMuon(torch.optim.Muon):
     """torch.optim.Muon's update, settings and state, with Newton-Schulz run once per matrix
     shape on a stack of the same-shape matrices, in `ns_dtype` (default: bfloat16 on CUDA,
     float32 elsewhere; on a CPU with bfloat16 matmul units training measures which is faster,
-    train/autotune_step.py).
+    speed/training.py).
 
     Why not torch's own step: it orthogonalises one matrix at a time in bfloat16, which on a
     CPU without bfloat16 matmul units cost 175 ms per step for the 16 block matrices of the

@@ -16,9 +16,9 @@ from typing import Any
 
 from folio.data.tokenizer import Tokenizer
 from folio.errors import FolioError
-from folio.infer import fastdecode
 from folio.infer.sample import load_run
 from folio.model.gpt import GPT
+from folio.speed.decoding import for_decoding
 from folio.store.guard import LOCK_FILE, is_training
 from folio.store.rundir import MODEL_FILE, RESUME_FILE, RUN_INFO, RunInfo, read_run_info
 from folio.watch.metrics import METRICS_FILE, parse_row
@@ -171,7 +171,7 @@ class ModelPool:
             loaded = self._models.get(name)
             if loaded is None or loaded.stamp != stamp:
                 model, tokenizer, info = load_run(run_dir, self.device, self.dtype)
-                model, _ = fastdecode.for_decoding(model, self.dtype, PLANNED_TOKENS)
+                model, _ = for_decoding(model, self.dtype, PLANNED_TOKENS)
                 loaded = LoadedModel(name, model, tokenizer, info, stamp)
                 self._models[name] = loaded
             self._models.move_to_end(name)

@@ -1,5 +1,5 @@
 """The measured choice of how to decode on a CPU: float32 or bfloat16 (with dtype=auto), and
-weights packed for oneDNN or not (model/packed.py).
+weights packed for oneDNN or not (packed.py).
 
 Each candidate decodes the same fixed tokens one at a time with a KV cache; the fastest whose
 loss on those tokens stays within tolerance of float32's wins (machine/autotune.py's rules and
@@ -12,6 +12,7 @@ torch.compile is not a candidate: on a Zen 5 its decoding step of the 6 x 384 ch
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -19,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from folio.config import AUTO
-from folio.machine import autotune
 from folio.machine.device import DTYPES, cpu_supports_bf16, dtype_name
 from folio.model.gpt import GPT
-from folio.model.packed import can_pack, decoding_copy
-from folio.store.weights import gpt_from_state
+from folio.speed import autotune
+from folio.speed.packed import can_pack, decoding_copy
 
 BUDGET_S = 1.0  # the first sample on a machine waits at most this long for the measurement
 RUN_FRACTION = 0.1  # ...or this share of the planned tokens' decoding, if less
@@ -46,12 +46,11 @@ def candidates(model: GPT, dtype_setting: str) -> dict[str, dict[str, Any]]:
 
 
 def build(model: GPT, knobs: dict[str, Any]) -> GPT:
-    """A decoding copy (model/packed.py) of `model` or of a twin in knobs' dtype, its linear
+    """A decoding copy (packed.py) of `model` or of a twin in knobs' dtype, its linear
     layers packed or not."""
     dtype = DTYPES[knobs["dtype"]]
     if model.transformer.wte.weight.dtype != dtype:  # a twin sharing nothing once converted
-        model = gpt_from_state(model.config, model.state_dict(), "the model being tuned",
-                               model.kernels).to(dtype).eval()
+        model = copy.deepcopy(model).to(dtype).eval()
     return decoding_copy(model, knobs["packed"])
 
 
