@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from folio.config import TrainConfig, apply, device_defaults
+from folio.config import TrainConfig, apply
 from folio.machine.device import configure_allocator, flush_denormals
 from folio.machine.distributed import DistInfo
 from folio.speed.autotune import cpu_identity
 from folio.speed.bench import bench_data_dir
 from folio.train.evaluate import estimate_loss
 from folio.train.loop import Trainer
+from folio.train.recipes import resolve
 
 SHAPES = {  # nanoGPT's recipe at each shape (the shakespeare_char_cpu preset for char)
     "char": dict(dataset="shakespeare_char", n_layer=4, n_head=4, n_embd=128, block_size=64,
@@ -59,8 +60,8 @@ def make_config(shape: str, data_dir: Path, out_dir: str, modern: bool, **change
     # a modern run drops nanoGPT's optimizer settings so the recipe fills them in
     recipe_keys = ("learning_rate", "warmup_iters", "min_lr") if modern else ()
     values = {k: v for k, v in values.items() if k not in recipe_keys}
-    cfg = apply(TrainConfig, {**values, "recipe": "modern" if modern else "nanogpt", **changes})
-    return device_defaults(cfg, "cpu")[0]
+    given = {**values, "recipe": "modern" if modern else "nanogpt", **changes}
+    return resolve(apply(TrainConfig, given), frozenset(given), "cpu")[0]
 
 
 def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float = 0.0,

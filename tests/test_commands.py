@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import pytest
 
 from folio import config
 from folio.cli import main
+from folio.cli.args import parse_args, parse_python_config
 from folio.cli.main import COMMANDS
-from folio.config import ExportConfig, ImportNanoGPTConfig, PlotConfig, parse_args
+from folio.config import ExportConfig, ImportNanoGPTConfig, PlotConfig
 from folio.errors import ConfigError
 
 # the bare arguments each command needs before --print-config can resolve its settings
@@ -37,11 +37,12 @@ def test_print_config_resolves_every_command_without_running_it(name, capsys, tm
                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main([name, *NEEDED.get(name, []), "--print-config"]) == 0
-    values = config.parse_python_config(capsys.readouterr().out)
+    values = parse_python_config(capsys.readouterr().out)
     cls = COMMANDS[name].settings
     assert list(values) == [f.name for f in dataclasses.fields(cls)]
-    as_run = COMMANDS[name].as_run or (lambda cfg: cfg)  # train: with its device default
-    assert config.apply(cls, values) == as_run(parse_args(cls, NEEDED.get(name, [])).config)
+    parsed = parse_args(cls, NEEDED.get(name, []))
+    resolve = COMMANDS[name].resolve  # train: with the defaults the device decides
+    assert config.apply(cls, values) == (resolve(parsed)[0] if resolve else parsed.config)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,7 +97,11 @@ def test_command_errors_are_one_line_with_exit_code_2(argv, capsys):
     assert err.startswith("folio: error: ") and len(err.strip().splitlines()) == 1
 
 
-def test_every_settings_class_is_declared_with_given_tracking():
-    for command in COMMANDS.values():
-        assert isinstance(command.settings.given, property)
-        assert command.settings is not None and typing.get_type_hints(command.settings)
+def test_settings_classes_validate_their_fields_on_construction():
+    from folio.config import SampleConfig, TrainConfig
+    with pytest.raises(ConfigError, match="n_layer=0 is too small"):
+        TrainConfig(n_layer=0)
+    with pytest.raises(ConfigError, match="top_k=0 is too small"):
+        SampleConfig(top_k=0)
+    with pytest.raises(ConfigError, match="missing RUN_DIR"):
+        ExportConfig(out_dir="hf")

@@ -7,18 +7,10 @@ import dataclasses
 import pytest
 
 from folio.cli import main
-from folio.config import (
-    PrepareConfig,
-    SampleConfig,
-    TrainConfig,
-    device_defaults,
-    format_config,
-    parse_args,
-    parse_python_config,
-    preset_names,
-    replace,
-)
+from folio.cli.args import format_config, parse_args, parse_python_config
+from folio.config import PrepareConfig, SampleConfig, TrainConfig
 from folio.errors import ConfigError
+from folio.train.recipes import MODEL_SHAPE_KEYS, preset_names, resolve
 
 NANOGPT_CONFIG = '''"""nanoGPT's config/train_shakespeare_char.py, trimmed."""
 out_dir = 'out-shakespeare-char'
@@ -34,6 +26,12 @@ beta2 = 0.99
 
 def train(*argv: str) -> TrainConfig:
     return parse_args(TrainConfig, list(argv), config_file=True).config
+
+
+def resolved(device: str, *argv: str) -> tuple[TrainConfig, str]:
+    """What `folio train ARGV` trains on `device` (no run to resume)."""
+    parsed = parse_args(TrainConfig, list(argv), config_file=True)
+    return resolve(parsed.config, parsed.given, device)
 
 
 def error(cls: type, *argv: str) -> str:
@@ -208,17 +206,20 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(argv, capsys):
 
 # ---------------------------------------------------------------------------- given settings
 
-def test_a_config_knows_which_fields_it_was_given(tmp_path):
-    assert TrainConfig().given == frozenset()
-    assert TrainConfig(n_layer=2, out_dir="x").given == {"n_layer", "out_dir"}
-    assert TrainConfig("x").given == {"out_dir"}  # by position too
+def test_the_parser_returns_the_names_the_user_gave(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("n_layer = 3\nn_head = 2\n", encoding="utf-8")
-    cfg = train(str(path), "--n_embd=96", "--no-bias")
-    assert cfg.given == {"n_layer", "n_head", "n_embd", "bias"}
-    assert replace(cfg, dropout=0.1).given == cfg.given | {"dropout"}
-    assert train("--n_layer=12").given == {"n_layer"}  # given, even when it is the default
-    assert train("--n_layer=12") == TrainConfig()  # equality compares settings only
+    parsed = parse_args(TrainConfig, [str(path), "--n_embd=96", "--no-bias"], config_file=True)
+    assert parsed.given == {"n_layer", "n_head", "n_embd", "bias"}
+    given_default = parse_args(TrainConfig, ["--n_layer=12"])
+    assert given_default.given == {"n_layer"}  # given, even when it is the default
+    assert given_default.config == TrainConfig()
+
+
+def test_model_shape_keys_are_the_model_configs_fields():
+    from folio.model.gpt import GPTConfig
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "dropout"}
+    assert set(MODEL_SHAPE_KEYS) == fields
 
 
 # ---------------------------------------------------------------------------- device defaults
@@ -230,31 +231,28 @@ SEED_MPS_LINE = ["--dataset=shakespeare", "--n_layer=4", "--n_head=4", "--n_embd
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_bare_train_on_a_gpu_gets_the_gpu_preset_and_says_so(device):
-    cfg, note = device_defaults(train(f"--device={device}", "--dtype=float32"), device)
+    cfg, note = resolved(device, f"--device={device}", "--dtype=float32")
     assert cfg == train("shakespeare_char", f"--device={device}", "--dtype=float32")
     assert "shakespeare_char" in note and device in note and "6 layers" in note
-    cfg, _ = device_defaults(train("--out_dir=mine", "--init_from=resume"), device)
+    cfg, _ = resolved(device, "--out_dir=mine", "--init_from=resume")
     assert (cfg.n_layer, cfg.out_dir, cfg.init_from) == (6, "mine", "resume")  # given: kept
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
 def test_any_model_or_training_setting_means_nanogpts_defaults(device):
     seed = train(*SEED_MPS_LINE)
-    assert device_defaults(seed, device) == (seed, "")
+    assert resolved(device, *SEED_MPS_LINE) == (seed, "")
     # what nanoGPT's train.py would use for the settings the line leaves out
     assert (seed.dropout, seed.learning_rate, seed.out_dir, seed.beta2, seed.warmup_iters,
             seed.min_lr, seed.eval_interval, seed.log_interval) == \
         (0.0, 6e-4, "out", 0.95, 2000, 6e-5, 2000, 1)
-    python = TrainConfig(n_layer=2, out_dir="x")
-    assert device_defaults(python, device) == (python, "")
     for argv in (["--max_iters=100"], ["--dataset=mytext"], ["--init_from=gpt2"],
                  ["shakespeare_char_cpu"]):
-        cfg = train(*argv)
-        assert device_defaults(cfg, device) == (cfg, ""), argv
+        assert resolved(device, *argv) == (train(*argv), ""), argv
 
 
 def test_bare_train_on_a_cpu_gets_the_readme_cpu_model_and_says_so():
-    cfg, note = device_defaults(train("--device=cpu"), "cpu")
+    cfg, note = resolved("cpu", "--device=cpu")
     assert cfg == train("shakespeare_char_cpu", "--device=cpu")
     assert (cfg.n_layer, cfg.n_embd, cfg.max_iters) == (4, 128, 2000)
     assert "shakespeare_char_cpu" in note and "4 layers" in note
@@ -266,3 +264,13 @@ def test_lr_decay_iters_follows_max_iters_unless_given():
     assert lr_at(1000, cfg) == pytest.approx(1e-5) and lr_at(500, cfg) > 2e-4
     cfg = train("--max_iters=1000", "--warmup_iters=0", "--min_lr=1e-5", "--lr_decay_iters=500")
     assert lr_at(500, cfg) == pytest.approx(1e-5)
+
+
+def test_a_resumed_run_takes_the_checkpoints_shape_unless_one_was_given():
+    saved = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "tie_head": True}
+    parsed = parse_args(TrainConfig, ["--init_from=resume", "--max_iters=10"])
+    cfg, _ = resolve(parsed.config, parsed.given, "cpu", saved)
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.tie_head) == (2, 32, 16, True)
+    parsed = parse_args(TrainConfig, ["--init_from=resume", "--n_layer=3"])
+    with pytest.raises(Exception, match="cannot resume: n_layer=3 but the checkpoint"):
+        resolve(parsed.config, parsed.given, "cpu", saved)

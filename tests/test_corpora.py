@@ -368,7 +368,7 @@ def test_resume_prints_what_it_skips_and_changed_settings_start_over(tmp_path, c
 
 
 def parse_prepare(argv: list[str], cls):
-    from folio.config import parse_args
+    from folio.cli.args import parse_args
 
     return parse_args(cls, argv).config
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from folio.config import TrainConfig, parse_args
+from folio.cli.args import parse_args
+from folio.config import TrainConfig
 from folio.data.loader import Loader
 from folio.errors import TrainingError
 from folio.machine.distributed import DistInfo
@@ -208,9 +209,10 @@ MODERN = dict(SETTINGS, recipe="modern", muon_momentum_warmup=10)
 
 def modern_single_run(char_data_dir, out: Path) -> Path:
     """The 1-process reference of a --recipe=modern run (Muon + AdamW), as `single_run`."""
-    from folio.config import device_defaults
-    cfg = parse_args(TrainConfig, tiny_args(char_data_dir, out, **MODERN)).config
-    trainer = Trainer(device_defaults(cfg, "cpu")[0], DistInfo(), torch.device("cpu"))
+    from folio.train.recipes import resolve
+    parsed = parse_args(TrainConfig, tiny_args(char_data_dir, out, **MODERN))
+    cfg = resolve(parsed.config, parsed.given, "cpu")[0]
+    trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
     trainer.loader = RankStreams([
         Loader(trainer.eval_splits["train"], cfg.batch_size, cfg.block_size, cfg.seed + rank,
                trainer.device, "train") for rank in range(2)])

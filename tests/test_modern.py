@@ -10,7 +10,8 @@ from conftest import tiny_args
 from test_train import straight_and_resumed
 
 from folio.cli import main
-from folio.config import TrainConfig, device_defaults, parse_args
+from folio.cli.args import parse_args
+from folio.config import TrainConfig
 from folio.errors import ConfigError
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
 from folio.infer.sample import generate_tokens
@@ -18,6 +19,7 @@ from folio.model.gpt import GPT, GPTConfig
 from folio.store import hf
 from folio.store.sources import load_model
 from folio.train.optim import MuonAdamW, apply_schedule, configure_optimizer, lr_at
+from folio.train.recipes import head_tied, resolve
 from folio.watch.metrics import read_metrics
 
 MODERN = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_head=False,
@@ -49,7 +51,7 @@ def test_each_architecture_option_runs_forward_and_backward(options):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters())
-    assert model(idx).shape == (2, model.config.padded_vocab_size)
+    assert model(idx).shape == (2, model.config.vocab_size)
 
 
 def test_rope_model_has_no_position_table_and_untied_head_is_its_own():
@@ -105,23 +107,32 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly():
     assert max(steps) == pytest.approx(min(steps))  # a straight line down
 
 
+def resolved(*argv: str) -> tuple[TrainConfig, str]:
+    parsed = parse_args(TrainConfig, list(argv))
+    return resolve(parsed.config, parsed.given, "cpu")
+
+
 def test_recipe_modern_fills_only_what_was_not_given():
-    bare, note = device_defaults(parse_args(TrainConfig, ["--recipe=modern"]).config, "cpu")
+    bare, note = resolved("--recipe=modern")
     assert bare.n_layer == 4 and "recipe modern" in note  # still the CPU preset's size
     assert bare.rope and bare.optimizer == "muon" and bare.lr_schedule == "wsd"
-    cfg, _ = device_defaults(parse_args(TrainConfig, ["--recipe=modern", "--muon_lr=0.05",
-                                                      "--tie_head=True"]).config, "cpu")
-    assert cfg.muon_lr == 0.05 and cfg.tie_head and cfg.qk_norm and cfg.warmup_iters == 0
-    plain, _ = device_defaults(parse_args(TrainConfig, ["--n_layer=2"]).config, "cpu")
+    cfg, _ = resolved("--recipe=modern", "--muon_lr=0.05", "--tie_head=True")
+    assert cfg.muon_lr == 0.05 and cfg.tie_head is True and cfg.qk_norm
+    assert cfg.warmup_iters == 0
+    plain, _ = resolved("--n_layer=2")
     assert not plain.rope and plain.optimizer == "adamw" and plain.lr_schedule == "cosine"
 
 
 def test_modern_head_is_untied_unless_it_outweighs_the_blocks():
-    from folio.config import modern_ties_head
+    def tied(vocab: int, n_embd: int, n_layer: int, recipe: str = "modern") -> bool:
+        return head_tied(TrainConfig(recipe=recipe, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=1), vocab)
 
-    assert not modern_ties_head(65, 128, 4)  # README CPU char model
-    assert not modern_ties_head(50304, 768, 12)  # GPT-2 small: the speedrun's untied head
-    assert modern_ties_head(50304, 64, 4)  # the seed's BPE shape: the head is most of it
+    assert not tied(65, 128, 4)  # README CPU char model
+    assert not tied(50304, 768, 12)  # GPT-2 small: the speedrun's untied head
+    assert tied(50304, 64, 4)  # the seed's BPE shape: the head is most of it
+    assert tied(65, 128, 4, recipe="nanogpt")  # GPT-2's tied head
+    assert not head_tied(TrainConfig(recipe="nanogpt", tie_head=False), 65)  # given: kept
 
 
 def test_modern_recipe_ties_a_gpt2_vocabulary_head_on_a_small_model(tmp_path, capsys):

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from folio.cli import main
-from folio.config import ServeConfig, parse_args
+from folio.cli.args import parse_args
+from folio.config import ServeConfig
 from folio.infer.serve.app import background, exposure_warning
 
 MANY = 10**6  # max_tokens for generations that only a cancel ends within a test's time

@@ -1,36 +1,22 @@
-"""Typed settings for every command, and the one parser that fills them.
-
-Sources, later ones winning: dataclass defaults < preset or config file (TOML, or a
-nanoGPT-style `.py` of literal assignments read with `ast`, never executed) < `--key=value`.
-Every settings object knows which fields were given (`cfg.given`), wherever from, so defaults
-that depend on the device (`device_defaults`) never replace a setting the user chose.
+"""Typed settings for every command: one dataclass each, a help line and range checks per
+field, validated on construction. The command line that fills them is cli/args.py; the
+defaults that depend on what was given and on the device are resolved once, by
+train/recipes.py.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 from folio.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 AUTO = "auto"
-# nanoGPT config file stems that map onto shipped presets.
-PRESET_ALIASES = {"train_shakespeare_char": "shakespeare_char", "train_gpt2": "gpt2_124m"}
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -50,25 +36,11 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, min: float
 
 
 def settings(cls: type) -> type:
-    """`@dataclass` whose fields are validated (`validate_fields`, unless the class has its own
-    `__post_init__`), and whose instances record in `given` the names of the fields the caller
-    set (by keyword or position). `apply` and `replace` keep `given` up to date;
-    `dataclasses.replace` cannot, and marks every field as given."""
+    """`@dataclass` whose fields are validated on construction (`validate_fields`, unless the
+    class has its own `__post_init__`)."""
     if "__post_init__" not in cls.__dict__:
         cls.__post_init__ = lambda self: validate_fields(self)  # defined further down
-    cls = dataclass(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._given = frozenset(names[:len(args)]) | frozenset(kwargs)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    cls.given = property(lambda self: self._given,
-                         doc="names of the fields set explicitly (CLI, config file or code)")
-    return cls
+    return dataclass(cls)
 
 
 @settings
@@ -109,7 +81,9 @@ class TrainConfig:
     norm: str = setting("layernorm", "normalisation layers", choices=("layernorm", "rmsnorm"))
     qk_norm: bool = setting(False, "RMS-normalise queries and keys per head")
     mlp: str = setting("gelu", "MLP activation", choices=("gelu", "relu2"))
-    tie_head: bool = setting(True, "share the output head's weights with the token embedding")
+    tie_head: bool | str = setting(AUTO, "share the output head's weights with the token "
+                                   "embedding; auto: tied, except the modern recipe unties a "
+                                   "head that does not outweigh the blocks")
     logit_softcap: float = setting(0.0, "soft-cap logits at this value (cap*tanh(x/cap)); 0: off",
                                    min=0.0)
     zero_init_proj: bool = setting(False, "start attention and MLP output projections at zero")
@@ -417,72 +391,7 @@ def _describe(options: tuple) -> str:
     return " or ".join(words)
 
 
-# ---------------------------------------------------------------------------- sources
-
-def preset_names() -> list[str]:
-    folder = resources.files("folio") / "presets"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    name = PRESET_ALIASES.get(name, name)
-    if name not in preset_names():
-        raise ConfigError(f"no preset or config file named {name!r}; presets: "
-                          f"{', '.join(preset_names())}")
-    text = (resources.files("folio") / "presets" / f"{name}.toml").read_text("utf-8")
-    return tomllib.loads(text)
-
-
-def load_config_source(spec: str) -> dict[str, Any]:
-    """Settings from a preset name, a TOML file or a nanoGPT-style .py file."""
-    path = Path(spec)
-    if path.suffix in (".toml", ".py"):
-        if not path.is_file():
-            stem = PRESET_ALIASES.get(path.stem, path.stem)
-            if stem in preset_names():  # nanoGPT's config/train_shakespeare_char.py, say
-                return load_preset(stem)
-            raise ConfigError(f"config file {spec} not found; give a path or one of the presets: "
-                              f"{', '.join(preset_names())}")
-        text = _read_text(path)
-        if path.suffix == ".toml":
-            try:
-                return tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{spec}: not valid TOML ({e})") from None
-        return parse_python_config(text, spec)
-    return load_preset(spec)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
-
-
-def parse_python_config(text: str, filename: str = "<config>") -> dict[str, Any]:
-    """Read `name = literal` lines with ast; anything else is refused, nothing is executed."""
-    try:
-        tree = ast.parse(text, filename=filename)
-    except SyntaxError as e:
-        raise ConfigError(f"{filename} line {e.lineno}: not valid Python ({e.msg})") from None
-    values: dict[str, Any] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring or bare string
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            try:
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-                continue
-            except ValueError:
-                pass
-        line = ast.get_source_segment(text, node) or type(node).__name__
-        raise ConfigError(f"{filename} line {node.lineno}: only `name = literal` assignments "
-                          f"are allowed, found `{line.splitlines()[0]}` "
-                          "(folio never runs config files)")
-    return values
-
+# ---------------------------------------------------------------------------- building
 
 def nearest_key(key: str, keys: list[str]) -> str:
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
@@ -491,8 +400,8 @@ def nearest_key(key: str, keys: list[str]) -> str:
 
 def apply(cls: type[Config], values: dict[str, Any], base: Config | None = None,
           origin: str = "") -> Config:
-    """A new config with `values` applied over `base` (or the defaults), fully validated.
-    Its `given` is the base's plus the keys of `values`."""
+    """A new config with `values` applied over `base` (or the defaults), fully validated; an
+    unknown key is a one-line error naming the nearest valid one (and `origin`, a file)."""
     current = dataclasses.asdict(base) if base is not None else {}
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
@@ -503,217 +412,4 @@ def apply(cls: type[Config], values: dict[str, Any], base: Config | None = None,
         if typing.get_origin(hints[key]) is list and isinstance(value, str):
             value = [*current.get(key, []), value]
         current[key] = value
-    cfg = cls(**current)
-    cfg._given = (base.given if base is not None else frozenset()) | frozenset(values)
-    return cfg
-
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    """`dataclasses.replace` that keeps `given` (adding the changed names)."""
-    return apply(type(cfg), changes, cfg)
-
-
-# ---------------------------------------------------------------------------- device defaults
-
-# Settings that say where and how to run, or where the run lives, rather than what to train:
-# giving only these leaves `folio train` bare. init_from counts only as scratch or resume.
-PLACE_KEYS = frozenset({"recipe", "device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
-                        "data_dir", "out_dir", "init_from", "eval_only", "seed", "wandb_log",
-                        "wandb_project", "wandb_run_name", "tensorboard", "overwrite"})
-DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
-                  "mps": "shakespeare_char"}  # what a bare `folio train` trains on each device
-
-
-# --recipe=modern: the modern small-GPT bundle (modded-nanogpt, nanochat), learning rates
-# tuned on tiny Shakespeare's train split at the README CPU size (see README).
-MODERN_RECIPE: dict[str, Any] = {
-    "rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2",
-    "zero_init_proj": True, "bias": False, "optimizer": "muon", "muon_lr": 0.02,
-    "learning_rate": 0.01, "embed_lr": 0.01, "head_lr": 0.004, "weight_decay": 0.0,
-    "lr_schedule": "wsd", "warmdown_frac": 0.5, "warmup_iters": 0, "min_lr": 0.0,
-}
-
-
-def modern_ties_head(vocab_size: int, n_embd: int, n_layer: int) -> bool:
-    """The modern recipe's head where tie_head is not given: untied, as in the speedrun and
-    nanochat, unless its weights would outnumber all the blocks' (12 n_embd^2 each). Then one
-    shared matrix learns more from little data and steps faster: the seed's BPE shape (4 x 64,
-    GPT-2's vocabulary) reached train loss 4.27 tied against 4.34 untied after 600 iterations,
-    at 98 against 116 ms a step."""
-    return vocab_size * n_embd > 12 * n_layer * n_embd**2
-
-
-def fill_unset(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-    """`values` for the settings `cfg` was not given; they stand in for defaults, so `given`
-    stays as it was (nobody chose them)."""
-    filled = apply(TrainConfig, {k: v for k, v in values.items() if k not in cfg.given}, cfg)
-    filled._given = cfg.given
-    return filled
-
-
-def device_defaults(cfg: TrainConfig, device_type: str) -> tuple[TrainConfig, str]:
-    """The one place where defaults change; returns (config, note for the log).
-
-    The recipe: `recipe=modern` fills in MODERN_RECIPE for every setting not given (after
-    the device's preset below, whose learning rates it replaces).
-
-    The device:
-
-    A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) trains
-    the tiny-Shakespeare character model sized for the device: nanoGPT README's CPU model on
-    a CPU, nanoGPT's GPU char model (`shakespeare_char`) on cuda or mps, keeping the settings
-    that were given. Any other setting, from the command line, a file or Python, means
-    nanoGPT's train.py defaults for the rest, on every device. The note is "" when nothing
-    was applied.
-    """
-    bare = not (cfg.given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume")
-    note = ""
-    if bare:
-        name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
-        resolved = fill_unset(cfg, load_preset(name))
-        note = (f"no model or training settings given, so on {device_type} folio trains "
-                f"the {name} preset ({resolved.n_layer} layers, {resolved.n_embd} wide, "
-                f"{resolved.max_iters} iters, out_dir {resolved.out_dir}); any such "
-                "setting, or a preset, gives nanoGPT's train.py defaults instead")
-        cfg = resolved
-    if cfg.recipe == "modern":
-        filled = [f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in cfg.given]
-        if "tie_head" not in cfg.given:
-            filled.append("head untied unless it outweighs the blocks")
-        note = "; ".join(filter(None, [note, "recipe modern: " + ", ".join(filled)]))
-        cfg = fill_unset(cfg, MODERN_RECIPE)
-    return cfg, note
-
-
-# ---------------------------------------------------------------------------- command line
-
-@dataclass
-class ParsedArgs:
-    config: Any
-    print_config: bool = False
-    help: bool = False
-    source: str = ""  # preset or config file named on the command line, if any
-
-
-def parse_args(cls: type[Config], argv: list[str], *, config_file: bool = False) -> ParsedArgs:
-    """Parse `[BARE ...] [--key=value | --key value | --flag | --no-flag | -x value ...]`.
-
-    Bare arguments fill the class's positional fields in order, a list field taking all the
-    rest; with `config_file` the first one names a preset or config file instead (train).
-    After `--` every argument is bare.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    shorts = {f.metadata["short"]: f.name for f in fields if f.metadata["short"]}
-    overrides: dict[str, Any] = {}
-    bare: list[str] = []
-    result = ParsedArgs(config=None)
-    i, options = 0, True
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not options or arg == "-" or not arg.startswith("-"):
-            bare.append(arg)
-        elif arg == "--":
-            options = False
-        elif arg in ("-h", "--help"):
-            result.help = True
-        elif arg in ("--print-config", "--print_config"):
-            result.print_config = True
-        else:
-            key, value, i = _option(arg, argv, i, hints, shorts)
-            if typing.get_origin(hints[key]) is list:
-                overrides.setdefault(key, []).append(value)
-            else:
-                overrides[key] = value
-    if result.help:
-        return result
-    if config_file and bare:
-        result.source = bare.pop(0)
-    _fill_positionals(fields, hints, bare, overrides)
-    cfg = None
-    if result.source:
-        cfg = apply(cls, load_config_source(result.source), origin=result.source)
-    result.config = apply(cls, overrides, cfg)
-    return result
-
-
-def _option(arg: str, argv: list[str], i: int, hints: dict[str, Any],
-            shorts: dict[str, str]) -> tuple[str, str, int]:
-    """(setting name, value text, index of the next argument) for the option `arg`, which
-    came just before argv[i]."""
-    if arg.startswith("--"):
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq and key.startswith("no_") and hints.get(key[3:]) is bool:
-            return key[3:], "False", i
-        if key not in hints:
-            raise ConfigError(f"unknown setting --{key}{nearest_key(key, list(hints))}")
-    else:
-        short, eq, value = arg[1:].partition("=")
-        if short not in shorts:
-            raise ConfigError(f"unknown option {arg.partition('=')[0]}; settings look like "
-                              "--key=value (see --help)")
-        key = shorts[short]
-    if eq:
-        return key, value, i
-    takes_flag = bool in typing.get_args(hints[key]) or hints[key] is bool
-    nxt = argv[i] if i < len(argv) else None
-    if takes_flag and (nxt is None or nxt.startswith("--") or
-                       nxt.lower() not in ("true", "false", "1", "0", "auto")):
-        return key, "True", i
-    if nxt is None:
-        raise ConfigError(f"--{key} needs a value, e.g. --{key}=VALUE")
-    return key, nxt, i + 1
-
-
-def _fill_positionals(fields: tuple, hints: dict[str, Any], bare: list[str],
-                      overrides: dict[str, Any]) -> None:
-    """Bare arguments into the positional fields, in order; a list field takes the rest."""
-    slots = [f for f in fields if f.metadata["positional"]]
-    for arg in bare:
-        if not slots:
-            raise ConfigError(f"unexpected argument {arg!r}; settings look like --key=value")
-        name = slots[0].name
-        if typing.get_origin(hints[name]) is list:
-            overrides.setdefault(name, []).append(arg)
-            continue
-        if name in overrides:
-            raise ConfigError(f"{slots[0].metadata['positional']} given twice: {arg!r} and "
-                              f"--{name}={overrides[name]}")
-        overrides[name] = arg
-        slots.pop(0)
-
-
-def synopsis(cls: type) -> str:
-    """The arguments of a command for its usage line, e.g. `RUN_DIR OUT_DIR [--key=value ...]`."""
-    words = []
-    for f in dataclasses.fields(cls):
-        metavar = f.metadata["positional"]
-        if metavar:
-            many = typing.get_origin(typing.get_type_hints(cls)[f.name]) is list
-            word = f"{metavar} [{metavar} ...]" if many else metavar
-            words.append(word if f.metadata["required"] else f"[{word}]")
-    return " ".join([*words, "[--key=value ...]"])
-
-
-def help_text(cls: type, usage: str) -> str:
-    """`--help`: every setting with its default (or [required]) and one line of meaning."""
-    lines = [usage, "", "settings (--key=value or --key value; CAPITALS: also a bare argument):"]
-    for f in dataclasses.fields(cls):
-        m = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        names = [m["positional"]] * bool(m["positional"]) + [f"-{m['short']}"] * bool(m["short"])
-        flag = ", ".join([*names, f"--{f.name}"])
-        lines.append(f"  {flag:<30} {m['help']} "
-                     f"[{'required' if m['required'] else f'default: {default!r}'}]")
-    return "\n".join(lines)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def format_config(cfg: Any) -> str:
-    """The resolved config as TOML-like `key = value` lines (loadable as a .py config too)."""
-    return "\n".join(f"{k} = {v!r}" for k, v in to_dict(cfg).items())
+    return cls(**current)

@@ -1,7 +1,9 @@
 """The `folio` command: each command's settings class, usage and runner, and the dispatch.
 
-Every command parses through `config.parse_args` into its settings dataclass and hands that
-to one library function. Every FolioError becomes one line on stderr and a non-zero exit code.
+Every command parses through `cli/args.py`'s `parse_args` into its settings dataclass (and the names
+the user gave); `folio train` resolves them once (`train.recipes.resolve`) and hands the
+final settings to one library function. Every FolioError becomes one line on stderr and a
+non-zero exit code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from folio import config
+from folio.cli.args import ParsedArgs, format_config, help_text, parse_args, synopsis
 from folio.errors import ConfigError, FolioError
+from folio.train import recipes
 
 # Runners import their library lazily, so `folio --help` and bad input never wait for torch.
 
@@ -23,9 +27,9 @@ def run_prepare(cfg: config.PrepareConfig) -> int:
     return 0
 
 
-def run_train(cfg: config.TrainConfig) -> int:
+def run_train(resolved: tuple[config.TrainConfig, str]) -> int:
     from folio.train.loop import train
-    return train(cfg)
+    return train(*resolved)
 
 
 def run_sample(cfg: config.SampleConfig) -> int:
@@ -63,14 +67,16 @@ def run_import_nanogpt(cfg: config.ImportNanoGPTConfig) -> int:
     return 0
 
 
-def train_as_run(cfg: config.TrainConfig) -> config.TrainConfig:
-    """The config `folio train` would train here: with the device's defaults applied."""
+def resolve_train(parsed: ParsedArgs) -> tuple[config.TrainConfig, str]:
+    """The settings `folio train` trains with here, and the note on what was filled in."""
     from folio.machine.device import resolve_device
-    return config.device_defaults(cfg, resolve_device(cfg.device).type)[0]
+    cfg = parsed.config
+    saved = recipes.saved_model_shape(cfg.out_dir) if cfg.init_from == "resume" else None
+    return recipes.resolve(cfg, parsed.given, resolve_device(cfg.device).type, saved)
 
 
 def presets_note() -> str:
-    return f"presets: {', '.join(config.preset_names())}"
+    return f"presets: {', '.join(recipes.preset_names())}"
 
 
 def bench_note() -> str:
@@ -87,14 +93,16 @@ class Command:
     run: Callable[[Any], int]
     config_file: bool = False  # a first bare argument names a preset or config file
     note: Callable[[], str] | None = None  # more lines for its --help
-    as_run: Callable[[Any], Any] | None = None  # what --print-config shows, if not the parse
+    # the final settings (and a note) from the parse, for running and --print-config; the
+    # settings as parsed when None
+    resolve: Callable[[ParsedArgs], tuple[Any, str]] | None = None
 
 
 COMMANDS: dict[str, Command] = {
     "prepare": Command(config.PrepareConfig, "tokenize a dataset (shakespeare_char, "
                        "shakespeare, or your text files)", run_prepare),
     "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
-                     run_train, config_file=True, note=presets_note, as_run=train_as_run),
+                     run_train, config_file=True, note=presets_note, resolve=resolve_train),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
@@ -124,7 +132,7 @@ commands:
 def usage(name: str, command: Command) -> str:
     """A command's usage line, what it does, and its notes (presets, cases)."""
     lead = "[PRESET|CONFIG.toml|CONFIG.py] " if command.config_file else ""
-    lines = [f"usage: folio {name} {lead}{config.synopsis(command.settings)}", "",
+    lines = [f"usage: folio {name} {lead}{synopsis(command.settings)}", "",
              " ".join((command.settings.__doc__ or "").split())]
     if command.note:
         lines.append(command.note())
@@ -134,14 +142,21 @@ def usage(name: str, command: Command) -> str:
 def run_command(name: str, argv: list[str]) -> int:
     """Parse argv into the command's settings; print help or the config, or run it."""
     command = COMMANDS[name]
-    parsed = config.parse_args(command.settings, argv, config_file=command.config_file)
+    parsed = parse_args(command.settings, argv, config_file=command.config_file)
     if parsed.help:
-        print(config.help_text(command.settings, usage(name, command)))
+        print(help_text(command.settings, usage(name, command)))
         return 0
+    if command.resolve is None:
+        settings = parsed.config
+        if parsed.print_config:
+            print(format_config(settings))
+            return 0
+        return command.run(settings)
+    resolved = command.resolve(parsed)
     if parsed.print_config:
-        print(config.format_config((command.as_run or (lambda c: c))(parsed.config)))
+        print(format_config(resolved[0]))
         return 0
-    return command.run(parsed.config)
+    return command.run(resolved)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from folio.config import TrainConfig, device_defaults, modern_ties_head
+from folio.config import AUTO, TrainConfig
 from folio.data.loader import Loader, check_split_length, open_tokens
 from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
@@ -46,27 +46,20 @@ from folio.store.rundir import ResumeState, RunInfo
 from folio.store.weights import gpt_from_state, model_state
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import apply_schedule, configure_optimizer
+from folio.train.recipes import MODEL_SHAPE_KEYS, head_tied
 from folio.train.step import Batch, TrainStep
 from folio.watch.metrics import finite_or_none, format_duration
 
-# The GPTConfig fields a TrainConfig setting decides and a checkpoint fixes (the vocabulary
-# comes from the dataset, dropout may change on resume).
-MODEL_SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig)
-                         if f.name not in ("vocab_size", "dropout"))
 
-
-def train(cfg: TrainConfig) -> int:
-    """Train what `cfg` says; returns the process exit code (130 after Ctrl+C).
-
-    The only default the device changes is decided by `config.device_defaults`, from the
-    settings `cfg` was not given; the first line printed says when it applied.
-    """
+def train(cfg: TrainConfig, note: str = "") -> int:
+    """Train what the final settings `cfg` say (train.recipes.resolve made them from what the
+    user gave; `note` says what it filled in, the first line printed); returns the process
+    exit code (130 after Ctrl+C)."""
     info = distributed.from_env()
     device = distributed.device_for_rank(info, resolve_device(cfg.device))
     if device.type == "cpu":
         configure_allocator()
         flush_denormals()
-    cfg, note = device_defaults(cfg, device.type)
     if note and info.is_master:
         print(f"folio: {note}", flush=True)
     # Before anything touches out_dir: one trainer per run dir (rank 0 holds the lock), and a
@@ -439,8 +432,7 @@ def build_model(cfg: TrainConfig, meta: dict, resumed: Resumed | None, master: b
         model = gpt_from_state(resumed.model_config, resumed.state.model, cfg.out_dir)
     elif cfg.init_from == "scratch":
         shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS}
-        if cfg.recipe == "modern" and "tie_head" not in cfg.given:
-            shape["tie_head"] = modern_ties_head(meta["vocab_size"], cfg.n_embd, cfg.n_layer)
+        shape["tie_head"] = head_tied(cfg, meta["vocab_size"])
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout, **shape))
     else:
         model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
@@ -478,11 +470,11 @@ def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
 
 
 def check_resume_matches(cfg: TrainConfig, run_info: RunInfo, meta: dict) -> None:
-    """Resuming with another model shape (one that was given), vocabulary or dataset is a
-    one-line error; shape settings not given are taken from the checkpoint, as nanoGPT does."""
+    """Resuming with another model shape, optimizer or vocabulary is a one-line error (the
+    settings were resolved with the checkpoint's shape where none was given)."""
     saved = run_info.model
     for key in MODEL_SHAPE_KEYS:
-        if key in saved and key in cfg.given and getattr(cfg, key) != saved[key]:
+        if key in saved and getattr(cfg, key) not in (saved[key], AUTO):
             raise CheckpointError(f"cannot resume: {key}={getattr(cfg, key)} but the checkpoint "
                                   f"in {cfg.out_dir} has {key}={saved[key]}; drop the setting "
                                   "or start a new --out_dir")
