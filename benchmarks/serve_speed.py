@@ -30,7 +30,7 @@ from folio.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from folio.infer.sample import generate_tokens, load_run
 from folio.infer.serve.app import background
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import rundir
+from folio.store import checkpoint, rundir
 
 SHAPES = {
     "char": GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
@@ -48,9 +48,11 @@ def random_run(path: Path, shape: str) -> Path:
     cfg = SHAPES[shape]
     tokenizer = CharTokenizer(CHARS) if shape == "char" else GPT2Tokenizer()
     path.mkdir(parents=True)
-    rundir.save_model_weights(path / rundir.MODEL_FILE, GPT(cfg), {"iter_num": 0})
-    rundir.write_run_info(path, {"config": {"max_iters": 0}, "model": cfg.to_dict(),
-                                 "tokenizer": tokenizer.spec(), "iter_num": 0})
+    model = GPT(cfg)
+    checkpoint.save_model_weights(path / rundir.MODEL_FILE, model, {"iter_num": 0})
+    rundir.write_run_info(path, rundir.RunInfo(
+        model=cfg.to_dict(), n_params=model.num_params(), tokenizer=tokenizer.spec(),
+        config={"max_iters": 0}))
     return path
 
 

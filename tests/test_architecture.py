@@ -22,10 +22,13 @@ LAYERS = {
     "machine": 1, "data": 1,
     "model": 2,
     "speed": 3,
-    "watch": 4, "store": 4,
-    "train": 5, "infer": 5,
-    "cli": 6, "__main__": 7,
+    "store": 4,
+    "watch": 5,
+    "train": 6, "infer": 6,
+    "cli": 7, "__main__": 8,
 }
+# What reads a run dir to plot it imports no torch (`folio plot`, the loss.png refresher).
+TORCH_FREE = ["folio.store.rundir", "folio.watch"]
 SUBPACKAGES = ["data", "model", "speed", "train", "store", "infer", "watch", "machine"]
 
 
@@ -118,5 +121,16 @@ def test_each_subpackage_imports_without_the_cli(subpackage):
             "for m in pkgutil.iter_modules(pkg.__path__):\n"
             "    importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
             "print(sorted(m for m in sys.modules if m.startswith('folio.cli')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_reading_a_run_dir_and_plotting_it_import_no_torch():
+    code = ("import importlib, pkgutil, sys\n"
+            f"for name in {TORCH_FREE!r}:\n"
+            "    mod = importlib.import_module(name)\n"
+            "    for m in pkgutil.iter_modules(getattr(mod, '__path__', [])):\n"
+            "        importlib.import_module(f'{name}.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

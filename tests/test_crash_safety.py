@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_args
 
 from folio.cli import main
-from folio.store.rundir import MODEL_FILE, RESUME_FILE, load_resume, read_run_info
+from folio.store.checkpoint import load_resume
+from folio.store.rundir import MODEL_FILE, RESUME_FILE, read_run_info
 from folio.store.sources import load_model
 from folio.watch.metrics import read_metrics
 

@@ -25,7 +25,7 @@ from folio.config import TrainConfig
 from folio.data.loader import Loader
 from folio.errors import TrainingError
 from folio.machine.distributed import DistInfo
-from folio.store import rundir, sources
+from folio.store import checkpoint, sources
 from folio.train.loop import Trainer
 
 LAUNCH_TIMEOUT_S = 120
@@ -63,7 +63,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 def max_weight_difference(a: Path, b: Path) -> float:
     """Between the latest weights (resume.safetensors) of two runs."""
-    wa, wb = rundir.load_resume(a).model, rundir.load_resume(b).model
+    wa, wb = checkpoint.load_resume(a).model, checkpoint.load_resume(b).model
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
@@ -182,7 +182,7 @@ def test_sigterm_to_torchrun_saves_once_and_every_process_exits(char_data_dir, t
     assert stderr.count("folio: got SIGTERM") == 2
     assert "folio: saved" in stderr
     assert worker_tracebacks(stderr) == []
-    assert rundir.load_resume(out).iter_num > 0
+    assert checkpoint.load_resume(out).iter_num > 0
 
 
 def test_an_error_in_one_process_ends_all_with_one_line(char_data_dir, tmp_path):
@@ -229,4 +229,4 @@ def test_modern_recipe_with_muon_trains_and_resumes_like_one_process(char_data_d
     out = tmp_path / "dist"
     run_twice_and_compare(tiny_args(char_data_dir, out, fsdp=fsdp, **MODERN), out, single,
                           tolerance=1e-4)
-    assert rundir.load_resume(out).optimizer["state"]  # Muon's and AdamW's state were saved
+    assert checkpoint.load_resume(out).optimizer["state"]  # Muon's and AdamW's state were saved

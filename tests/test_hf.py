@@ -16,7 +16,7 @@ from folio.cli import main  # noqa: E402
 from folio.data.tokenizer import GPT2Tokenizer  # noqa: E402
 from folio.errors import CheckpointError, ConfigError  # noqa: E402
 from folio.model.gpt import GPT, GPTConfig  # noqa: E402
-from folio.store import rundir, sources  # noqa: E402
+from folio.store import checkpoint, rundir, sources  # noqa: E402
 from folio.store.hf import load_pretrained  # noqa: E402
 
 TOL = 1e-4
@@ -53,7 +53,7 @@ def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -
     torch.manual_seed(seed)
     model = GPT(config)
     run_dir.mkdir(parents=True)
-    rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
+    checkpoint.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
     rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), tokenizer=tokenizer))
     return model
 

@@ -134,7 +134,7 @@ def test_non_finite_values_are_stored_as_null(tmp_path):
 
 
 def test_loss_png_is_refreshed_after_evals_without_temp_files(tmp_path):
-    with MetricsLog(tmp_path, console=False, title_info={"config": {"dataset": "x"}}) as log:
+    with MetricsLog(tmp_path, console=False) as log:
         log_rows(log)
     png = tmp_path / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from conftest import SHAKESPEARE_TEXT, tiny_args
 from folio.cli import main
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import rundir, sources
+from folio.store import checkpoint, rundir, sources
 from folio.store.nanogpt import (
     read_meta_pkl,
     read_nanogpt_out_dir,
@@ -160,9 +160,10 @@ def test_import_nanogpt_writes_a_folio_run_dir(char_out_dir, tmp_path):
     assert info.config["n_layer"] == 2 and info.config["dataset"] == "shakespeare_char"
     assert {"model.safetensors", "resume.safetensors"} <= set(info.files)
     model, tokenizer, _ = sources.load_model(run)
+    assert info.n_params == model.num_params()
     idx = torch.tensor([tokenizer.encode("KING:")])
     assert torch.equal(logits(model, idx, 65), logits(source, idx, 65))
-    resume = rundir.load_resume(run)
+    resume = checkpoint.load_resume(run)
     assert resume.iter_num == 250 and len(resume.optimizer["state"]) == len(
         list(model.parameters()))
     assert main(["import-nanogpt", str(out), str(run)]) == 2  # never overwrites a run
@@ -233,7 +234,7 @@ def test_train_resumes_from_a_nanogpt_out_dir(char_data_dir, tmp_path):
     assert main(["train", *args]) == 0
     info = rundir.read_run_info(out)
     assert info.iter_num == 255
-    assert rundir.load_resume(out).iter_num == 255
+    assert checkpoint.load_resume(out).iter_num == 255
 
 
 def test_sample_from_a_nanogpt_out_dir(char_out_dir, capsys):
@@ -274,7 +275,7 @@ def test_sampling_a_nanogpt_out_dir_does_not_import_the_compiler(char_out_dir, t
 
 
 def test_a_model_built_without_init_has_the_shape_and_no_values():
-    from folio.model.noinit import no_init
+    from folio.speed.noinit import no_init
     with torch.device("meta"), no_init():
         model = GPT(GPTConfig(vocab_size=65, **SHAPE))
     assert model.lm_head.weight.is_meta and model.lm_head.weight.shape == (128, 32)

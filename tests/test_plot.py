@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,15 @@ import pytest
 from test_metrics import NANOGPT_LOG, log_rows
 
 from folio.cli import main as folio_main
-from folio.watch.chart import ema, make_chart
+from folio.store.rundir import RunInfo, read_run_info, write_run_info
+from folio.watch.chart import ema, format_count, make_chart
 from folio.watch.metrics import MetricsLog, parse_log, read_metrics
 from folio.watch.plot import make_figure, plot_png
 from folio.watch.plot_html import render_html
 
 MODEL = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 32,
          "dropout": 0.0, "bias": True}
+N_PARAMS = 29_568  # GPT(MODEL).num_params(), as training records it in run.json
 
 
 def jsonl_rows(run_dir: Path, kind: str) -> list[dict]:
@@ -35,10 +38,11 @@ def lines_by_gid(fig) -> dict:
 
 def make_run(path: Path, model: dict | None = MODEL, dataset: str = "shakespeare_char",
              **kw) -> Path:
+    """A run dir with metrics.jsonl and (unless `model` is None) a run.json."""
     path.mkdir(parents=True)
     if model is not None:
-        (path / "run.json").write_text(json.dumps(
-            {"format_version": 1, "model": model, "config": {"dataset": dataset}}))
+        write_run_info(path, RunInfo(model=model, n_params=N_PARAMS, dataset=dataset,
+                                     tokenizer={"kind": "gpt2"}))
     with MetricsLog(path, console=False, plot_every_eval=False) as log:
         log_rows(log, **kw)
     return path
@@ -67,7 +71,8 @@ def test_plotted_series_equal_the_metrics_file(run_copy, tmp_path):
 def test_png_is_labelled_for_a_reader(run_copy):
     ax = make_figure(make_chart([read_metrics(run_copy)])).axes[0]
     title = ax.get_title()
-    assert title.startswith("tiny") and "params" in title and "params, 2L/2H/32d" in title
+    n_params = read_run_info(run_copy).n_params  # recorded by training
+    assert title.startswith(f"tiny · {format_count(n_params)} params, 2L/2H/32d")
     assert "shakespeare_char" in title
     assert ax.get_xlabel() == "iteration" and "loss" in ax.get_ylabel()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -144,6 +149,46 @@ def test_runs_with_the_same_dir_name_are_told_apart_by_path(tmp_path, monkeypatc
 def test_a_run_without_run_json_still_plots(tmp_path):
     run = make_run(tmp_path / "bare", model=None)
     assert make_figure(make_chart([read_metrics(run)])).axes[0].get_title() == "bare"
+
+
+def test_a_run_json_without_a_parameter_count_leaves_it_out_of_the_title(tmp_path):
+    run = make_run(tmp_path / "old")
+    info = json.loads((run / "run.json").read_text())
+    del info["n_params"]  # as folio wrote run.json before it recorded the count
+    (run / "run.json").write_text(json.dumps(info))
+    title = make_figure(make_chart([read_metrics(run)])).axes[0].get_title()
+    assert title == "old · 2L/2H/32d · shakespeare_char"
+
+
+PLOT_IN_A_FRESH_PROCESS = """
+import sys
+from folio.cli import main
+assert main(["plot", *sys.argv[1:]]) == 0
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors")))
+"""
+
+
+def test_folio_plot_of_a_finished_run_does_not_import_torch(run_copy, tmp_path):
+    (run_copy / "loss.png").unlink()
+    out = subprocess.run([sys.executable, "-c", PLOT_IN_A_FRESH_PROCESS, str(run_copy),
+                          "--html", str(tmp_path / "p.html")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
+    assert (run_copy / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "p.html").is_file()
+
+
+def test_the_loss_png_refresher_does_not_import_torch(run_copy, monkeypatch, capfd):
+    """The child process that redraws loss.png during training, as training starts it."""
+    (run_copy / "loss.png").unlink()
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the child lists every import on stderr
+    with MetricsLog(run_copy, console=False) as log:
+        log.log_eval(45, 0, 1.0, 2.5, 2.6)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in capfd.readouterr().err.splitlines()
+                if line.startswith("import time:")]
+    assert "folio.watch.plot" in imported
+    assert [m for m in imported if m.split(".")[0] in ("torch", "safetensors")] == []
+    assert (run_copy / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_folio_plot_dash_reads_a_pasted_nanogpt_log_from_stdin(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_args
 
 from folio.cli import main
-from folio.store import guard, rundir
+from folio.store import checkpoint, guard, rundir
 from folio.store.rundir import MODEL_FILE, RUN_INFO, RunInfo, read_run_info
 from folio.store.sources import load_model
 from folio.watch.metrics import read_metrics
@@ -34,7 +34,7 @@ def copy_run(run: Path, to: Path) -> Path:
 
 
 def contents(run: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in run.iterdir() if p.name != guard.LOCK_FILE}
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.name != rundir.LOCK_FILE}
 
 
 def write_format_1(run: Path, **extra) -> None:
@@ -56,13 +56,19 @@ def hold_lock(run: Path) -> subprocess.Popen:
 
 
 def test_run_info_round_trips_through_run_json(tmp_path):
-    info = RunInfo(model={"n_layer": 2}, tokenizer={"kind": "gpt2"}, config={"seed": 1},
-                   dataset="x", iter_num=7, best_val_loss=1.5, best_iter=5, dtype="float32",
-                   compile=False, device="cpu", versions={"torch": torch.__version__})
+    info = RunInfo(model={"n_layer": 2}, n_params=1234, tokenizer={"kind": "gpt2"},
+                   config={"seed": 1}, dataset="x", iter_num=7, best_val_loss=1.5, best_iter=5,
+                   dtype="float32", compile=False, device="cpu",
+                   versions={"torch": torch.__version__})
     rundir.write_run_info(tmp_path, info)
     read = read_run_info(tmp_path)
     assert read.files == [RUN_INFO] and read.format_version == rundir.RUN_FORMAT_VERSION
     assert read == RunInfo(**{**info.__dict__, "files": [RUN_INFO]})
+
+
+def test_run_json_records_the_trained_models_parameter_count(tiny_run):
+    model, _, _ = load_model(tiny_run)
+    assert read_run_info(tiny_run).n_params == model.num_params() > 0
 
 
 def test_run_json_newer_than_this_folio_is_a_one_line_error(tiny_run, tmp_path):
@@ -117,7 +123,7 @@ def test_overwrite_switch_replaces_the_saved_run(tiny_run, char_data_dir, tmp_pa
     assert read_run_info(run).iter_num == 5
     assert [r["iter"] for r in read_metrics(run).train] == [5]  # the old curve is gone
     assert not (run / MODEL_FILE).exists()  # no eval since: the old best weights went too
-    assert rundir.load_resume(run).iter_num == 5
+    assert checkpoint.load_resume(run).iter_num == 5
 
 
 def test_a_failed_setup_leaves_no_out_dir_behind(char_data_dir, tmp_path):
@@ -152,10 +158,10 @@ def test_a_lock_left_by_a_killed_process_never_blocks(tiny_run, tmp_path):
     holder = hold_lock(run)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    assert str(holder.pid) in (run / guard.LOCK_FILE).read_text()  # the file stays behind
+    assert str(holder.pid) in (run / rundir.LOCK_FILE).read_text()  # the file stays behind
     with guard.claim(run, fresh=False) as lock:
         lock.record_holder()
-        assert str(os.getpid()) in (run / guard.LOCK_FILE).read_text()
+        assert str(os.getpid()) in (run / rundir.LOCK_FILE).read_text()
 
 
 def test_a_second_train_on_a_running_run_is_refused_and_a_killed_one_resumes(
@@ -178,7 +184,7 @@ def test_a_second_train_on_a_running_run_is_refused_and_a_killed_one_resumes(
     finally:
         proc.kill()
         proc.communicate()
-    saved = rundir.load_resume(out).iter_num
+    saved = checkpoint.load_resume(out).iter_num
     assert main(["train", *tiny_args(char_data_dir, out, max_iters=saved + 2, eval_interval=5,
                                      eval_iters=1), "--init_from=resume"]) == 0
     assert read_run_info(out).iter_num == saved + 2

@@ -12,8 +12,6 @@ same math, and machine.distributed wraps it.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from folio.model.cache import KVCache, positions
-from folio.model.noinit import no_init
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
 
@@ -316,14 +313,3 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
-
-
-@functools.lru_cache(maxsize=16)
-def count_params(shape_json: str) -> int | None:
-    """Non-embedding parameter count (as nanoGPT prints it) of a run.json model section given
-    as JSON, from the model built on the meta device (no memory, no compute); None if unknown."""
-    try:
-        with torch.device("meta"), no_init():
-            return GPT(GPTConfig(**json.loads(shape_json))).num_params()
-    except Exception:  # an unknown/old model dict: callers just leave the count out
-        return None

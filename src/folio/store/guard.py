@@ -19,16 +19,16 @@ from pathlib import Path
 
 from folio.errors import CheckpointError
 from folio.store.rundir import (
+    LOCK_FILE,
     MODEL_FILE,
     RESUME_FILE,
     RUN_INFO,
+    TEMP_FILES,
+    WRITE_PROBE,
     has_weights,
     is_nanogpt_dir,
     read_run_info,
 )
-
-LOCK_FILE = ".lock"
-WRITE_PROBE = ".folio-write-test"
 
 
 class RunDirInUse(CheckpointError):
@@ -169,7 +169,7 @@ def _prepare(run_dir: Path, clear: bool) -> None:
     probe = run_dir / WRITE_PROBE
     probe.write_bytes(b"x" * 4096)
     probe.unlink()
-    for stale in run_dir.glob(".*.tmp"):
+    for stale in run_dir.glob(TEMP_FILES):
         stale.unlink()
     if clear:  # --overwrite=True: the old run's files go (metrics.jsonl is truncated on open)
         for name in (RUN_INFO, MODEL_FILE, RESUME_FILE):

@@ -19,7 +19,7 @@ from folio import config
 from folio.config import ImportNanoGPTConfig, TrainConfig
 from folio.errors import CheckpointError, ConfigError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import rundir
+from folio.store import checkpoint, rundir
 from folio.store.rundir import NANOGPT_CKPT, RunInfo
 from folio.store.weights import WTE_KEY, gpt_from_state, model_state, pad_rows
 
@@ -157,7 +157,8 @@ def read_nanogpt_out_dir(out_dir: str | Path, meta: str | Path | None = None,
     model = gpt_from_state(config, state, path)
     iter_num = int(_number(ckpt.get("iter_num"), 0))
     best = _number(ckpt.get("best_val_loss"), math.inf)
-    info = RunInfo(model=config.to_dict(), tokenizer=tokenizer.spec(), config=train_config,
+    info = RunInfo(model=config.to_dict(), n_params=model.num_params(),
+                   tokenizer=tokenizer.spec(), config=train_config,
                    dataset=train_config.get("dataset"), iter_num=iter_num,
                    best_val_loss=best if math.isfinite(best) else None, best_iter=iter_num,
                    source="nanogpt", world_size=1,
@@ -207,7 +208,7 @@ def pad_optimizer_state(optimizer: dict, state: dict[str, torch.Tensor], rows: i
 # ---------------------------------------------------------------------------- resume, import
 
 def resume_state_from_nanogpt(out_dir: str | Path, meta: str | Path | None = None,
-                              dataset: str | None = None) -> tuple[rundir.ResumeState, RunInfo]:
+                              dataset: str | None = None) -> tuple[checkpoint.ResumeState, RunInfo]:
     """What `init_from=resume` needs from a nanoGPT out dir: (resume state, run info).
 
     nanoGPT stores no RNG or loader state, so those start fresh.
@@ -220,9 +221,9 @@ def resume_state_from_nanogpt(out_dir: str | Path, meta: str | Path | None = Non
     return _resume_state(model, info, optimizer), info
 
 
-def _resume_state(model: GPT, info: RunInfo, optimizer: dict) -> rundir.ResumeState:
+def _resume_state(model: GPT, info: RunInfo, optimizer: dict) -> checkpoint.ResumeState:
     best = info.best_val_loss if info.best_val_loss is not None else math.inf
-    return rundir.ResumeState(
+    return checkpoint.ResumeState(
         iter_num=info.iter_num, best_val_loss=best, model=model_state(model),
         optimizer=optimizer, extra={"best_iter": info.iter_num, "evaluated_at": info.iter_num,
                                     "dataset": info.dataset})
@@ -252,10 +253,10 @@ def import_nanogpt(out_dir: str | Path, run_dir: str | Path, meta: str | Path | 
                               "run dir")
     model, _, info, optimizer = read_nanogpt_out_dir(out_dir, meta, dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.save_model_weights(run_dir / rundir.MODEL_FILE, model,
+    checkpoint.save_model_weights(run_dir / rundir.MODEL_FILE, model,
                               {"iter_num": info.iter_num, "val_loss": info.best_val_loss})
     if optimizer is not None:
-        rundir.save_resume(run_dir, _resume_state(model, info, optimizer))
+        checkpoint.save_resume(run_dir, _resume_state(model, info, optimizer))
     folio_config = train_config_from_nanogpt(info.config, model.config, run_dir)
     rundir.write_run_info(run_dir, dataclasses.replace(
         info, config=folio_config, **rundir.provenance(torch.device("cpu"))))

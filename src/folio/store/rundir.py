@@ -1,12 +1,17 @@
-"""The folio run directory: which files it holds, what each means, and how each is read and written.
+"""The folio run directory: the name of every file in it, and run.json, its one reader and
+writer. Imports no torch, so `folio plot` and the loss.png refresher stay light.
 
 Layout of a run dir (docs/run-format.md describes each file):
   run.json            what the run is and where it stands (`RunInfo`, one schema for every writer)
-  model.safetensors   best weights so far (what `sample` and `export` load)
+  model.safetensors   best weights so far (what `sample` and `export` load; store/checkpoint.py)
   resume.safetensors  latest weights + optimizer + RNG + loader state, one file, no pickle
+                      (store/checkpoint.py)
   metrics.jsonl       one JSON object per log line and per eval (folio.watch.metrics)
+  loss.png            the loss curves, redrawn at every eval (folio.watch.plot)
   .lock               held by the training process (folio.store.guard)
-Every write is atomic; nothing here unpickles: safetensors for tensors, JSON for the rest.
+  tensorboard/        TensorBoard events, with --tensorboard=True (wandb writes wandb/ beside it)
+Every write is atomic (a hidden `.<name>.*.tmp` file renamed into place); nothing here
+unpickles: safetensors for tensors, JSON for the rest.
 """
 
 from __future__ import annotations
@@ -17,23 +22,26 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from folio import __version__
 from folio.errors import CheckpointError
-from folio.fsutil import atomic_write_json, atomic_write_with
-from folio.store.weights import model_state
+from folio.fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_INFO = "run.json"
 MODEL_FILE = "model.safetensors"
 RESUME_FILE = "resume.safetensors"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+LOCK_FILE = ".lock"
+WRITE_PROBE = ".folio-write-test"  # written and removed when a run dir is claimed
+TEMP_FILES = ".*.tmp"  # glob of atomic writes a kill left behind (fsutil.atomic_path)
+TENSORBOARD_DIR = "tensorboard"
 NANOGPT_CKPT = "ckpt.pt"  # a nanoGPT out dir's checkpoint
 RUN_FORMAT_VERSION = 2  # 1: before RunInfo (keys differed between training and import)
-RESUME_FORMAT_VERSION = 1
 
 
 def is_nanogpt_dir(path: str | Path) -> bool:
@@ -45,122 +53,6 @@ def is_nanogpt_dir(path: str | Path) -> bool:
 def has_weights(run_dir: Path) -> bool:
     """Whether the run dir holds saved weights (what a fresh run would destroy)."""
     return (run_dir / MODEL_FILE).is_file() or (run_dir / RESUME_FILE).is_file()
-
-
-# ---------------------------------------------------------------------------- weights
-
-def save_model_weights(path: Path, model: torch.nn.Module | dict[str, torch.Tensor],
-                       metadata: dict[str, Any]) -> None:
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
-    atomic_write_with(path, lambda tmp: save_file(model_state(model), tmp, metadata=meta))
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and JSON-decoded metadata; a corrupt file is a one-line error."""
-    try:
-        with safe_open(path, framework="pt") as f:  # one read: tensors and metadata
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it or use "
-                              "another run dir") from None
-    return tensors, {k: json.loads(v) for k, v in raw.items()}
-
-
-def read_model_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """(tensors, file) of the weights to sample from: the best ones, else the latest."""
-    if (run_dir / MODEL_FILE).is_file():
-        tensors, _ = read_safetensors(run_dir / MODEL_FILE)
-        return tensors, run_dir / MODEL_FILE
-    if (run_dir / RESUME_FILE).is_file():
-        return load_resume(run_dir).model, run_dir / RESUME_FILE
-    raise CheckpointError(f"{run_dir} has no {MODEL_FILE}; training has not saved weights "
-                          "yet (wait for the first eval or resume the run)")
-
-
-# ---------------------------------------------------------------------------- optimizer state
-
-def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (safetensors) and plain JSON."""
-    tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-# ---------------------------------------------------------------------------- resume state
-
-@dataclass
-class ResumeState:
-    """Everything a resumed run needs to continue exactly where it stopped."""
-
-    iter_num: int
-    best_val_loss: float
-    model: dict[str, torch.Tensor]
-    optimizer: dict
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    loader: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # scaler state, config, ...
-
-
-def save_resume(run_dir: Path, state: ResumeState) -> None:
-    tensors = {f"model.{k}": v for k, v in state.model.items()}
-    optim_tensors, optim_meta = flatten_optimizer(state.optimizer)
-    tensors.update(optim_tensors)
-    tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
-    tensors.update({f"loader.{k}": v for k, v in state.loader.items()})
-    meta = {"format_version": RESUME_FORMAT_VERSION, "iter_num": state.iter_num,
-            "best_val_loss": state.best_val_loss, "optimizer": optim_meta, **state.extra}
-    raw_meta = {k: json.dumps(v) for k, v in meta.items()}
-    atomic_write_with(run_dir / RESUME_FILE, lambda tmp: save_file(tensors, tmp, raw_meta))
-
-
-def load_resume(run_dir: Path) -> ResumeState:
-    path = run_dir / RESUME_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: nothing to resume; train with "
-                              "--init_from=scratch first")
-    tensors, meta = read_safetensors(path)
-
-    def section(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    extra = {k: v for k, v in meta.items()
-             if k not in ("iter_num", "best_val_loss", "optimizer", "format_version")}
-    return ResumeState(iter_num=meta["iter_num"], best_val_loss=meta["best_val_loss"],
-                       model=section("model."),
-                       optimizer=unflatten_optimizer(tensors, meta["optimizer"]),
-                       rng=section("rng."), loader=section("loader."), extra=extra)
-
-
-def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
-    if "cpu" in rng:
-        torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 # ---------------------------------------------------------------------------- run.json
@@ -175,6 +67,9 @@ class RunInfo:
     tokenizer: dict[str, Any]
     """The tokenizer spec, as in the dataset's meta.json: {"kind": "char", "chars": [...]} or
     {"kind": "gpt2"}."""
+    n_params: int | None = None
+    """Non-embedding parameter count, as nanoGPT prints it (`GPT.num_params()`); None in a
+    file written before it was recorded."""
     config: dict[str, Any] = field(default_factory=dict)
     """Every TrainConfig setting, resolved (for an import: nanoGPT's, mapped onto folio's)."""
     dataset: str | None = None
@@ -234,6 +129,7 @@ class RunInfo:
 def provenance(device: torch.device) -> dict[str, Any]:
     """RunInfo's device, versions and git: what reproduces a run."""
     import numpy
+    import torch  # here, not at the top: reading run.json must not load torch
     versions = {"folio": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
                 "python": platform.python_version(), "platform": platform.platform(),
                 "device": str(device)}
@@ -258,6 +154,7 @@ def write_run_info(run_dir: Path, info: RunInfo) -> None:
 
 
 def read_run_info(run_dir: str | Path) -> RunInfo:
+    """The run dir's run.json; a missing, unreadable or malformed one is a one-line error."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_INFO
     if not run_dir.is_dir():
@@ -271,6 +168,8 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
                               ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e}); it cannot be loaded") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
     try:
         return RunInfo.from_json(data, path)
     except TypeError as e:

@@ -12,8 +12,9 @@ import torch
 from folio.data.tokenizer import tokenizer_from_spec
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import hf, nanogpt, rundir
-from folio.store.rundir import RUN_INFO, ResumeState, RunInfo
+from folio.store import checkpoint, hf, nanogpt, rundir
+from folio.store.checkpoint import ResumeState
+from folio.store.rundir import RUN_INFO, RunInfo
 from folio.store.weights import gpt_from_state
 
 HF_CONFIG = "config.json"
@@ -39,7 +40,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
         model, tokenizer, info = _read_hf_dir(path)
     else:
         info = rundir.read_run_info(path)
-        tensors, source = rundir.read_model_weights(path)
+        tensors, source = checkpoint.read_model_weights(path)
         model = gpt_from_state(model_config(info, path), tensors, source)
         tokenizer = tokenizer_from_spec(info.tokenizer)
     return model.to(device).eval(), tokenizer, info
@@ -55,7 +56,7 @@ def load_resume(out_dir: str | Path) -> tuple[ResumeState, RunInfo]:
                               "--out_dir of the run to continue, or start with "
                               "--init_from=scratch")
     info = rundir.read_run_info(out_dir)
-    return rundir.load_resume(out_dir), info
+    return checkpoint.load_resume(out_dir), info
 
 
 def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
@@ -69,6 +70,6 @@ def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
 def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
     model = hf.load_pretrained(str(path))
     spec = hf.tokenizer_spec(path, model.config.vocab_size)
-    info = RunInfo(model=model.config.to_dict(), tokenizer=spec, source="hf",
-                   imported_from={"hf": str(path)})
+    info = RunInfo(model=model.config.to_dict(), n_params=model.num_params(), tokenizer=spec,
+                   source="hf", imported_from={"hf": str(path)})
     return model, tokenizer_from_spec(spec), info

@@ -12,7 +12,7 @@ import torch
 
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.model.noinit import no_init
+from folio.speed.noinit import no_init
 
 TIED_KEY = "lm_head.weight"  # the same tensor as WTE_KEY; stored once
 WTE_KEY = "transformer.wte.weight"

@@ -41,8 +41,9 @@ from folio.speed import autotune
 from folio.speed import kernels as speed_kernels
 from folio.speed import training as training_choice
 from folio.speed.kernels import Kernels
-from folio.store import guard, hf, rundir, sources
-from folio.store.rundir import ResumeState, RunInfo
+from folio.store import checkpoint, guard, hf, rundir, sources
+from folio.store.checkpoint import ResumeState
+from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import apply_schedule, configure_optimizer
@@ -232,7 +233,7 @@ class Trainer:
         # Each rank continues its own streams; with another process count (or from a nanoGPT
         # ckpt.pt, which stores none) every rank reseeds instead.
         if resume.extra.get("world_size", 1) == self.info.world_size and loader:
-            rundir.restore_rng(rng, self.device)
+            checkpoint.restore_rng(rng, self.device)
             self.loader.load_state_dict(loader)
         else:
             reseed = self.cfg.seed + self.info.rank + 1_000_003 * resume.iter_num
@@ -248,11 +249,10 @@ class Trainer:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)  # train() claimed it; a bare Trainer not
         from folio.watch.metrics import MetricsLog
-        title = {"model": self.model.config.to_dict(), "config": {"dataset": cfg.dataset}}
         wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_run_name,
                      "config": self.settings(), "id": self.wandb_run_id}
         log = MetricsLog(self.out_dir, wandb_cfg=wandb_cfg if cfg.wandb_log else None,
-                         tensorboard=cfg.tensorboard, title_info=title, max_iters=cfg.max_iters)
+                         tensorboard=cfg.tensorboard, max_iters=cfg.max_iters)
         log.truncate_after(self.progress.iter_num if resume else -1)
         if log.wandb:  # a resumed run continues the same wandb run
             self.wandb_run_id = log.wandb.id
@@ -342,12 +342,12 @@ class Trainer:
         # Every rank takes part in gathering (FSDP shards, per-rank streams); rank 0 writes.
         weights = distributed.full_state_dict(self.model, info)
         optimizer = distributed.full_optimizer_state(self.optimizer, info)
-        rng = distributed.gather_rank_states(rundir.capture_rng(self.device), info)
+        rng = distributed.gather_rank_states(checkpoint.capture_rng(self.device), info)
         loader = distributed.gather_rank_states(self.loader.state_dict(), info)
         if not self.master:
             return
         if best:
-            rundir.save_model_weights(self.out_dir / rundir.MODEL_FILE, weights,
+            checkpoint.save_model_weights(self.out_dir / rundir.MODEL_FILE, weights,
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
         extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
@@ -357,7 +357,7 @@ class Trainer:
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
             model=model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             extra=extra)
-        rundir.save_resume(self.out_dir, state)
+        checkpoint.save_resume(self.out_dir, state)
         self.write_info()
 
     def save_on_interrupt(self) -> int:
@@ -380,8 +380,8 @@ class Trainer:
             return
         p = self.progress
         rundir.write_run_info(self.out_dir, RunInfo(
-            model=self.model.config.to_dict(), tokenizer=self.meta["tokenizer"],
-            config=self.settings(), dataset=self.cfg.dataset,
+            model=self.model.config.to_dict(), n_params=self.model.num_params(),
+            tokenizer=self.meta["tokenizer"], config=self.settings(), dataset=self.cfg.dataset,
             iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
             best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from folio.errors import ConfigError, DataError
-from folio.model.gpt import count_params
+from folio.store.rundir import RunInfo
 from folio.watch.metrics import Metrics
 
 # --x choice -> (row key, axis label)
@@ -128,20 +127,17 @@ def make_chart(runs: list[Metrics], x: str = "iter", *, logy: bool = False,
     return Chart(out, title, x_label, logy, span)
 
 
-def describe(info: dict) -> dict[str, str]:
-    """Model size and dataset from a run.json dict; keys are missing when unknown."""
-    out = {}
-    model = info.get("model") if isinstance(info.get("model"), dict) else None
-    if model:
-        n = (info["n_params"] if "n_params" in info
-             else count_params(json.dumps(model, sort_keys=True)))
-        shape = "/".join(f"{model[k]}{s}" for k, s in
-                         (("n_layer", "L"), ("n_head", "H"), ("n_embd", "d")) if k in model)
-        out["model"] = ", ".join(p for p in (f"{format_count(n)} params" if n else "", shape)
-                                 if p)
-    cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
-    if cfg.get("dataset"):
-        out["dataset"] = str(cfg["dataset"])
+def describe(info: RunInfo | None) -> dict[str, str]:
+    """Model size and dataset from a run's run.json; keys are missing when unknown (the
+    parameter count of a run.json written before it was recorded, say)."""
+    if info is None:
+        return {}
+    n, model = info.n_params, info.model
+    shape = "/".join(f"{model[k]}{s}" for k, s in
+                     (("n_layer", "L"), ("n_head", "H"), ("n_embd", "d")) if k in model)
+    count = f"{format_count(n)} params" if isinstance(n, int) and n > 0 else ""
+    out = {"model": ", ".join(p for p in (count, shape) if p),
+           "dataset": info.dataset or ""}
     return {k: v for k, v in out.items() if v}
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from folio import fsutil
-from folio.errors import ConfigError, DataError
+from folio.errors import CheckpointError, ConfigError, DataError
+from folio.store.rundir import METRICS_FILE, TENSORBOARD_DIR, RunInfo, read_run_info
 from folio.watch.refresh import BackgroundRefresh
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 TRAIN_KEYS = ("iter", "tokens", "time_s", "loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu")
 EVAL_KEYS = ("iter", "tokens", "time_s", "train_loss", "val_loss")
 
@@ -29,13 +28,13 @@ EVAL_KEYS = ("iter", "tokens", "time_s", "train_loss", "val_loss")
 class Metrics:
     """One run's rows: `train` (one per log line) and `eval` (one per evaluation), by iter.
 
-    `name` labels the run in plots; `info` is its run.json (or {}) for the plot title.
+    `name` labels the run in plots; `info` is its run.json (None without one) for the title.
     """
 
     train: list[dict] = field(default_factory=list)
     eval: list[dict] = field(default_factory=list)
     name: str = "run"
-    info: dict = field(default_factory=dict)
+    info: RunInfo | None = None
 
     def __bool__(self) -> bool:
         return bool(self.train or self.eval)
@@ -117,16 +116,15 @@ def read_metrics(path: str | Path) -> Metrics:
         raise DataError(f"{file} has no metric rows yet: train for at least one log_interval")
     run_dir = file.parent
     return Metrics(train, evals, name=run_dir.name if path.is_dir() else file.stem,
-                   info=_read_run_json(run_dir))
+                   info=_run_info(run_dir))
 
 
-def _read_run_json(run_dir: Path) -> dict:
-    """run.json contents, or {} when it is missing or unreadable (plots must not need it)."""
+def _run_info(run_dir: Path) -> RunInfo | None:
+    """The run's run.json, or None when it is missing or unreadable (plots must not need it)."""
     try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+        return read_run_info(run_dir)
+    except CheckpointError:
+        return None
 
 
 # ---------------------------------------------------------------- parsing console logs
@@ -254,26 +252,24 @@ class MetricsLog:
     `loss.png` after each eval, and forwards to wandb / TensorBoard when enabled.
 
     `wandb_cfg`: {"project", "name", "config", "id"} for `wandb.init` (an id resumes that run).
-    `title_info`: a run.json-shaped dict ({"model": GPTConfig dict, "config": {"dataset": ...}})
-    for the plot title.
+    The loss.png title comes from the run dir's run.json, when there is one.
     Rows already in metrics.jsonl (a resumed run) are kept; call `truncate_after(iter)` first
     to drop rows logged after the checkpoint being resumed. Use on rank 0 only.
     """
 
     def __init__(self, run_dir: Path, *, console: bool = True, wandb_cfg: dict | None = None,
                  tensorboard: bool = False, plot_every_eval: bool = True,
-                 title_info: dict | None = None, max_iters: int | None = None):
+                 max_iters: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.max_iters = max_iters
-        self.title_info = title_info if title_info is not None else _read_run_json(self.run_dir)
         self.file = self._open_for_append()
         self.wandb = _start_wandb(wandb_cfg, self.run_dir) if wandb_cfg is not None else None
         self.tb = _start_tensorboard(self.run_dir) if tensorboard else None
         self.console = _Console(max_iters) if console else None
         self.plotter = None
         if plot_every_eval:
-            self.plotter = BackgroundRefresh(self.run_dir, self.title_info)
+            self.plotter = BackgroundRefresh(self.run_dir)
 
     def _open_for_append(self):
         f = open(self.path, "a", encoding="utf-8")
@@ -378,4 +374,4 @@ def _start_tensorboard(run_dir: Path):
     except ImportError:
         raise ConfigError("tensorboard=True needs tensorboard: "
                           "pip install 'folio[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))

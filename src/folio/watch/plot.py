@@ -7,7 +7,6 @@ loss for one or many runs as a PNG (matplotlib, headless) and optionally a self-
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import sys
@@ -19,8 +18,9 @@ import numpy as np
 from folio import fsutil
 from folio.config import PlotConfig
 from folio.errors import ConfigError, DataError
+from folio.store.rundir import PLOT_FILE
 from folio.watch.chart import LOG_TICKS, VAL_COLOR, X_AXES, Chart, make_chart
-from folio.watch.metrics import PLOT_FILE, Metrics, parse_log, read_metrics
+from folio.watch.metrics import Metrics, parse_log, read_metrics
 
 REST_FACTOR = 30  # loss.png refreshes during training use at most ~1/30 of one core
 
@@ -83,12 +83,12 @@ def save_png(fig, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- refresh during training
 
-def refresh_loop(run_dir: str, info_json: str) -> None:
+def refresh_loop(run_dir: str) -> None:
     """The child of `BackgroundRefresh`: renders on newline requests read from stdin, until
     stdin closes. Requests that arrive while it renders or rests collapse into one render."""
     with contextlib.suppress(AttributeError, OSError):
         os.nice(10)  # training first when cores are busy
-    fd, run_dir, info = sys.stdin.fileno(), Path(run_dir), json.loads(info_json)
+    fd, run_dir = sys.stdin.fileno(), Path(run_dir)
     warned, next_at = False, 0.0
     while os.read(fd, 4096):  # blocks until a request; b"" once closed with nothing pending
         closed = False
@@ -98,9 +98,7 @@ def refresh_loop(run_dir: str, info_json: str) -> None:
             closed = not os.read(fd, 4096)
         started = time.monotonic()
         try:
-            metrics = read_metrics(run_dir)
-            metrics.info = info
-            plot_png([metrics], run_dir / PLOT_FILE)
+            plot_png([read_metrics(run_dir)], run_dir / PLOT_FILE)
         except Exception as e:  # a plot must never disturb training
             if not warned:
                 print(f"folio: warning: could not refresh {run_dir / PLOT_FILE}: {e}",

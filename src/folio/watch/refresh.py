@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -15,17 +14,13 @@ class BackgroundRefresh:
     training never waits for matplotlib nor shares the GIL or a busy core with it.
 
     Requests made while a render runs collapse into one render of the latest rows; `close()`
-    draws once more and waits for it.
+    draws once more and waits for it. The child reads the title from run.json and never
+    imports torch.
     """
 
-    def __init__(self, run_dir: Path, info: dict):
-        info = dict(info)
-        if isinstance(info.get("model"), dict) and "n_params" not in info:
-            # counted here, where torch is already imported, so the child never imports it
-            from folio.model.gpt import count_params
-            info["n_params"] = count_params(json.dumps(info["model"], sort_keys=True))
+    def __init__(self, run_dir: Path):
         self.args = [sys.executable, "-c", "import sys; from folio.watch.plot import refresh_loop; "
-                     "refresh_loop(sys.argv[1], sys.argv[2])", str(run_dir), json.dumps(info)]
+                     "refresh_loop(sys.argv[1])", str(run_dir)]
         self.proc: subprocess.Popen | None = None  # started at the first request
 
     def _start(self) -> subprocess.Popen:

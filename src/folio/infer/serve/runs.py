@@ -19,9 +19,19 @@ from folio.errors import FolioError
 from folio.infer.sample import load_run
 from folio.model.gpt import GPT
 from folio.speed.decoding import for_decoding
-from folio.store.guard import LOCK_FILE, is_training
-from folio.store.rundir import MODEL_FILE, RESUME_FILE, RUN_INFO, RunInfo, read_run_info
-from folio.watch.metrics import METRICS_FILE, parse_row
+from folio.store.guard import is_training
+from folio.store.rundir import (
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    NANOGPT_CKPT,
+    RESUME_FILE,
+    RUN_INFO,
+    RunInfo,
+    has_weights,
+    read_run_info,
+)
+from folio.watch.metrics import parse_row
 
 RECENT_S = 120.0  # metrics.jsonl written this recently: training (for trainers without .lock)
 MAX_METRICS_CHUNK = 4 << 20  # bytes of metrics.jsonl sent per request
@@ -29,7 +39,7 @@ PLANNED_TOKENS = 10_000  # what a loaded model is expected to decode: sizes the 
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in (RUN_INFO, METRICS_FILE, "ckpt.pt"))
+    return any((path / name).is_file() for name in (RUN_INFO, METRICS_FILE, NANOGPT_CKPT))
 
 
 class RunIndex:
@@ -106,14 +116,14 @@ def summarise(name: str, run_dir: Path) -> dict[str, Any]:
     try:
         info = read_run_info(run_dir)
     except FolioError as e:
-        if not (run_dir / "ckpt.pt").is_file():
+        if not (run_dir / NANOGPT_CKPT).is_file():
             summary["error"] = str(e).replace(str(run_dir), name)
     if info is not None:
         config = info.config
         summary.update(model=info.model, dataset=info.dataset or config.get("dataset"),
                        iter=info.iter_num, max_iters=config.get("max_iters"),
                        best_val_loss=info.best_val_loss, config=config)
-        if not ((run_dir / MODEL_FILE).is_file() or (run_dir / RESUME_FILE).is_file()):
+        if not has_weights(run_dir):
             summary["error"] = "no weights saved yet"
     summary["status"] = run_status(run_dir, info)
     return summary
@@ -186,7 +196,7 @@ class ModelPool:
 
 def _weights_stamp(run_dir: Path) -> tuple:
     stamp = []
-    for name in (MODEL_FILE, RESUME_FILE, "ckpt.pt"):
+    for name in (MODEL_FILE, RESUME_FILE, NANOGPT_CKPT):
         try:
             stamp.append((run_dir / name).stat().st_mtime_ns)
         except OSError:
