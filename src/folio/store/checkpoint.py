@@ -88,9 +88,20 @@ class ResumeState:
     best_val_loss: float
     model: dict[str, torch.Tensor]
     optimizer: dict
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    loader: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # scaler state, config, ...
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # per rank (machine.distributed)
+    loader: dict[str, torch.Tensor] = field(default_factory=dict)  # per rank
+    best_iter: int = -1  # iteration of best_val_loss
+    evaluated_at: int = -1  # iteration whose eval already ran (not repeated after a resume)
+    world_size: int = 1  # processes that wrote rng and loader
+    scaler: dict[str, Any] = field(default_factory=dict)  # float16 loss scaling (GradScaler)
+    dataset: str = ""
+    wandb_run_id: str | None = None  # a resumed run logs on to the same wandb run
+
+
+# ResumeState's plain fields, kept as JSON in the safetensors metadata (keys of older files that
+# are not among them are ignored; missing ones take their defaults)
+_META_FIELDS = ("iter_num", "best_val_loss", "best_iter", "evaluated_at", "world_size", "scaler",
+                "dataset", "wandb_run_id")
 
 
 def save_resume(run_dir: Path, state: ResumeState) -> None:
@@ -99,8 +110,8 @@ def save_resume(run_dir: Path, state: ResumeState) -> None:
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
     tensors.update({f"loader.{k}": v for k, v in state.loader.items()})
-    meta = {"format_version": RESUME_FORMAT_VERSION, "iter_num": state.iter_num,
-            "best_val_loss": state.best_val_loss, "optimizer": optim_meta, **state.extra}
+    meta = {"format_version": RESUME_FORMAT_VERSION, "optimizer": optim_meta,
+            **{name: getattr(state, name) for name in _META_FIELDS}}
     raw_meta = {k: json.dumps(v) for k, v in meta.items()}
     atomic_write_with(run_dir / RESUME_FILE, lambda tmp: save_file(tensors, tmp, raw_meta))
 
@@ -115,12 +126,10 @@ def load_resume(run_dir: Path) -> ResumeState:
     def section(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    extra = {k: v for k, v in meta.items()
-             if k not in ("iter_num", "best_val_loss", "optimizer", "format_version")}
-    return ResumeState(iter_num=meta["iter_num"], best_val_loss=meta["best_val_loss"],
-                       model=section("model."),
+    return ResumeState(model=section("model."),
                        optimizer=unflatten_optimizer(tensors, meta["optimizer"]),
-                       rng=section("rng."), loader=section("loader."), extra=extra)
+                       rng=section("rng."), loader=section("loader."),
+                       **{name: meta[name] for name in _META_FIELDS if name in meta})
 
 
 def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:

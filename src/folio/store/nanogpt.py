@@ -225,8 +225,8 @@ def _resume_state(model: GPT, info: RunInfo, optimizer: dict) -> checkpoint.Resu
     best = info.best_val_loss if info.best_val_loss is not None else math.inf
     return checkpoint.ResumeState(
         iter_num=info.iter_num, best_val_loss=best, model=model_state(model),
-        optimizer=optimizer, extra={"best_iter": info.iter_num, "evaluated_at": info.iter_num,
-                                    "dataset": info.dataset})
+        optimizer=optimizer, best_iter=info.iter_num, evaluated_at=info.iter_num,
+        dataset=info.dataset)
 
 
 def train_config_from_nanogpt(nano: dict[str, Any], model: GPTConfig, run_dir: Path

@@ -226,13 +226,13 @@ class Trainer:
 
     def _restore(self, resume: ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
-        if "scaler" in resume.extra:
-            self.step_fn.scaler.load_state_dict(resume.extra["scaler"])
+        if resume.scaler:
+            self.step_fn.scaler.load_state_dict(resume.scaler)
         rng = distributed.rank_state(resume.rng, self.info)
         loader = distributed.rank_state(resume.loader, self.info)
         # Each rank continues its own streams; with another process count (or from a nanoGPT
         # ckpt.pt, which stores none) every rank reseeds instead.
-        if resume.extra.get("world_size", 1) == self.info.world_size and loader:
+        if resume.world_size == self.info.world_size and loader:
             checkpoint.restore_rng(rng, self.device)
             self.loader.load_state_dict(loader)
         else:
@@ -240,11 +240,10 @@ class Trainer:
             torch.manual_seed(reseed)
             self.loader.generator.manual_seed(reseed)
         self.progress = Progress(iter_num=resume.iter_num, best_val_loss=resume.best_val_loss,
-                                 best_iter=resume.extra.get("best_iter", -1),
-                                 evaluated_at=resume.extra.get("evaluated_at", -1))
+                                 best_iter=resume.best_iter, evaluated_at=resume.evaluated_at)
 
     def _open_metrics(self, cfg: TrainConfig, resume: ResumeState | None):
-        self.wandb_run_id = resume.extra.get("wandb_run_id") if resume else None
+        self.wandb_run_id = resume.wandb_run_id if resume else None
         if not self.master:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)  # train() claimed it; a bare Trainer not
@@ -350,13 +349,12 @@ class Trainer:
             checkpoint.save_model_weights(self.out_dir / rundir.MODEL_FILE, weights,
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
-        extra = {"best_iter": p.best_iter, "evaluated_at": p.evaluated_at,
-                 "scaler": self.step_fn.scaler.state_dict(), "dataset": self.cfg.dataset,
-                 "world_size": info.world_size, "wandb_run_id": self.wandb_run_id}
         state = ResumeState(
             iter_num=p.iter_num, best_val_loss=p.best_val_loss,
             model=model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
-            extra=extra)
+            best_iter=p.best_iter, evaluated_at=p.evaluated_at, world_size=info.world_size,
+            scaler=self.step_fn.scaler.state_dict(), dataset=self.cfg.dataset,
+            wandb_run_id=self.wandb_run_id)
         checkpoint.save_resume(self.out_dir, state)
         self.write_info()
 
