@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from folio import config
 from folio.errors import ConfigError, FolioError
+from folio.extras import need
 
 # Runners import their library lazily, so `folio --help` and bad input never wait for torch.
 
@@ -41,6 +42,8 @@ def run_plot(cfg: config.PlotConfig) -> int:
 
 
 def run_serve(cfg: config.ServeConfig) -> int:
+    need("fastapi", "serve", "folio serve")
+    need("uvicorn", "serve", "folio serve")
     from folio.infer.serve.app import serve
     serve(cfg)
     return 0

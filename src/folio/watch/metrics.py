@@ -17,6 +17,7 @@ from typing import Any
 
 from folio import fsutil
 from folio.errors import ConfigError, DataError
+from folio.extras import need
 from folio.watch.refresh import BackgroundRefresh
 
 METRICS_FILE = "metrics.jsonl"
@@ -357,10 +358,7 @@ class MetricsLog:
 
 
 def _start_wandb(cfg: dict, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("wandb_log=True needs wandb: pip install 'folio[wandb]'") from None
+    wandb = need("wandb", "wandb", "wandb_log=True")
     try:
         run_id = cfg.get("id")  # set when resuming: continue that run
         return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
@@ -373,9 +371,5 @@ def _start_wandb(cfg: dict, run_dir: Path):
 
 
 def _start_tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard=True needs tensorboard: "
-                          "pip install 'folio[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    tensorboard = need("torch.utils.tensorboard", "tensorboard", "tensorboard=True", "tensorboard")
+    return tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
