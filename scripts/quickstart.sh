@@ -3,7 +3,7 @@
 # GPT for a few minutes, sample from it and draw its loss curve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh  # the core only: no extra is needed here
 . .venv/bin/activate
 folio prepare shakespeare_char
 # run again, it goes on from the saved run (nothing is overwritten; done if it is complete)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "folio"
 # A module may import its own subpackage and any layer below its own, never one above or
 # beside it; the base modules (layer 0) may use each other.
 LAYERS = {
-    "errors": 0, "fsutil": 0, "config": 0,
+    "errors": 0, "fsutil": 0, "config": 0, "extras": 0,
     "machine": 1, "data": 1,
     "model": 2,
     "speed": 3,

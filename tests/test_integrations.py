@@ -14,7 +14,7 @@ from conftest import tiny_args
 from test_metrics import log_rows
 
 from folio.cli import main as folio_main
-from folio.errors import ConfigError
+from folio.errors import MissingPackageError
 from folio.watch.metrics import MetricsLog, read_metrics
 
 WANDB_CFG = {"project": "folio-test", "name": "tiny", "config": {"n_layer": 2}}
@@ -117,7 +117,7 @@ def test_tensorboard_event_files_read_back_with_the_logged_values(tmp_path):
 def test_a_missing_integration_package_is_a_one_line_error(tmp_path, monkeypatch, module,
                                                            kwargs, extra):
     monkeypatch.setitem(sys.modules, module, None)  # what `import` sees when it is not installed
-    with pytest.raises(ConfigError, match=rf"pip install '{re.escape(extra)}'"):
+    with pytest.raises(MissingPackageError, match=rf"pip install '{re.escape(extra)}'"):
         MetricsLog(tmp_path, console=False, plot_every_eval=False, **kwargs)
 
 

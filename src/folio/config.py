@@ -88,7 +88,7 @@ class TrainConfig:
                                    min=0.0)
     zero_init_proj: bool = setting(False, "start attention and MLP output projections at zero")
     recipe: str = setting("nanogpt", "modern: the speedrun bundle (rope, rmsnorm, qk_norm, relu2, "
-                          "untied head, Muon, wsd) for settings not given; see README",
+                          "untied head, Muon, wsd) for settings not given; see docs/training.md",
                           choices=("nanogpt", "modern"))
     # optimizer
     learning_rate: float = setting(6e-4, "peak learning rate", above=0.0)

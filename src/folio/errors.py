@@ -26,5 +26,9 @@ class DeviceError(FolioError):
     """A device or dtype that this machine does not have."""
 
 
+class MissingPackageError(FolioError):
+    """An optional package is not installed; the message names the extra that installs it."""
+
+
 class TrainingError(FolioError):
     """Training cannot go on (e.g. the loss became NaN)."""

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from folio import config
 from folio.cli.args import ParsedArgs, format_config, help_text, parse_args, synopsis
 from folio.errors import ConfigError, FolioError
+from folio.extras import need
 from folio.train import recipes
 
 # Runners import their library lazily, so `folio --help` and bad input never wait for torch.
@@ -45,6 +46,8 @@ def run_plot(cfg: config.PlotConfig) -> int:
 
 
 def run_serve(cfg: config.ServeConfig) -> int:
+    need("fastapi", "serve", "folio serve")
+    need("uvicorn", "serve", "folio serve")
     from folio.infer.serve.app import serve
     serve(cfg)
     return 0

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from folio.data.mapped_pages import MappedFiles
 from folio.errors import DataError
+from folio.extras import need
 
 SPLIT_SEED = 2357  # nanoGPT's data/openwebtext/prepare.py
 BATCH_ROWS = 100  # rows read between releases of the cache's mapped pages: a row read in
 # shuffled order maps ~0.4 MB of the Arrow cache here (whole page-cache folios), so 1,000-row
 # batches held ~155 MB of it at a time; 100 rows hold ~40 MB and read 80,000 rows/s
-EXTRA = "pip install 'folio[datasets]'"
 # pyarrow's allocator (mimalloc) returns freed memory at once, not after a delay: converting
 # 500 MB of parquet to the Arrow cache then peaks at ~290 MB instead of ~430 (+10% time)
 CHILD_ENV = {"MIMALLOC_PURGE_DELAY": "0"}
@@ -81,7 +81,7 @@ class HubSource:
 
     def load(self) -> None:
         """Download (first time) or open the cached dataset and split it as nanoGPT does, in
-        a child process (see the module docstring); its errors arrive here as DataError."""
+        a child process (see the module docstring); its errors arrive here as FolioErrors."""
         orders = tempfile.TemporaryDirectory(prefix="folio-split-")  # removed with self
         # an executor, not a Pool: leaving it waits for the child (no leaked semaphores on errors)
         with _environment(CHILD_ENV), ProcessPoolExecutor(
@@ -97,7 +97,7 @@ class HubSource:
         process has touched are released (mapped_pages.py): reading a shuffled split touches
         the whole file, which would otherwise all count as resident."""
         import numpy as np
-        import pyarrow as pa
+        pa = need("pyarrow", "datasets", f"reading {self.label}")
 
         where = self.splits[split]
         order = np.load(where.order, mmap_mode="r")[start:]
@@ -217,11 +217,7 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
 
 
 def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"Hugging Face datasets need the datasets package; install it with "
-                        f"`{EXTRA}`") from None
+    datasets = need("datasets", "datasets", "preparing a Hugging Face dataset")
     datasets.logging.set_verbosity_error()
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from folio.data.clean import decode_utf8
 from folio.errors import DataError
+from folio.extras import need
 from folio.fsutil import atomic_open, cache_dir, sha256_file
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -32,7 +33,6 @@ DOWNLOAD_TIMEOUT_S = 30
 # Formats by file name ending; any other file named directly is read as text.
 JSONL_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 FORMATS = (".txt", *JSONL_FORMATS, ".parquet")
-EXTRA = "pip install 'folio[datasets]'"
 
 
 @dataclass
@@ -122,10 +122,7 @@ def read_jsonl(path: Path, field: str) -> Iterator[str]:
 
 def read_parquet(path: Path, field: str) -> Iterator[str]:
     """The `field` column of a .parquet file, row by row, read in record batches."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading {path} needs pyarrow; install it with `{EXTRA}`") from None
+    pq = need("pyarrow.parquet", "datasets", f"reading {path}", "pyarrow")
     try:
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
@@ -167,11 +164,7 @@ def open_binary(path: Path) -> Iterator[BinaryIO]:
             with gzip.open(raw, "rb") as f:
                 yield f
         elif name.endswith(".zst"):
-            try:
-                import zstandard
-            except ImportError:
-                raise DataError(f"reading {path} needs zstandard; install it with "
-                                f"`{EXTRA}`") from None
+            zstandard = need("zstandard", "datasets", f"reading {path}")
             stream = zstandard.ZstdDecompressor().stream_reader(raw)
             with io.BufferedReader(stream, PIECE_BYTES) as f:
                 yield f

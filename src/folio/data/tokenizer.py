@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from folio.errors import DataError
+from folio.extras import need
 
 META_FORMAT_VERSION = 1
 GPT2_VOCAB_SIZE = 50257
@@ -233,13 +234,9 @@ class HFTokenizer:
         if not file.is_file():
             raise DataError(f"{file} not found; --tokenizer=hf:PATH needs a local Hugging Face "
                             "tokenizer directory (save one with tokenizer.save_pretrained(PATH))")
+        tokenizers = need("tokenizers", "hf", "--tokenizer=hf:PATH")
         try:
-            from tokenizers import Tokenizer as HFTokenizerImpl
-        except ImportError:
-            raise DataError("--tokenizer=hf:PATH needs the tokenizers package; install it with "
-                            "`pip install 'folio[hf]'`") from None
-        try:
-            self._tok = HFTokenizerImpl.from_file(str(file))
+            self._tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises its own Exception type
             raise DataError(f"{file} is not a tokenizers file ({e}); save it again with "
                             "tokenizer.save_pretrained") from None

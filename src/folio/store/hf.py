@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from folio.errors import CheckpointError, ConfigError
+from folio.extras import need
 from folio.model.gpt import GPT, GPTConfig
 from folio.store.weights import BUFFERS, gpt_from_state
 
@@ -31,11 +32,7 @@ GPT2_VOCAB = 50257
 
 
 def transformers_module():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("Hugging Face support needs the transformers package: "
-                          "pip install 'folio[hf]'") from None
+    transformers = need("transformers", "hf", "Hugging Face GPT-2 support")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter

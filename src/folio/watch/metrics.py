@@ -17,6 +17,7 @@ from typing import Any
 
 from folio import fsutil
 from folio.errors import CheckpointError, ConfigError, DataError
+from folio.extras import need
 from folio.store.rundir import METRICS_FILE, TENSORBOARD_DIR, RunInfo, read_run_info
 from folio.watch.refresh import BackgroundRefresh
 
@@ -353,10 +354,7 @@ class MetricsLog:
 
 
 def _start_wandb(cfg: dict, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("wandb_log=True needs wandb: pip install 'folio[wandb]'") from None
+    wandb = need("wandb", "wandb", "wandb_log=True")
     try:
         run_id = cfg.get("id")  # set when resuming: continue that run
         return wandb.init(project=cfg.get("project", "folio"), name=cfg.get("name"),
@@ -369,9 +367,5 @@ def _start_wandb(cfg: dict, run_dir: Path):
 
 
 def _start_tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard=True needs tensorboard: "
-                          "pip install 'folio[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+    tensorboard = need("torch.utils.tensorboard", "tensorboard", "tensorboard=True", "tensorboard")
+    return tensorboard.SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
