@@ -178,6 +178,7 @@ with MetricsLog(Path(sys.argv[1]), plot_every_eval=False, max_iters=1040) as log
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX pseudo-terminal")
 def test_on_a_terminal_a_progress_bar_runs_under_the_log_lines(tmp_path):
     pid, fd = pty.fork()
