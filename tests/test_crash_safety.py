@@ -130,6 +130,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_why(char_data_dir, t
     assert load_resume(out).iter_num == 4
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(char_data_dir, tmp_path,
                                                                     capsys):
     out = tmp_path / "run"

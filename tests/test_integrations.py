@@ -74,6 +74,7 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_leaves_a_local_run_with_the_metrics(tmp_path, wandb_offline):
     run = tmp_path / "run"
     run.mkdir()
