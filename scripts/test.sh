@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Set up the test environment (requirements-test.txt: the core, every extra and the test stack;
-# and Chromium for the page test), then lint and run the whole test suite (offline, CPU, minutes).
+# Set up the test environment (requirements-test.txt: the core, every extra and the test stack),
+# then lint and run the tests (offline, CPU):
+#   scripts/test.sh          both tiers: every test, Chromium for the page test (minutes)
+#   scripts/test.sh --fast   the fast tier only: pytest -m "not slow" (in-process, ~1 minute)
+# Other arguments go to pytest, e.g. `scripts/test.sh --fast tests/test_sample.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+args=()
+for arg in "$@"; do
+    if [ "$arg" = --fast ]; then fast=1; else args+=("$arg"); fi
+done
 bash scripts/setup.sh test
-bash scripts/install-browser.sh
+[ "$fast" = 1 ] || bash scripts/install-browser.sh  # the page test is in the slow tier
 . .venv/bin/activate
 ruff check src tests benchmarks
-python -m pytest -rs "$@"  # -rs: every skip prints its reason
+[ "$fast" = 0 ] || args=(-m "not slow" ${args[@]+"${args[@]}"})
+python -m pytest -rs ${args[@]+"${args[@]}"}  # -rs: every skip prints its reason

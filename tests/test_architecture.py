@@ -114,6 +114,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("subpackage", SUBPACKAGES)
 def test_each_subpackage_imports_without_the_cli(subpackage):
     code = ("import importlib, pkgutil, sys\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from folio.config import TrainConfig
@@ -92,6 +93,7 @@ def test_newton_schulz_dtype_is_a_candidate_only_for_muon_on_a_bf16_cpu():
     assert training.ns_dtype({"dtype": "float32"}) is None
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_measured_choice(char_data_dir, tmp_path, monkeypatch, capsys):
     """Regression: a resume with too few iterations left to measure fell back to the
     reference kernels, so it did not go on as the run it resumed."""

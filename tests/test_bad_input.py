@@ -1,12 +1,12 @@
 """Every mistake a user can make gets one line on stderr, a non-zero exit and no debris.
 
-One parametrised test drives each case through the real command line in a subprocess.
+One parametrised test drives each case through `folio.cli.main` in this process (what the
+`folio` command runs); one smoke test runs the real `folio` entry point in a process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_args
+
+from folio.cli import main
 
 
 @dataclass
@@ -192,15 +194,37 @@ def test_there_are_at_least_30_cases():
     assert len({c.name for c in CASES}) == len(CASES)
 
 
+def assert_one_line_error(code: int, stderr: str, expect: str) -> None:
+    """A non-zero exit code and exactly one `folio: error:` line naming `expect`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code != 0
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("folio: error:"), stderr
+    assert expect.lower() in lines[0].lower(), lines[0]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_bad_input_gives_one_line_error(case: Case, env: Env, tmp_path):
+def test_bad_input_gives_one_line_error(case: Case, env: Env, tmp_path, capsys, monkeypatch):
     argv = case.argv(env)
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "folio", *argv], capture_output=True, text=True,
-                          cwd=env.tmp, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("folio: error:"), proc.stderr
-    assert case.expect.lower() in lines[0].lower(), lines[0]
+    monkeypatch.chdir(env.tmp)
+    capsys.readouterr()
+    code = main(argv)
+    assert_one_line_error(code, capsys.readouterr().err, case.expect)
     assert snapshot(tmp_path) == before, "the failed command left files behind or changed some"
+
+
+def folio_command() -> list[str]:
+    """The installed `folio` console script beside this Python, else `python -m folio`."""
+    script = Path(sys.executable).with_name("folio")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "folio"]
+
+
+def test_the_folio_command_exits_with_one_line_and_no_traceback(env: Env, tmp_path):
+    """The smoke test of the real process: exit code, stderr, no teardown noise, no debris."""
+    before = snapshot(tmp_path)
+    proc = subprocess.run([*folio_command(), *train(env, "--dataset=mystery")],
+                          capture_output=True, text=True, cwd=env.tmp, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert_one_line_error(proc.returncode, proc.stderr, "prepare")
+    assert snapshot(tmp_path) == before

@@ -105,3 +105,17 @@ def test_settings_classes_validate_their_fields_on_construction():
         SampleConfig(top_k=0)
     with pytest.raises(ConfigError, match="missing RUN_DIR"):
         ExportConfig(out_dir="hf")
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_records_exactly_the_settings_given(name):
+    """The parser returns the names the command line set, even a value equal to the
+    default, and nothing else."""
+    cls = COMMANDS[name].settings
+    required = {f.name for f in dataclasses.fields(cls) if f.metadata["required"]}
+    assert parse_args(cls, NEEDED.get(name, [])).given == required
+    field = next(f for f in dataclasses.fields(cls)
+                 if not f.metadata["required"] and isinstance(f.default, str))
+    parsed = parse_args(cls, [*NEEDED.get(name, []), f"--{field.name}={field.default}"])
+    assert getattr(parsed.config, field.name) == field.default
+    assert parsed.given == required | {field.name}

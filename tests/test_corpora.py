@@ -105,6 +105,7 @@ def wide_tokenizer(directory: Path, size: int = 70_000) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_tokenizer_over_65535_ids_writes_uint32_that_trains(tmp_path, capsys):
     tok_dir = wide_tokenizer(tmp_path / "tok")
     rng = random.Random(0)
@@ -150,6 +151,7 @@ def expected_nanogpt_split(hub: Path, test_size: float) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_openwebtext_recipe_matches_nanogpt_split_and_eot(hub_dir, tmp_path, capsys):
     code, out, _ = prepare(capsys, "openwebtext", f"--source={hub_dir}", "--num_proc=2",
                            f"--data_dir={tmp_path}")
@@ -164,6 +166,7 @@ def test_openwebtext_recipe_matches_nanogpt_split_and_eot(hub_dir, tmp_path, cap
     assert meta["documents"] == 2_400
 
 
+@pytest.mark.slow
 def test_resume_at_the_train_val_boundary_goes_on_with_val(hub_dir):
     """Regression: a prepare killed right after the last train chunk resumed with
     select(range(n, n)), which datasets refuses (IndexError, CI of stop 19)."""
@@ -191,6 +194,7 @@ def resident_kb(paths: set[str]) -> int:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_reading_a_hub_split_releases_the_cache_pages_it_touched(tmp_path, monkeypatch):
     from folio.data import hub as hub_module
@@ -217,6 +221,7 @@ def test_reading_a_hub_split_releases_the_cache_pages_it_touched(tmp_path, monke
     assert kept > 8_000 and released < kept / 2, (kept, released)
 
 
+@pytest.mark.slow
 def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     hub = tmp_path / "corpus"
     write_format(hub / "data.jsonl", DOCS * 10, field="content")
@@ -232,6 +237,7 @@ def test_any_hf_dataset_with_its_own_split_and_field(tmp_path, capsys):
     assert code == 2 and "has 1 rows: too few to split at val_fraction=0.1" in err
 
 
+@pytest.mark.slow
 def test_offline_without_a_cached_copy_is_one_line_naming_the_download(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
@@ -245,6 +251,7 @@ def test_offline_without_a_cached_copy_is_one_line_naming_the_download(tmp_path)
     assert "with network access to download it (about 55 GB)" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_text_field_of_a_hub_dataset_is_one_line(tmp_path):
     write_format(tmp_path / "corpus" / "train.parquet", shakespeare_docs() * 20)  # ~22 MB
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"),
@@ -260,6 +267,7 @@ def test_a_missing_text_field_of_a_hub_dataset_is_one_line(tmp_path):
         assert "has no column 'body' (columns: text, n); pass --text_field=NAME" in result.stderr
 
 
+@pytest.mark.slow
 def test_gpt2_124m_trains_on_a_prepared_mini_openwebtext(hub_dir, tmp_path, capsys):
     assert prepare(capsys, "openwebtext", f"--source={hub_dir}", f"--data_dir={tmp_path}")[0] == 0
     code = main(["train", "gpt2_124m", "--max_iters=2", "--n_layer=2", "--n_head=2",
@@ -305,6 +313,7 @@ def run_child(args: list[str], kill_after_progress_s: float | None = None) -> in
     return child.returncode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, tokenizer", [("file", "gpt2"), ("file", "char"),
                                                ("hub", "gpt2")])
 def test_killed_prepare_resumes_to_the_same_bytes(source, tokenizer, tmp_path):

@@ -18,7 +18,8 @@ from conftest import tiny_args
 from folio.cli import main
 from folio.store.checkpoint import load_resume
 from folio.store.rundir import MODEL_FILE, RESUME_FILE, read_run_info
-from folio.store.sources import load_model
+from folio.store.sources import load_model, model_config
+from folio.store.weights import gpt_from_state
 from folio.watch.metrics import read_metrics
 
 KILLS = 24
@@ -39,18 +40,24 @@ def train_rows(out: Path) -> int:
     return path.read_text().count('"kind": "train"') if path.exists() else 0
 
 
+def assert_finite(model: torch.nn.Module) -> None:
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def assert_loadable(out: Path) -> None:
-    """Whatever moment the kill hit, what is on disk loads."""
+    """Whatever moment the kill hit, what is on disk loads: the resume state builds the run's
+    model, holds a step (saves come after one) and is never behind run.json (written after it)."""
+    info = read_run_info(out) if (out / "run.json").exists() else None
     if (out / RESUME_FILE).exists():
         state = load_resume(out)
-        assert state.iter_num >= 0
+        assert state.iter_num >= 1
+        assert info is not None and info.iter_num <= state.iter_num
+        assert_finite(gpt_from_state(model_config(info, out), state.model, out / RESUME_FILE))
     if (out / MODEL_FILE).exists():
-        model, _, _ = load_model(out)
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-    if (out / "run.json").exists():
-        read_run_info(out)
+        assert_finite(load_model(out)[0])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_an_unloadable_run(char_data_dir, tmp_path):
     rng = random.Random(7)
     out = tmp_path / "run"
@@ -95,6 +102,7 @@ def limit_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_full_disk_is_detected_before_training(char_data_dir, tmp_path):
     out = tmp_path / "run"
     proc = launch(tiny_args(char_data_dir, out, max_iters=5), preexec_fn=limit_file_size(1000))
@@ -104,6 +112,7 @@ def test_full_disk_is_detected_before_training(char_data_dir, tmp_path):
     assert len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint_and_says_why(char_data_dir, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(char_data_dir, out, max_iters=4, eval_interval=2, always_save_checkpoint=True)
@@ -122,6 +131,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_why(char_data_dir, t
     assert load_resume(out).iter_num == 4
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(char_data_dir, tmp_path,
                                                                     capsys):
     out = tmp_path / "run"

@@ -25,7 +25,7 @@ from folio.config import TrainConfig
 from folio.data.loader import Loader
 from folio.errors import TrainingError
 from folio.machine.distributed import DistInfo
-from folio.store import checkpoint, sources
+from folio.store import checkpoint, rundir, sources
 from folio.train.loop import Trainer
 
 LAUNCH_TIMEOUT_S = 120
@@ -114,6 +114,7 @@ def train_losses(run_dir: Path, first: int, last: int) -> dict[tuple[str, int], 
     return {k: v for k, v in metrics(run_dir).items() if k[0] == "train" and first <= k[1] <= last}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(single_run, ddp_run):
     """The logged loss is the mean over every micro-batch of every rank, so both runs log the
     same numbers up to float rounding (the all-reduce adds in another order). Eval losses are
@@ -124,6 +125,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single_run, 
     assert difference < 1e-5
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_where_it_stopped(single_run, ddp_run):
     """Every rank's data stream and RNG state are saved, so the resumed run is exact."""
     ddp, resumed_stdout = ddp_run
@@ -146,6 +148,7 @@ def run_twice_and_compare(args: list[str], out: Path, single: Path, tolerance: f
     assert max_weight_difference(out, single) < tolerance
 
 
+@pytest.mark.slow
 def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_dir, tmp_path):
     """FSDP2 shards (per block; the root holds the tied embedding) train like one process;
     the gathered checkpoint resumes under FSDP and loads as a plain model in one process."""
@@ -164,6 +167,7 @@ def test_fsdp_run_trains_resumes_and_loads_in_one_process(single_run, char_data_
     assert len(tokenizer.decode(idx[0].tolist())) == len("ROMEO:") + 8
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_saves_once_and_every_process_exits(char_data_dir, tmp_path):
     """torchrun forwards SIGTERM (what a scheduler sends); the ranks agree to stop together,
     gather and save one checkpoint, and exit without tracebacks."""
@@ -182,9 +186,14 @@ def test_sigterm_to_torchrun_saves_once_and_every_process_exits(char_data_dir, t
     assert stderr.count("folio: got SIGTERM") == 2
     assert "folio: saved" in stderr
     assert worker_tracebacks(stderr) == []
-    assert checkpoint.load_resume(out).iter_num > 0
+    # saved where the ranks stopped: at or after the last logged row (one every log_interval=5)
+    saved = checkpoint.load_resume(out).iter_num
+    last_row = max(i for kind, i in metrics(out) if kind == "train")
+    assert last_row <= saved < last_row + 5
+    assert f"at iter {saved};" in stderr and rundir.read_run_info(out).iter_num == saved
 
 
+@pytest.mark.slow
 def test_an_error_in_one_process_ends_all_with_one_line(char_data_dir, tmp_path):
     """Only rank 0 checks out_dir: its one-line error ends it; the other process, left alone
     in a collective, stops too (torchrun's failure summary follows)."""
@@ -220,6 +229,7 @@ def modern_single_run(char_data_dir, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_modern_recipe_with_muon_trains_and_resumes_like_one_process(char_data_dir, tmp_path,
                                                                       fsdp):

@@ -74,6 +74,7 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_leaves_a_local_run_with_the_metrics(tmp_path, wandb_offline):
     run = tmp_path / "run"
     run.mkdir()
@@ -121,6 +122,7 @@ def test_a_missing_integration_package_is_a_one_line_error(tmp_path, monkeypatch
         MetricsLog(tmp_path, console=False, plot_every_eval=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_training_with_wandb_and_tensorboard_logs_what_metrics_jsonl_has(
         char_data_dir, tmp_path, wandb_offline):
     out = tmp_path / "run"
@@ -138,6 +140,7 @@ def test_training_with_wandb_and_tensorboard_logs_what_metrics_jsonl_has(
     assert (out / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_a_run_continues_its_wandb_run(char_data_dir, tmp_path, wandb_offline):
     out = tmp_path / "run"
     args = ["train", *tiny_args(char_data_dir, out, eval_interval=5, lr_decay_iters=10),

@@ -133,6 +133,7 @@ def test_non_finite_values_are_stored_as_null(tmp_path):
     assert json.loads(text)["loss"] is None
 
 
+@pytest.mark.slow
 def test_loss_png_is_refreshed_after_evals_without_temp_files(tmp_path):
     with MetricsLog(tmp_path, console=False) as log:
         log_rows(log)
@@ -141,6 +142,7 @@ def test_loss_png_is_refreshed_after_evals_without_temp_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_a_failing_loss_png_refresh_warns_once_and_training_goes_on(tmp_path, capfd):
     (tmp_path / "loss.png").mkdir()  # nothing can replace a directory with a file
     with MetricsLog(tmp_path, console=False) as log:
@@ -178,6 +180,7 @@ with MetricsLog(Path(sys.argv[1]), plot_every_eval=False, max_iters=1040) as log
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX pseudo-terminal")
 def test_on_a_terminal_a_progress_bar_runs_under_the_log_lines(tmp_path):
     pid, fd = pty.fork()

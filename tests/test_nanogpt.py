@@ -224,6 +224,7 @@ def test_resume_state_from_a_nanogpt_dir(char_out_dir):
     assert state.model["transformer.wte.weight"].shape == (128, 32)
 
 
+@pytest.mark.slow
 def test_train_resumes_from_a_nanogpt_out_dir(char_data_dir, tmp_path):
     chars = shakespeare_chars()
     out = tmp_path / "out-shakespeare-char"
@@ -259,6 +260,7 @@ def test_export_of_a_nanogpt_out_dir_loads_in_transformers(char_out_dir, tmp_pat
     assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_sampling_a_nanogpt_out_dir_does_not_import_the_compiler(char_out_dir, tmp_path):
     """The model for assigned weights is built on the meta device without its random init;
     meta-device init would import torch._dynamo (~2 s of `folio sample` start-up)."""

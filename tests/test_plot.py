@@ -273,6 +273,7 @@ console.log(JSON.stringify(out));
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 @pytest.mark.parametrize("logy", [False, True])
 def test_html_script_draws_the_runs_and_shows_values_on_hover(tmp_path, logy):

@@ -110,6 +110,7 @@ def test_tiny_shakespeare_gives_the_exact_counts(dataset, shakespeare_cache, tmp
     assert decoded(tmp_path / dataset) == text
 
 
+@pytest.mark.slow
 def test_prepare_from_the_command_line_end_to_end(shakespeare_cache, tmp_path):
     env = {**os.environ, "FOLIO_CACHE": str(shakespeare_cache)}
     result = subprocess.run([sys.executable, "-m", "folio", "prepare", "shakespeare_char"],

@@ -19,6 +19,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from folio.config import ServeConfig
 from folio.infer.serve.app import background
 
+pytestmark = pytest.mark.slow  # a real browser
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # scripts/install-browser.sh
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -26,6 +26,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {row["iter"]: row["loss"] for row in read_metrics(run_dir).train}
 
 
+@pytest.mark.slow
 def test_nanogpt_py_config_and_overrides_drive_a_real_run(char_data_dir, tmp_path, capsys):
     config = tmp_path / "train_tiny.py"
     config.write_text("# a nanoGPT-style config\nn_layer = 3\nn_embd = 48\nmax_iters = 10\n"
@@ -46,6 +47,7 @@ def test_nanogpt_py_config_and_overrides_drive_a_real_run(char_data_dir, tmp_pat
     assert tokenizer.vocab_size == 65 and model.config.n_layer == 3
 
 
+@pytest.mark.slow
 def test_train_from_python_trains_exactly_its_config(char_data_dir, tmp_path, capsys):
     cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=4,
                       eval_interval=4, eval_iters=2, warmup_iters=2, device="cpu",
@@ -79,12 +81,14 @@ def straight_and_resumed(data_dir: Path, tmp_path: Path, **settings) -> tuple[Pa
     return straight, resumed
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(char_data_dir, tmp_path):
     """N iterations + resume to 2N gives bitwise the same losses as 2N straight (CPU, fp32)."""
     _, resumed = straight_and_resumed(char_data_dir, tmp_path, dropout=0.1)
     assert [r["iter"] for r in read_metrics(resumed).eval] == [0, 8, 16]
 
 
+@pytest.mark.slow
 def test_resume_takes_the_model_shape_from_the_checkpoint(tiny_run, char_data_dir, tmp_path):
     """As in nanoGPT, `--init_from=resume` needs no shape settings; a given one must match."""
     import shutil
@@ -112,6 +116,7 @@ def test_eval_only_evaluates_and_exits(tiny_run, char_data_dir, tmp_path, capsys
     assert (run / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_bpe_run_loss_falls_from_about_10_8(seeded_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("FOLIO_CACHE", str(seeded_cache))
     data = tmp_path / "data"
@@ -145,6 +150,7 @@ def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: 
     pytest.fail("training did not reach the expected iteration in time")
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint(char_data_dir, tmp_path):
     out = tmp_path / "run"
     proc = start_training(char_data_dir, out)
