@@ -491,8 +491,8 @@ class Trainer:
 
     def check_budget_fits(self) -> None:
         """A budget too short for one step after the set-up is a one-line error, before
-        anything is written. A step is timed on a copy of the model (the second of two:
-        the first allocates); an evaluation is guessed at a third of a step per batch."""
+        anything is written. A step and an evaluation batch's forward pass are timed on a
+        copy of the model (the second of two: the first allocates)."""
         budget = self.budget
         twin = copy.deepcopy(self.model).train()
         knobs = self.tuning.knobs if self.tuning else {"dtype": dtype_name(self.dtype)}
@@ -502,12 +502,18 @@ class Trainer:
             for _ in range(2):
                 tick = self.clock()
                 step(x, y)
-                seconds = (self.clock() - tick) * self.grad_accum
+                step_s = (self.clock() - tick) * self.grad_accum
+            twin.eval()
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                for _ in range(2):
+                    tick = self.clock()
+                    twin(x, y)
+                    forward_s = self.clock() - tick
         del twin
-        budget.record_step(seconds)
-        budget.record_eval(seconds / 3 * 2 * self.cfg.eval_iters)  # forward only, two splits
-        if not budget.step_fits():
-            need = budget.elapsed() - budget.spent_before + budget.step_s + budget.finish_s()
+        budget.record_step(step_s)
+        budget.record_eval(forward_s * 2 * self.cfg.eval_iters)  # both splits
+        if not budget.step_fits() and not budget.spent_before:  # (a resumed run is done)
+            need = budget.elapsed() + budget.step_s + budget.finish_s()
             raise TrainingError(f"--time={self.cfg.time} is too short to take one step here: "
                                 f"set-up, a step and the final evaluation need about "
                                 f"{math.ceil(need)}s; give at least --time={math.ceil(need * 2)}s")
