@@ -42,7 +42,7 @@ def test_print_config_resolves_every_command_without_running_it(name, capsys, tm
     assert list(values) == [f.name for f in dataclasses.fields(cls)]
     parsed = parse_args(cls, NEEDED.get(name, []))
     resolve = COMMANDS[name].resolve  # train: with the defaults the device decides
-    assert config.apply(cls, values) == (resolve(parsed)[0] if resolve else parsed.config)
+    assert config.apply(cls, values) == (resolve(parsed).settings if resolve else parsed.config)
     assert list(tmp_path.iterdir()) == []
 
 

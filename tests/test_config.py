@@ -31,7 +31,12 @@ def train(*argv: str) -> TrainConfig:
 def resolved(device: str, *argv: str) -> tuple[TrainConfig, str]:
     """What `folio train ARGV` trains on `device` (no run to resume)."""
     parsed = parse_args(TrainConfig, list(argv), config_file=True)
-    return resolve(parsed.config, parsed.given, device)
+    return resolve(parsed.config, parsed.given, device, source=parsed.source)
+
+
+def nanogpt(*argv: str) -> TrainConfig:
+    """The settings ARGV gives, with nanoGPT's recipe: what a nanoGPT command line trains."""
+    return dataclasses.replace(train(*argv), recipe="nanogpt")
 
 
 def error(cls: type, *argv: str) -> str:
@@ -184,7 +189,7 @@ def test_print_config_is_loadable_as_a_py_config(tmp_path, capsys):
     assert "n_layer = 3" in out.splitlines()
     path = tmp_path / "resolved.py"
     path.write_text(out, encoding="utf-8")
-    assert train(str(path)) == train("shakespeare_char", "--n_layer=3")
+    assert train(str(path)) == nanogpt("shakespeare_char", "--n_layer=3")
     assert format_config(train(str(path))) == out.strip()
 
 
@@ -232,7 +237,10 @@ SEED_MPS_LINE = ["--dataset=shakespeare", "--n_layer=4", "--n_head=4", "--n_embd
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_bare_train_on_a_gpu_gets_the_gpu_preset_and_says_so(device):
     cfg, note = resolved(device, f"--device={device}", "--dtype=float32")
-    assert cfg == train("shakespeare_char", f"--device={device}", "--dtype=float32")
+    preset = train("shakespeare_char", f"--device={device}", "--dtype=float32")
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.max_iters, cfg.out_dir) == \
+        (preset.n_layer, preset.n_embd, preset.block_size, preset.max_iters, preset.out_dir)
+    assert cfg.recipe == "modern" and cfg.optimizer == "muon"  # folio chose: the modern recipe
     assert "shakespeare_char" in note and device in note and "6 layers" in note
     cfg, _ = resolved(device, "--out_dir=mine", "--init_from=resume")
     assert (cfg.n_layer, cfg.out_dir, cfg.init_from) == (6, "mine", "resume")  # given: kept
@@ -240,7 +248,7 @@ def test_bare_train_on_a_gpu_gets_the_gpu_preset_and_says_so(device):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
 def test_any_model_or_training_setting_means_nanogpts_defaults(device):
-    seed = train(*SEED_MPS_LINE)
+    seed = nanogpt(*SEED_MPS_LINE)
     assert resolved(device, *SEED_MPS_LINE) == (seed, "")
     # what nanoGPT's train.py would use for the settings the line leaves out
     assert (seed.dropout, seed.learning_rate, seed.out_dir, seed.beta2, seed.warmup_iters,
@@ -248,13 +256,13 @@ def test_any_model_or_training_setting_means_nanogpts_defaults(device):
         (0.0, 6e-4, "out", 0.95, 2000, 6e-5, 2000, 1)
     for argv in (["--max_iters=100"], ["--dataset=mytext"], ["--init_from=gpt2"],
                  ["shakespeare_char_cpu"]):
-        assert resolved(device, *argv) == (train(*argv), ""), argv
+        assert resolved(device, *argv) == (nanogpt(*argv), ""), argv
 
 
 def test_bare_train_on_a_cpu_gets_the_readme_cpu_model_and_says_so():
     cfg, note = resolved("cpu", "--device=cpu")
-    assert cfg == train("shakespeare_char_cpu", "--device=cpu")
     assert (cfg.n_layer, cfg.n_embd, cfg.max_iters) == (4, 128, 2000)
+    assert cfg.recipe == "modern" and cfg.learning_rate == 0.01  # the recipe's, not the preset's
     assert "shakespeare_char_cpu" in note and "4 layers" in note
 
 
@@ -267,7 +275,9 @@ def test_lr_decay_iters_follows_max_iters_unless_given():
 
 
 def test_a_resumed_run_takes_the_checkpoints_shape_unless_one_was_given():
-    saved = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "tie_head": True}
+    from folio.store.rundir import RunInfo
+    saved = RunInfo(model={"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
+                           "tie_head": True}, tokenizer={}, config={"recipe": "nanogpt"})
     parsed = parse_args(TrainConfig, ["--init_from=resume", "--max_iters=10"])
     cfg, _ = resolve(parsed.config, parsed.given, "cpu", saved)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.tie_head) == (2, 32, 16, True)

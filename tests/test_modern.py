@@ -171,10 +171,13 @@ def test_modern_loss_goes_down_and_resume_with_muon_is_exact(char_data_dir, tmp_
     with pytest.raises(ConfigError, match="rope=True has no exact transformers"):
         hf.to_hf_state_dict(model)
     assert main(["export", str(straight), str(tmp_path / "hf")]) != 0
-    plain = tiny_args(char_data_dir, straight, max_iters=20)  # resumed without the recipe
+    plain = tiny_args(char_data_dir, straight, max_iters=20)
     capsys.readouterr()
-    assert main(["train", *plain, "--init_from=resume"]) != 0
+    assert main(["train", *plain, "--init_from=resume", "--recipe=nanogpt"]) != 0
     assert "trained with optimizer=muon (recipe=modern)" in capsys.readouterr().err
+    # resumed without naming the recipe: it goes on with the one it was trained with
+    assert main(["train", *plain, "--init_from=resume"]) == 0
+    assert json.loads((straight / "run.json").read_text())["config"]["optimizer"] == "muon"
 
 
 def test_old_run_json_without_the_new_model_fields_still_loads(tiny_run, tmp_path):

@@ -51,7 +51,8 @@ class TrainConfig:
 
     # I/O
     out_dir: str = setting("out", "run directory: weights, state, metrics.jsonl, loss.png")
-    eval_interval: int = setting(2000, "evaluate train/val loss every this many iterations", min=1)
+    eval_interval: int = setting(2000, "evaluate train/val loss every this many iterations; 0 "
+                                 "(with --time): at each tenth of the budget", min=0)
     log_interval: int = setting(1, "print a progress line every this many iterations", min=1)
     eval_iters: int = setting(200, "batches per split when estimating the loss", min=1)
     eval_only: bool = setting(False, "evaluate once and exit")
@@ -87,12 +88,19 @@ class TrainConfig:
     logit_softcap: float = setting(0.0, "soft-cap logits at this value (cap*tanh(x/cap)); 0: off",
                                    min=0.0)
     zero_init_proj: bool = setting(False, "start attention and MLP output projections at zero")
-    recipe: str = setting("nanogpt", "modern: the speedrun bundle (rope, rmsnorm, qk_norm, relu2, "
-                          "untied head, Muon, wsd) for settings not given; see docs/training.md",
-                          choices=("nanogpt", "modern"))
+    recipe: str = setting(AUTO, "modern: the speedrun bundle (rope, rmsnorm, qk_norm, relu2, "
+                          "untied head, Muon, wsd) for settings not given; nanogpt: nanoGPT's; "
+                          "auto: modern where folio chooses the settings (a bare folio train, "
+                          "--time, folio's presets), nanogpt where they come from nanoGPT (its "
+                          "command lines, config files and presets)",
+                          choices=(AUTO, "nanogpt", "modern"))
     # optimizer
     learning_rate: float = setting(6e-4, "peak learning rate", above=0.0)
-    max_iters: int = setting(5000, "total training iterations (nanoGPT: 600,000)", min=0)
+    max_iters: int | None = setting(5000, "total training iterations (nanoGPT: 600,000); None: "
+                                    "no limit but the time budget", min=0)
+    time: str = setting("", "wall-clock budget, e.g. 90s, 10m, 1.5h: the schedule ends at the "
+                        "deadline with a finished model; whichever of time and max_iters ends "
+                        "first")
     weight_decay: float = setting(1e-1, "AdamW weight decay on 2-D parameters", min=0.0)
     beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=0.999999)
     beta2: float = setting(0.95, "AdamW beta2", min=0.0, max=0.999999)
@@ -128,6 +136,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.time:
+            parse_duration(self.time)  # a one-line error for a bad budget
+        if self.max_iters is None and not self.time:
+            raise ConfigError("max_iters=None needs a --time budget; give --max_iters=N or "
+                              "--time=10m")
+        if self.eval_interval == 0 and not self.time:
+            raise ConfigError("eval_interval=0 (ten evaluations spread over the budget) needs "
+                              "--time; give --eval_interval=N or --time=10m")
+        if self.time and self.eval_only:
+            raise ConfigError("--time and --eval_only do not go together: an evaluation has no "
+                              "budget to plan; drop --time")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                               "pick n_embd as a multiple of n_head")
@@ -290,6 +309,24 @@ Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig,
 
 
 # ---------------------------------------------------------------------------- validation
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a budget like '90s', '10m', '1.5h' (a bare number is seconds)."""
+    value, unit = text.strip(), "s"
+    if value and value[-1].lower() in DURATION_UNITS:
+        value, unit = value[:-1], value[-1].lower()
+    try:
+        seconds = float(value) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"time={text!r} is not a positive duration; use e.g. --time=90s, "
+                          "--time=10m or --time=1.5h")
+    return seconds
+
 
 def check_device_name(device: str) -> None:
     base, _, index = device.partition(":")

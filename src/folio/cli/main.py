@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -28,9 +29,9 @@ def run_prepare(cfg: config.PrepareConfig) -> int:
     return 0
 
 
-def run_train(resolved: tuple[config.TrainConfig, str]) -> int:
+def run_train(resolved: Resolved) -> int:
     from folio.train.loop import train
-    return train(*resolved)
+    return train(resolved.settings, resolved.note, resolved.started)
 
 
 def run_sample(cfg: config.SampleConfig) -> int:
@@ -70,12 +71,49 @@ def run_import_nanogpt(cfg: config.ImportNanoGPTConfig) -> int:
     return 0
 
 
-def resolve_train(parsed: ParsedArgs) -> tuple[config.TrainConfig, str]:
+@dataclass(frozen=True)
+class Resolved:
+    """A command's final settings, what was filled in (a note for the log), and when the
+    command started (a --time budget counts from then, imports included)."""
+
+    settings: Any
+    note: str = ""
+    started: float | None = None
+
+
+def resolve_train(parsed: ParsedArgs) -> Resolved:
     """The settings `folio train` trains with here, and the note on what was filled in."""
+    started = time.monotonic()  # before torch is imported
     from folio.machine.device import resolve_device
     cfg = parsed.config
-    saved = recipes.saved_model_shape(cfg.out_dir) if cfg.init_from == "resume" else None
-    return recipes.resolve(cfg, parsed.given, resolve_device(cfg.device).type, saved)
+    saved = recipes.saved_run(cfg.out_dir) if cfg.init_from == "resume" else None
+    device = resolve_device(cfg.device)
+    settings, note = recipes.resolve(cfg, parsed.given, device.type, saved, parsed.source,
+                                     lambda resolved: budget_machine(resolved, device))
+    return Resolved(settings, note, started)
+
+
+# Tiny Shakespeare's training tokens and vocabulary, for sizing a run before it is prepared
+KNOWN_SIZES = {"shakespeare_char": (1_003_854, 65), "shakespeare": (301_966, 50257)}
+
+
+def budget_machine(cfg: config.TrainConfig, device: Any) -> recipes.Machine | None:
+    """What sizing a --time run needs: this device's measured matmul peak, and the dataset's
+    size (from its meta.json, or tiny Shakespeare's known size); None when unknown."""
+    import json
+    from pathlib import Path
+
+    from folio.machine.device import DTYPES, cpu_supports_bf16, peak_flops
+    meta = Path(cfg.data_dir) / cfg.dataset / "meta.json"
+    try:
+        data = json.loads(meta.read_text("utf-8"))
+        tokens, vocab = int(data["train_tokens"]), int(data["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        if cfg.dataset not in KNOWN_SIZES:
+            return None
+        tokens, vocab = KNOWN_SIZES[cfg.dataset]
+    dtype = "bfloat16" if device.type == "cuda" or cpu_supports_bf16() else "float32"
+    return recipes.Machine(peak_flops(device, DTYPES[dtype], cfg.peak_tflops), tokens, vocab)
 
 
 def presets_note() -> str:
@@ -98,7 +136,7 @@ class Command:
     note: Callable[[], str] | None = None  # more lines for its --help
     # the final settings (and a note) from the parse, for running and --print-config; the
     # settings as parsed when None
-    resolve: Callable[[ParsedArgs], tuple[Any, str]] | None = None
+    resolve: Callable[[ParsedArgs], Resolved] | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -157,7 +195,7 @@ def run_command(name: str, argv: list[str]) -> int:
         return command.run(settings)
     resolved = command.resolve(parsed)
     if parsed.print_config:
-        print(format_config(resolved[0]))
+        print(format_config(resolved.settings))
         return 0
     return command.run(resolved)
 

@@ -288,6 +288,16 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """The largest of each value over the ranks, the same on every rank (a budgeted run's
+    clock and its decision to stop)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
+    return t.tolist()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier(group=info.control)

@@ -101,10 +101,10 @@ def cache_path(key: Mapping[str, Any], root: Path | None = None) -> Path:
 
 
 def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], TimeSteps],
-           key: Mapping[str, Any], planned_steps: int, *, reference: str | None = None,
+           key: Mapping[str, Any], planned_steps: int | None, *, reference: str | None = None,
            budget_s: float = BUDGET_S, run_fraction: float = RUN_FRACTION,
            tolerance: float = LOSS_TOLERANCE, cache_root: Path | None = None,
-           may_measure: bool = True) -> Choice:
+           may_measure: bool = True, planned_s: float | None = None) -> Choice:
     """The fastest safe candidate, from the cache or measured (without `may_measure`, the
     reference where nothing is cached); `build(name)` gives its timer.
 
@@ -123,7 +123,7 @@ def choose(candidates: Mapping[str, Mapping[str, Any]], build: Callable[[str], T
         return unmeasured(candidates, reference)
     started = time.perf_counter()
     stats = measure({name: build(name) for name in candidates}, reference, planned_steps,
-                    budget_s, run_fraction)
+                    budget_s, run_fraction, planned_s)
     tuning_s = time.perf_counter() - started
     name, speedup = pick(stats, reference, tolerance)
     ms = {n: round(s.ms_per_step, 2) if s.seconds else None for n, s in stats.items()}
@@ -161,8 +161,9 @@ class Stats:
         return min(self.seconds) * 1000 if self.seconds else math.inf
 
 
-def measure(timers: Mapping[str, TimeSteps], reference: str, planned_steps: int,
-            budget_s: float, run_fraction: float) -> dict[str, Stats]:
+def measure(timers: Mapping[str, TimeSteps], reference: str, planned_steps: int | None,
+            budget_s: float, run_fraction: float, planned_s: float | None = None
+            ) -> dict[str, Stats]:
     """Time the candidates in interleaved rounds so a drift in machine speed hits all alike.
 
     A first untimed step each (allocations, first-touch) estimates the step times: candidates
@@ -176,7 +177,9 @@ def measure(timers: Mapping[str, TimeSteps], reference: str, planned_steps: int,
     fastest = min(step_s.values())
     timed = {name: timer for name, timer in timers.items()
              if name == reference or step_s[name] <= SLOW_FIRST_STEP * fastest}
-    run_share = run_fraction * planned_steps * fastest
+    planned = [] if planned_steps is None else [planned_steps * fastest]  # the run's seconds
+    planned += [] if planned_s is None else [planned_s]
+    run_share = run_fraction * min(planned) if planned else budget_s
     spent = time.perf_counter() - started
     round_step_s = max(sum(step_s[name] for name in timed), 1e-9)  # one step of each
     steps = max(1, min(3, int((min(budget_s, run_share) - spent) / (MAX_ROUNDS * round_step_s))))

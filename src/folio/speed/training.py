@@ -85,12 +85,14 @@ def kept_choice(found: dict[str, dict[str, Any]], kept: dict[str, Any] | None
 
 def choose(model: GPT, found: dict[str, dict[str, Any]], make_step: MakeStep,
            batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]],
-           key: dict[str, Any], planned_steps: int, seed: int) -> autotune.Choice:
+           key: dict[str, Any], planned_steps: int | None, seed: int,
+           planned_s: float | None = None) -> autotune.Choice:
     """The fastest safe candidate for training the plain `model` (not yet wrapped), from the
     cache or measured when `planned_steps` leave room for it (else the reference).
 
     Each candidate trains a copy of `model` with `make_step`, on the same `batches()` (read
-    only when measuring) and the same dropout draws.
+    only when measuring) and the same dropout draws. A budgeted run gives `planned_s`, the
+    seconds it has left (`planned_steps` None: no iteration limit).
     """
     fixed: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -113,6 +115,8 @@ def choose(model: GPT, found: dict[str, dict[str, Any]], make_step: MakeStep,
             return autotune.Measurement(seconds, loss.item())
         return time_steps
 
-    long_enough = planned_steps * autotune.RUN_FRACTION >= STEPS_PER_CANDIDATE * len(found)
+    long_enough = (planned_steps is None
+                   or planned_steps * autotune.RUN_FRACTION >= STEPS_PER_CANDIDATE * len(found))
     with torch.random.fork_rng(devices=[]):  # the run's RNG is as if tuning never ran
-        return autotune.choose(found, timer, key, planned_steps, may_measure=long_enough)
+        return autotune.choose(found, timer, key, planned_steps, may_measure=long_enough,
+                               planned_s=planned_s)

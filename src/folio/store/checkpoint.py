@@ -96,12 +96,13 @@ class ResumeState:
     scaler: dict[str, Any] = field(default_factory=dict)  # float16 loss scaling (GradScaler)
     dataset: str = ""
     wandb_run_id: str | None = None  # a resumed run logs on to the same wandb run
+    time_spent: float = 0.0  # seconds of a --time budget spent (a resume goes on with the rest)
 
 
 # ResumeState's plain fields, kept as JSON in the safetensors metadata (keys of older files that
 # are not among them are ignored; missing ones take their defaults)
 _META_FIELDS = ("iter_num", "best_val_loss", "best_iter", "evaluated_at", "world_size", "scaler",
-                "dataset", "wandb_run_id")
+                "dataset", "wandb_run_id", "time_spent")
 
 
 def save_resume(run_dir: Path, state: ResumeState) -> None:

@@ -7,11 +7,13 @@ finite defaults, atomic safetensors checkpoints, exact resume and a clean Ctrl+C
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from folio.config import AUTO, TrainConfig
+from folio.config import AUTO, TrainConfig, parse_duration
 from folio.data.loader import Loader, check_split_length, open_tokens
 from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
@@ -45,6 +47,7 @@ from folio.store import checkpoint, guard, hf, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
+from folio.train.budget import Budget
 from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
 from folio.train.optim import apply_schedule, configure_optimizer
 from folio.train.recipes import MODEL_SHAPE_KEYS, head_tied
@@ -52,10 +55,11 @@ from folio.train.step import Batch, TrainStep
 from folio.watch.metrics import finite_or_none, format_duration
 
 
-def train(cfg: TrainConfig, note: str = "") -> int:
+def train(cfg: TrainConfig, note: str = "", started: float | None = None) -> int:
     """Train what the final settings `cfg` say (train.recipes.resolve made them from what the
     user gave; `note` says what it filled in, the first line printed); returns the process
-    exit code (130 after Ctrl+C)."""
+    exit code (130 after Ctrl+C). `started`: when the process started, by time.monotonic (a
+    --time budget counts from then)."""
     info = distributed.from_env()
     device = distributed.device_for_rank(info, resolve_device(cfg.device))
     if device.type == "cpu":
@@ -68,10 +72,13 @@ def train(cfg: TrainConfig, note: str = "") -> int:
     claim = (guard.claim(cfg.out_dir, fresh=cfg.init_from != "resume", overwrite=cfg.overwrite)
              if info.is_master else contextlib.nullcontext())
     with claim as lock, distributed.session(info, device, cfg.backend) as info:
-        trainer = Trainer(cfg, info, device)
+        trainer = Trainer(cfg, info, device, started=started)
         if info.is_master:
             lock.record_holder()  # only now: a failed start leaves the lock file as it was
         return trainer.run()
+
+
+BUDGET_EVALS = 10  # a budgeted run with eval_interval 0 evaluates each tenth of its time
 
 
 class StopRequest(AbstractContextManager):
@@ -131,8 +138,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, started: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg, self.info, self.device = cfg, info, device
+        self.clock = clock  # a budget's clock (tests inject one)
+        self.budget = (Budget(parse_duration(cfg.time), clock=clock, started=started)
+                       if cfg.time else None)
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -145,7 +156,10 @@ class Trainer:
         self.dataset_dir = ensure_dataset(cfg, info)
         self.meta = read_meta(self.dataset_dir)
         self.progress = Progress()
+        self.evals_done = 0  # tenths of a budgeted run's time already evaluated
         resumed = load_resume(cfg, self.out_dir, self.meta) if cfg.init_from == "resume" else None
+        if resumed is not None and self.budget is not None:  # go on with the time left
+            self.budget.spent_before = resumed.state.time_spent
         self.model = model = build_model(cfg, self.meta, resumed, self.master)
         block_size = model.config.block_size  # the model decides its shape
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
@@ -186,6 +200,8 @@ class Trainer:
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
         self.flops_per_iter = model.flops_per_token(block_size) * self.tokens_per_iter
         self.peak = peak_flops(device, self.dtype, cfg.peak_tflops) if self.master else 0.0
+        if self.budget is not None:
+            self.check_budget_fits()
         self.metrics = self._open_metrics(cfg, resumed and resumed.state)
 
     # ------------------------------------------------------------------ setup steps
@@ -208,21 +224,31 @@ class Trainer:
                  "grad_clip": cfg.grad_clip > 0}
         key = autotune.cache_key(shape, batch, self.device.type, found)
 
-        def make_step(twin: GPT, knobs: dict[str, Any]) -> training_choice.StepFn:
-            twin.to(self.device)
-            optimizer = configure_optimizer(twin, cfg, self.device.type,
-                                            training_choice.ns_dtype(knobs))
-            step = TrainStep(twin, twin, optimizer, self.device, DTYPES[knobs["dtype"]],
-                             cfg.grad_clip, torch.amp.GradScaler(self.device.type, enabled=False))
-            return lambda x, y: step(lambda: (x, y))
-
         def batches() -> list[Batch]:
-            loader = Loader(self.eval_splits["train"], cfg.batch_size, model.config.block_size,
-                            cfg.seed, self.device, "train")
-            return [loader.next_batch() for _ in range(training_choice.BATCHES)]
+            return self.fixed_batches(training_choice.BATCHES)
 
-        planned = cfg.max_iters - (resumed.state.iter_num if resumed else 0)
-        return training_choice.choose(model, found, make_step, batches, key, planned, cfg.seed)
+        done = resumed.state.iter_num if resumed else 0
+        planned = cfg.max_iters - done if cfg.max_iters is not None else None
+        planned_s = self.budget.left() if self.budget else None
+        return training_choice.choose(model, found, self.candidate_step, batches, key, planned,
+                                      cfg.seed, planned_s)
+
+    def candidate_step(self, twin: GPT, knobs: dict[str, Any]) -> training_choice.StepFn:
+        """One training step of `twin`, a copy of the model, with the knobs' dtype and its own
+        optimizer: the loop's step function, for measuring."""
+        twin.to(self.device)
+        optimizer = configure_optimizer(twin, self.cfg, self.device.type,
+                                        training_choice.ns_dtype(knobs))
+        step = TrainStep(twin, twin, optimizer, self.device, DTYPES[knobs["dtype"]],
+                         self.cfg.grad_clip, torch.amp.GradScaler(self.device.type,
+                                                                  enabled=False))
+        return lambda x, y: step(lambda: (x, y))
+
+    def fixed_batches(self, n: int) -> list[Batch]:
+        """n training batches from a loader of their own (the run's loader is untouched)."""
+        loader = Loader(self.eval_splits["train"], self.cfg.batch_size,
+                        self.model.config.block_size, self.cfg.seed, self.device, "train")
+        return [loader.next_batch() for _ in range(n)]
 
     def _restore(self, resume: ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
@@ -266,11 +292,11 @@ class Trainer:
         started = time.perf_counter()
         with StopRequest() as stop:
             while True:
-                if p.iter_num % cfg.eval_interval == 0 and p.evaluated_at != p.iter_num:
+                if self.eval_due() and p.evaluated_at != p.iter_num:
                     self.evaluate_and_save(time.perf_counter() - started)
-                if cfg.eval_only or p.iter_num >= cfg.max_iters:
+                if cfg.eval_only or self.finished():
                     break
-                t0 = time.perf_counter()
+                t0, tick = time.perf_counter(), self.clock()
                 loss = self.step(p.iter_num)
                 p.iter_num += 1
                 if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
@@ -279,29 +305,68 @@ class Trainer:
                     check_finite(loss_value, p.iter_num, "training loss")
                     ms = (time.perf_counter() - t0) * 1000
                     self.log_step(loss_value, self.lr, ms, time.perf_counter() - started)
+                if self.budget is not None:
+                    self.budget.record_step(self.clock() - tick)
                 if distributed.broadcast_flag(stop.requested, self.info):
                     return self.save_on_interrupt()
+        if self.budget is not None and p.evaluated_at != p.iter_num and not cfg.eval_only:
+            self.evaluate_and_save(time.perf_counter() - started)  # the finished model
         self.save(best=False)
         if self.master:
-            print(f"folio: done in {format_duration(time.perf_counter() - started)}; best val "
-                  f"loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: folio sample "
-                  f"--out_dir={self.out_dir}", flush=True)
+            took = time.perf_counter() - started
+            budget = ""
+            if self.budget is not None:  # the whole run: set-up, evaluations and saves too
+                took = self.budget.elapsed()
+                budget = f" of a {format_duration(self.budget.seconds)} budget"
+            print(f"folio: done in {format_duration(took)}{budget}; "
+                  f"best val loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: "
+                  f"folio sample --out_dir={self.out_dir}", flush=True)
             self.metrics.close()
         return 0
+
+    def finished(self) -> bool:
+        """max_iters reached, or (a budgeted run) no room for another step before the final
+        evaluation and save; the same answer on every rank."""
+        done = self.cfg.max_iters is not None and self.progress.iter_num >= self.cfg.max_iters
+        if self.budget is not None:
+            done = done or not self.budget.step_fits()
+            done = bool(distributed.all_reduce_max([float(done)], self.info)[0])
+        return done
+
+    def eval_due(self) -> bool:
+        """An evaluation at this iteration: every eval_interval iterations, or (eval_interval
+        0, a budgeted run) at the start and each tenth of the budget."""
+        p = self.progress
+        if self.cfg.eval_interval:
+            return p.iter_num % self.cfg.eval_interval == 0
+        if p.evaluated_at < 0:
+            return True
+        tenths = math.floor(self.schedule_progress() * BUDGET_EVALS)
+        return tenths > self.evals_done
+
+    def schedule_progress(self) -> float:
+        """A budgeted run's clock: the fraction of its training time spent, the same on
+        every rank (the largest)."""
+        return distributed.all_reduce_max([self.budget.progress()], self.info)[0]
 
     def step(self, iter_num: int) -> torch.Tensor:
         """Iteration iter_num's optimizer step over grad_accum micro-batches, at the schedule's
         learning rates (the base one kept in self.lr); returns their mean loss."""
-        self.lr = apply_schedule(self.optimizer, iter_num, self.cfg)
+        progress = self.schedule_progress() if self.budget is not None else None
+        self.lr = apply_schedule(self.optimizer, iter_num, self.cfg, progress)
         return self.step_fn(self.loader.next_batch, self.grad_accum)
 
     def evaluate_and_save(self, time_s: float) -> None:
         cfg, p = self.cfg, self.progress
+        tick = self.clock()
         losses = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
                                cfg.batch_size, self.model.config.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
                                seed_offset=self.info.rank, max_tokens=self.eval_tokens)
         losses = {k: distributed.all_reduce_mean(v, self.info) for k, v in losses.items()}
+        if self.budget is not None:
+            self.budget.record_eval(self.clock() - tick)
+            self.evals_done = math.floor(self.schedule_progress() * BUDGET_EVALS)
         p.evaluated_at = p.iter_num
         check_finite(losses["val"], p.iter_num, "validation loss")
         if self.master:
@@ -328,6 +393,7 @@ class Trainer:
 
     def save(self, best: bool) -> None:
         """Write resume state (and, if `best`, the sampling weights) atomically."""
+        tick = self.clock()
         try:
             self._write_checkpoint(best)
         except (OSError, SafetensorError) as e:  # disk full, quota: previous files are intact
@@ -335,6 +401,8 @@ class Trainer:
             raise CheckpointError(f"could not save a checkpoint in {self.out_dir} ({reason}); "
                                   "the previous checkpoint is kept. Free space or choose another "
                                   "--out_dir, then resume") from None
+        if self.budget is not None:
+            self.budget.record_save(self.clock() - tick)
 
     def _write_checkpoint(self, best: bool) -> None:
         p, info = self.progress, self.info
@@ -354,7 +422,8 @@ class Trainer:
             model=model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             best_iter=p.best_iter, evaluated_at=p.evaluated_at, world_size=info.world_size,
             scaler=self.step_fn.scaler.state_dict(), dataset=self.cfg.dataset,
-            wandb_run_id=self.wandb_run_id)
+            wandb_run_id=self.wandb_run_id,
+            time_spent=self.budget.elapsed() if self.budget is not None else 0.0)
         checkpoint.save_resume(self.out_dir, state)
         self.write_info()
 
@@ -400,18 +469,54 @@ class Trainer:
     def announce(self) -> None:
         if not self.master:
             return
-        cfg = self.cfg
-        remaining = cfg.max_iters - self.progress.iter_num
-        guess = estimate_seconds(self.flops_per_iter * remaining, self.peak, self.device)
+        cfg, done = self.cfg, self.progress.iter_num
         dtype = dtype_name(self.dtype)
         if self.tuning:  # the measured choice and its ratio
             dtype = self.tuning.line
+        if self.budget is None:
+            guess = estimate_seconds(self.flops_per_iter * (cfg.max_iters - done), self.peak,
+                                     self.device)
+            plan = f"iters {done}->{cfg.max_iters} | {self.tokens_per_iter:,} tokens/iter | " \
+                   f"est. {guess}"
+        else:
+            left = format_duration(self.budget.left())
+            limit = (f"; or {cfg.max_iters} iters, whichever ends first"
+                     if cfg.max_iters is not None else "")
+            plan = (f"budget {format_duration(self.budget.seconds)}, {left} left{limit} | "
+                    f"from iter {done} | {self.tokens_per_iter:,} tokens/iter")
         print(f"folio: training on {self.device} ({dtype}, compile "
               f"{'on' if self.compiled else 'off'}, {self.info.world_size} process"
-              f"{'es' if self.info.enabled else ''}) | iters {self.progress.iter_num}->"
-              f"{cfg.max_iters} | {self.tokens_per_iter:,} tokens/iter | "
-              f"est. {guess} | out_dir {self.out_dir}", flush=True)
+              f"{'es' if self.info.enabled else ''}) | {plan} | out_dir {self.out_dir}",
+              flush=True)
 
+    def check_budget_fits(self) -> None:
+        """A budget too short for one step after the set-up is a one-line error, before
+        anything is written. A step and an evaluation batch's forward pass are timed on a
+        copy of the model (the second of two: the first allocates)."""
+        budget = self.budget
+        twin = copy.deepcopy(self.model).train()
+        knobs = self.tuning.knobs if self.tuning else {"dtype": dtype_name(self.dtype)}
+        step = self.candidate_step(twin, knobs)
+        x, y = self.fixed_batches(1)[0]
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(2):
+                tick = self.clock()
+                step(x, y)
+                step_s = (self.clock() - tick) * self.grad_accum
+            twin.eval()
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                for _ in range(2):
+                    tick = self.clock()
+                    twin(x, y)
+                    forward_s = self.clock() - tick
+        del twin
+        budget.record_step(step_s)
+        budget.record_eval(forward_s * 2 * self.cfg.eval_iters)  # both splits
+        if not budget.step_fits() and not budget.spent_before:  # (a resumed run is done)
+            need = budget.elapsed() + budget.step_s + budget.finish_s()
+            raise TrainingError(f"--time={self.cfg.time} is too short to take one step here: "
+                                f"set-up, a step and the final evaluation need about "
+                                f"{math.ceil(need)}s; give at least --time={math.ceil(need * 2)}s")
 
 # ---------------------------------------------------------------------- helpers
 

@@ -194,31 +194,45 @@ class MuonAdamW:
                              for g in groups[k:]]})
 
 
-def apply_schedule(optimizer: Any, step: int, cfg: TrainConfig) -> float:
+def apply_schedule(optimizer: Any, step: int, cfg: TrainConfig, progress: float | None = None
+                   ) -> float:
     """Set every group's learning rate (its `lr_scale` times the schedule's) and Muon's
-    momentum for `step`; returns the schedule's learning rate."""
-    lr = lr_at(step, cfg)
+    momentum for `step` (and, in a budgeted run, `progress`: the fraction of the training time
+    spent); returns the schedule's learning rate."""
+    lr = lr_at(step, cfg, progress)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("muon"):
-            group["momentum"] = muon_momentum_at(step, cfg)
+            group["momentum"] = muon_momentum_at(step, cfg, progress)
     return lr
 
 
-def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from MUON_MOMENTUM_START to muon_momentum over muon_momentum_warmup."""
+MOMENTUM_WARMUP_SHARE = 0.3  # a budgeted run's Muon momentum is warm by this share of its time
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warmup from MUON_MOMENTUM_START to muon_momentum over muon_momentum_warmup
+    iterations (a budgeted run: or over MOMENTUM_WARMUP_SHARE of its time, if sooner)."""
     frac = min(1.0, step / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup else 1.0
+    if progress is not None:
+        frac = max(frac, min(1.0, progress / MOMENTUM_WARMUP_SHARE))
     return MUON_MOMENTUM_START + frac * (cfg.muon_momentum - MUON_MOMENTUM_START)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     """Linear warmup to learning_rate, then (lr_schedule) a cosine decay to min_lr at
     lr_decay_iters (default: max_iters) and flat after; or (wsd) constant, then a linear
-    warmdown to min_lr over the last warmdown_frac of lr_decay_iters."""
+    warmdown to min_lr over the last warmdown_frac of lr_decay_iters.
+
+    A budgeted run gives `progress`, the fraction of its training time spent: the decay then
+    follows it (and the iterations, when max_iters ends the run sooner), so it ends at the
+    deadline; the warmup stays in iterations."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if progress is not None:
+        return _decayed(cfg, _budget_fraction(step, cfg, progress))
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step > decay_iters:
         return cfg.min_lr
@@ -228,4 +242,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     else:
         ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio)))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def _budget_fraction(step: int, cfg: TrainConfig, progress: float) -> float:
+    """How far a budgeted run is through its schedule: its time, or its iterations when a
+    max_iters (or lr_decay_iters) would end it sooner."""
+    limit = cfg.lr_decay_iters or cfg.max_iters
+    return min(1.0, max(progress, step / limit if limit else 0.0))
+
+
+def _decayed(cfg: TrainConfig, frac: float) -> float:
+    """The schedule's learning rate after the warmup, at fraction `frac` of the run."""
+    if cfg.lr_schedule == "wsd":
+        start = 1.0 - cfg.warmdown_frac
+        coeff = 1.0 - max(0.0, frac - start) / max(1e-9, 1.0 - start)  # 1 -> 0
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * frac))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from folio.config import AUTO, TrainConfig, apply
+from folio.config import AUTO, TrainConfig, apply, parse_duration
 from folio.errors import CheckpointError, ConfigError, FolioError
+from folio.store.rundir import RunInfo, read_run_info
+from folio.train import sizing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +35,7 @@ PRESET_ALIASES = {"train_shakespeare_char": "shakespeare_char", "train_gpt2": "g
 # giving only these leaves `folio train` bare. init_from counts only as scratch or resume.
 PLACE_KEYS = frozenset({"recipe", "device", "dtype", "compile", "backend", "fsdp", "peak_tflops",
                         "data_dir", "out_dir", "init_from", "eval_only", "seed", "wandb_log",
-                        "wandb_project", "wandb_run_name", "tensorboard", "overwrite"})
+                        "wandb_project", "wandb_run_name", "tensorboard", "overwrite", "time"})
 DEVICE_PRESETS = {"cpu": "shakespeare_char_cpu", "cuda": "shakespeare_char",
                   "mps": "shakespeare_char"}  # what a bare `folio train` trains on each device
 
@@ -85,37 +89,121 @@ def fill(cfg: TrainConfig, values: dict[str, Any], given: frozenset[str]) -> Tra
 
 
 def resolve(cfg: TrainConfig, given: frozenset[str], device_type: str,
-            saved_model: dict[str, Any] | None = None) -> tuple[TrainConfig, str]:
+            saved: RunInfo | None = None, source: str = "",
+            machine: Callable[[TrainConfig], Machine | None] | None = None
+            ) -> tuple[TrainConfig, str]:
     """The final settings of a run and a note for the log ("" when nothing was filled in).
 
-    `given`: the names of the settings the user set (command line or config file).
+    `given`: the names of the settings the user set (command line or config file, `source`).
     A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) trains
     the tiny-Shakespeare character model sized for the device: nanoGPT README's CPU model on
     a CPU, nanoGPT's GPU char model (`shakespeare_char`) on cuda or mps. Any other setting
-    means nanoGPT's train.py defaults for the rest, on every device. `recipe=modern` then
-    fills MODERN_RECIPE for every setting not given. A resumed run (`saved_model`: the model
-    section of its run.json) takes the shape it was trained with; a different shape that was
+    means nanoGPT's train.py defaults for the rest, on every device. The recipe (RECIPE_RULE)
+    then fills what was not given. A --time budget plans the run on the clock and, with no
+    shape given, sizes the model for the budget (sizing.py; `machine(cfg)` gives the device's
+    speed and the dataset's size). A resumed run (`saved`: its run.json) goes on with its
+    recipe and budget and takes the shape it was trained with; a different shape that was
     given is a one-line error.
     """
     notes = []
-    if not (given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume"):
+    if cfg.init_from == "resume" and saved is not None:
+        cfg, given = resumed_settings(cfg, given, saved)
+    bare = not (given - PLACE_KEYS) and cfg.init_from in ("scratch", "resume")
+    if bare:
         name = DEVICE_PRESETS.get(device_type, DEVICE_PRESETS["cpu"])
-        preset = load_preset(name)
-        cfg = fill(cfg, preset, given)
-        given = given | frozenset(preset)
-        notes.append(f"no model or training settings given, so on {device_type} folio trains "
-                     f"the {name} preset ({cfg.n_layer} layers, {cfg.n_embd} wide, "
-                     f"{cfg.max_iters} iters, out_dir {cfg.out_dir}); any such setting, or a "
-                     "preset, gives nanoGPT's train.py defaults instead")
+        cfg = fill(cfg, load_preset(name), given)
+        if not cfg.time:
+            notes.append(f"no model or training settings given, so on {device_type} folio "
+                         f"trains the {name} preset's model ({cfg.n_layer} layers, "
+                         f"{cfg.n_embd} wide, {cfg.max_iters} iters, out_dir {cfg.out_dir}) "
+                         "with the modern recipe; any such setting, or a preset, gives "
+                         "nanoGPT's train.py defaults instead")
+    if "recipe" not in given:
+        cfg = apply(TrainConfig, {"recipe": default_recipe(cfg, bare, source)}, cfg)
+    if cfg.time:
+        cfg, why = budgeted(cfg, given, device_type, machine)
+        notes.append(why)
     if cfg.recipe == "modern":
         filled = [f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in given]
         if "tie_head" not in given:
             filled.append("head untied unless it outweighs the blocks")
         notes.append("recipe modern: " + ", ".join(filled))
         cfg = fill(cfg, MODERN_RECIPE, given)
-    if cfg.init_from == "resume" and saved_model:
-        cfg = resume_shape(cfg, given, saved_model)
+    if cfg.init_from == "resume" and saved is not None:
+        cfg = resume_shape(cfg, given, saved.model)
     return cfg, "; ".join(notes)
+
+
+# The recipe when --recipe is not given: folio's own choices train the modern recipe, what
+# comes from nanoGPT trains nanoGPT's exactly.
+RECIPE_RULE = ("recipe: modern where folio chooses the settings (a bare `folio train`, any "
+               "--time run, folio's own presets); nanoGPT's where they come from nanoGPT (its "
+               "command lines, its .py config files, its presets: " + ", ".join(
+                   ["shakespeare_char", "shakespeare_char_cpu", "gpt2_124m",
+                    "finetune_shakespeare"]) + "); --recipe decides either way")
+NANOGPT_PRESETS = frozenset({"shakespeare_char", "shakespeare_char_cpu", "gpt2_124m",
+                             "finetune_shakespeare"})
+
+
+def default_recipe(cfg: TrainConfig, bare: bool, source: str) -> str:
+    """RECIPE_RULE for settings that do not name a recipe."""
+    if bare or cfg.time:
+        return "modern"
+    preset = PRESET_ALIASES.get(Path(source).stem, Path(source).stem) if source else ""
+    folio_preset = preset in preset_names() and preset not in NANOGPT_PRESETS \
+        and not source.endswith(".py")
+    return "modern" if folio_preset else "nanogpt"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What sizing a budgeted run needs to know: the device's measured matmul peak (FLOP/s)
+    and the dataset's training tokens and vocabulary."""
+
+    peak_flops: float
+    train_tokens: int
+    vocab_size: int
+
+
+# What a budgeted run changes where nothing was given: no iteration limit, ten evaluations
+# spread over the budget, on 20 batches each (nanoGPT README's CPU figure).
+BUDGET_DEFAULTS: dict[str, Any] = {"max_iters": None, "eval_interval": 0, "eval_iters": 20,
+                                   "always_save_checkpoint": False}
+
+
+def budgeted(cfg: TrainConfig, given: frozenset[str], device_type: str,
+             machine: Callable[[TrainConfig], Machine | None] | None
+             ) -> tuple[TrainConfig, str]:
+    """A --time run's settings: BUDGET_DEFAULTS and, with no shape setting given, the size
+    sizing.choose picks; and the note that says which and why."""
+    cfg = fill(cfg, BUDGET_DEFAULTS, given)
+    limit = "" if cfg.max_iters is None else f" or {cfg.max_iters} iters, whichever ends first"
+    note = f"time budget {cfg.time}{limit}"
+    found = None
+    if not given & frozenset(SIZE_KEYS) and machine is not None and cfg.init_from == "scratch":
+        found = machine(cfg)
+    if found is None:
+        return cfg, note
+    size, why = sizing.choose(parse_duration(cfg.time), found.peak_flops, found.train_tokens,
+                              found.vocab_size)
+    cfg = apply(TrainConfig, size.settings(), cfg)
+    return cfg, (f"{note}; size for the budget on {device_type}: {size.n_layer} layers, "
+                 f"{size.n_embd} wide, block {size.block_size}, batch {size.batch_size} "
+                 f"({why})")
+
+
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout")
+
+
+def resumed_settings(cfg: TrainConfig, given: frozenset[str], saved: RunInfo
+                     ) -> tuple[TrainConfig, frozenset[str]]:
+    """A resumed run goes on with the recipe and time budget it was trained with, where none
+    is given (its model shape: resume_shape)."""
+    keep = {k: saved.config[k] for k in ("recipe", "time") if k in saved.config
+            and k not in given}
+    if keep.get("time") and "max_iters" not in given:
+        keep["max_iters"] = saved.config.get("max_iters")
+    return apply(TrainConfig, keep, cfg), given | frozenset(keep)
 
 
 def resume_shape(cfg: TrainConfig, given: frozenset[str], saved: dict[str, Any]
@@ -130,11 +218,10 @@ def resume_shape(cfg: TrainConfig, given: frozenset[str], saved: dict[str, Any]
     return dataclasses.replace(cfg, **{k: saved[k] for k in MODEL_SHAPE_KEYS if k in saved})
 
 
-def saved_model_shape(out_dir: str | Path) -> dict[str, Any] | None:
-    """The model section of out_dir's run.json, or None when there is none to read (the
-    trainer then says what is missing)."""
-    from folio.store.rundir import read_run_info
+def saved_run(out_dir: str | Path) -> RunInfo | None:
+    """out_dir's run.json, or None when there is none to read (the trainer then says what is
+    missing)."""
     try:
-        return read_run_info(Path(out_dir)).model
+        return read_run_info(Path(out_dir))
     except FolioError:  # missing or unreadable: the trainer says so
         return None

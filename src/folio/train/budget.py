@@ -1,0 +1,67 @@
+"""A wall-clock budget for a training run (`folio train --time=10m`).
+
+The run plans on the clock, not on an iteration count guessed up front: the learning-rate
+decay follows the fraction of the training time spent, and a step is taken only while it, the
+final evaluation and the final save still fit. Everything in the run (set-up, the speed
+measurement, evaluations, checkpoints) counts, so the run ends at the deadline with a finished
+model. Step, evaluation and save times are measured as the run goes; with an injected clock
+the same budget and the same step times give the same schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+STEP_EMA = 0.2  # weight of the newest step in the step-time estimate
+SAVE_GUESS_S = 0.5  # a save's time before one was measured
+MARGIN = 1.2  # the final evaluation and save are planned at this multiple of their measured time
+
+
+@dataclass
+class Budget:
+    """`seconds` of wall time for the whole run, `spent_before` of them by the run resumed;
+    `started` is the clock's reading when this process's share began."""
+
+    seconds: float
+    spent_before: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    started: float | None = None
+    step_s: float = 0.0  # a step's time (exponential moving average of the measured ones)
+    eval_s: float = 0.0  # the last evaluation's time
+    save_s: float = SAVE_GUESS_S  # the last save's time
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.clock()
+
+    def elapsed(self) -> float:
+        """Seconds of the budget spent so far (this process and the runs it resumes)."""
+        return self.spent_before + self.clock() - self.started
+
+    def finish_s(self) -> float:
+        """What the end of the run needs: the final evaluation and save, with a margin."""
+        return MARGIN * (self.eval_s + self.save_s)
+
+    def progress(self) -> float:
+        """The fraction of the training time spent, 0..1: the schedule's clock. Training time
+        is the budget less what the final evaluation and save need."""
+        return min(1.0, max(0.0, self.elapsed() / max(1e-9, self.seconds - self.finish_s())))
+
+    def step_fits(self) -> bool:
+        """Whether one more step, then the final evaluation and save, end by the deadline."""
+        return self.elapsed() + self.step_s + self.finish_s() <= self.seconds
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s = seconds if not self.step_s else (STEP_EMA * seconds
+                                                       + (1 - STEP_EMA) * self.step_s)
+
+    def record_eval(self, seconds: float) -> None:
+        self.eval_s = seconds
+
+    def record_save(self, seconds: float) -> None:
+        self.save_s = seconds
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()

@@ -1,0 +1,82 @@
+"""The model a time budget can train best (`folio train --time=T` with no shape given).
+
+One dial, as in nanochat: depth d gives a model of d layers, 32·d wide, heads of 32 (d = 4 is
+nanoGPT README's CPU model). The budget buys FLOPs: its seconds times this device's measured
+matmul peak times a typical utilisation. The chosen depth is the largest whose training tokens
+in the budget reach TOKENS_PER_PARAM per parameter, the ratio benchmarks/size_sweep.py found
+best on tiny Shakespeare (docs/size_sweep.png); a run that would see its data more than
+EPOCHS_BEFORE_DROPOUT times gets dropout, since a small corpus overfits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEPTHS = range(2, 13)
+HEAD_DIM = 32
+UTILISATION = 0.25  # the share of the measured matmul peak a training step reaches (MFU)
+TOKENS_PER_PARAM = 60.0  # from benchmarks/size_sweep.py (see docs/training.md)
+EPOCHS_BEFORE_DROPOUT = 4.0
+DROPOUT = 0.1
+BLOCK_SIZE = {"char": 128, "bpe": 64}  # context: tokens per sequence
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Size:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+    dropout: float
+
+    def settings(self) -> dict[str, int | float]:
+        return dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                    block_size=self.block_size, batch_size=self.batch_size,
+                    dropout=self.dropout)
+
+
+def params(depth: int, vocab: int) -> int:
+    """Parameters of the dial's model at `depth` (blocks plus an untied head and embedding)."""
+    width = HEAD_DIM * depth
+    return 12 * depth * width**2 + 2 * vocab * width
+
+
+def flops_per_token(depth: int, vocab: int, block_size: int) -> float:
+    """Training FLOPs per token (forward and backward; PaLM's estimate)."""
+    return 6 * params(depth, vocab) + 12 * depth * HEAD_DIM * depth * block_size
+
+
+def choose(budget_s: float, peak_flops: float, train_tokens: int, vocab: int
+           ) -> tuple[Size, str]:
+    """The size for `budget_s` seconds on a device of `peak_flops`, for a dataset of
+    `train_tokens`; and why, in a few words for the first line."""
+    kind = "char" if vocab < 1024 else "bpe"
+    block = BLOCK_SIZE[kind]
+    flops = budget_s * peak_flops * UTILISATION
+
+    def tokens(d: int) -> float:
+        return flops / flops_per_token(d, vocab, block)
+
+    fitting = [d for d in DEPTHS if tokens(d) >= TOKENS_PER_PARAM * params(d, vocab)]
+    depth = max(fitting, default=DEPTHS[0])
+    epochs = tokens(depth) / max(1, train_tokens)
+    dropout = DROPOUT if epochs > EPOCHS_BEFORE_DROPOUT else 0.0
+    size = Size(depth, depth, depth * HEAD_DIM, block, BATCH_SIZE, dropout)
+    why = (f"depth {depth}: {fmt(tokens(depth))} tokens fit the budget at "
+           f"{peak_flops / 1e9:.0f} GFLOP/s, >= {TOKENS_PER_PARAM:.0f} per parameter "
+           f"({params(depth, vocab) / 1e6:.2f}M)"
+           + (f"; {epochs:.0f} epochs of the data, so dropout {DROPOUT}" if dropout else ""))
+    return size, why
+
+
+def fmt(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else f"{n:.0f}"
+
+
+def budget_tokens(budget_s: float, peak_flops: float, depth: int, vocab: int) -> float:
+    """Training tokens the dial's model at `depth` can see in the budget (for the sweep)."""
+    block = BLOCK_SIZE["char" if vocab < 1024 else "bpe"]
+    return budget_s * peak_flops * UTILISATION / flops_per_token(depth, vocab, block)
+
