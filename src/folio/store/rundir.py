@@ -78,6 +78,9 @@ class RunInfo:
     """Iterations done at the last save."""
     best_val_loss: float | None = None
     """Lowest validation loss so far (the loss of model.safetensors); None before any eval."""
+    best_val_bpb: float | None = None
+    """Validation bits per byte at best_iter (summed loss over the UTF-8 bytes of the
+    targets, in bits: compares across tokenizers); None before any eval, or not measured."""
     best_iter: int = -1
     """Iteration of best_val_loss; -1 before any eval."""
     source: str = "train"
