@@ -296,3 +296,22 @@ def test_a_folder_is_read_whole_binary_and_hidden_files_left_out(tmp_path, capsy
                  "--include=*.rst"]) == 0
     meta = json.loads((data / "md" / "meta.json").read_text())
     assert meta["files"] == 3 and meta["skipped_binary_files"] == 0  # a.md, build/out.md, d.rst
+
+
+def test_a_hub_dataset_trains_on_its_train_documents_and_prepares_with_end_of_text(tmp_path):
+    hub = tmp_path / "corpus"
+    hub.mkdir()
+    docs = [text * 3 for text in DOCS.values()] * 6
+    (hub / "data.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", f"hf:{hub}", "--text_field=content", "--vocab_size=300",
+                 f"--out={out}"]) == 0
+    info = json.loads((out / "folio_tokenizer.json").read_text())
+    assert info["source"] == f"hf:{hub}[train]" and info["settings"]["text_field"] == "content"
+    assert main(["prepare", f"hf:{hub}", "--text_field=content", f"--tokenizer={out}",
+                 f"--data_dir={tmp_path / 'data'}"]) == 0
+    meta = json.loads((tmp_path / "data" / "corpus" / "meta.json").read_text())
+    tok = BPETokenizer(str(out))
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / "corpus" / f"{s}.bin",
+                                      dtype=meta["dtype"]) for s in ("train", "val")])
+    assert (ids == tok.eot_id).sum() == meta["documents"] == len(docs)

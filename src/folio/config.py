@@ -261,6 +261,31 @@ class TokenizerEvalConfig:
 
 
 @settings
+class EvalConfig:
+    """Everything `folio eval` reads: a run's loss and bits per byte on a fixed number of
+    tokens of any text or prepared dataset, with 95% confidence intervals."""
+
+    run_dir: str = setting("", "run directory to evaluate (folio, nanoGPT or Hugging Face)",
+                           positional="RUN_DIR", required=True)
+    data: str = setting("", "what to score: a prepared dataset dir (its --split), or any text "
+                        "folio prepare reads (a file, folder, glob, .jsonl, .parquet, hf:NAME), "
+                        "encoded with the run's tokenizer; default: the run's dataset")
+    split: str = setting("val", "split of a prepared dataset", choices=("val", "train"))
+    tokens: int = setting(1 << 18, "targets scored, from the start (fewer if the text is "
+                          "shorter): the same number makes runs compare", min=1)
+    device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = setting("float32", "compute dtype", choices=(AUTO, "float32", "bfloat16",
+                                                              "float16"))
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check_device_name(self.device)
+
+
+@settings
 class BenchConfig:
     """Everything `folio bench` reads: CPU training speed, nanoGPT's plain eager float32 path
     against folio's default path, each in its own process, taking turns."""
@@ -337,7 +362,7 @@ class ServeConfig:
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
                  ExportConfig, ImportNanoGPTConfig, ServeConfig, TokenizerTrainConfig,
-                 TokenizerEvalConfig)
+                 TokenizerEvalConfig, EvalConfig)
 
 
 # ---------------------------------------------------------------------------- validation

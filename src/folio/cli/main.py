@@ -40,6 +40,12 @@ def run_tokenizer_eval(cfg: config.TokenizerEvalConfig) -> int:
     return 0
 
 
+def run_eval(cfg: config.EvalConfig) -> int:
+    from folio.train.eval_run import evaluate_run
+    evaluate_run(cfg)
+    return 0
+
+
 def run_train(resolved: tuple[config.TrainConfig, str]) -> int:
     from folio.train.loop import train
     return train(*resolved)
@@ -122,6 +128,8 @@ COMMANDS: dict[str, Command] = {
                               "tokenizer beside GPT-2's and characters", run_tokenizer_eval),
     "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
                      run_train, config_file=True, note=presets_note, resolve=resolve_train),
+    "eval": Command(config.EvalConfig, "loss and bits per byte of a run on a fixed number of "
+                    "tokens of any text, with confidence intervals", run_eval),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
