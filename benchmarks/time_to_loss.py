@@ -75,7 +75,7 @@ def train(cfg: TrainConfig, eval_every: int, eval_batches: int, seconds: float =
     def evaluate() -> float:
         return estimate_loss(trainer.model, val, eval_batches, cfg.batch_size, cfg.block_size,
                              trainer.device, contextlib.nullcontext,
-                             max_tokens=trainer.eval_tokens)["val"]
+                             max_tokens=trainer.eval_tokens)["val"].loss
 
     curve = [(0, 0.0, evaluate())]
     losses = []  # (iter, training seconds, training loss)

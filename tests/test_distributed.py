@@ -8,6 +8,7 @@ train ...` of a tiny model, bounded by a timeout. A 1-process run that sees the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from folio.data.loader import Loader
 from folio.errors import TrainingError
 from folio.machine.distributed import DistInfo
 from folio.store import checkpoint, rundir, sources
+from folio.store.rundir import read_run_info
 from folio.train.loop import Trainer
 
 LAUNCH_TIMEOUT_S = 120
@@ -136,6 +138,19 @@ def test_two_process_run_resumes_where_it_stopped(single_run, ddp_run):
     assert difference < 1e-5
     assert max_weight_difference(ddp, single_run) < 1e-5
     assert ("eval", 30) in metrics(ddp)
+
+
+def test_two_process_evals_sum_bits_per_byte_over_ranks(ddp_run):
+    """Each rank scores its own batches; their summed loss, tokens and bytes make the bpb
+    (tiny Shakespeare is ASCII: the val loss / ln 2), and run.json keeps the best after a
+    resume."""
+    ddp, _ = ddp_run
+    rows = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-5)
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert read_run_info(ddp).best_val_bpb == pytest.approx(best["val_bpb"])
 
 
 def run_twice_and_compare(args: list[str], out: Path, single: Path, tolerance: float) -> None:

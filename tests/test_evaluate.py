@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from folio.model.gpt import GPT, GPTConfig
-from folio.train.evaluate import batches_per_pass, estimate_loss
+from folio.train.evaluate import batches_per_pass, estimate_loss, token_byte_lengths
 
 
 @pytest.mark.parametrize("eval_iters, batch, block, max_tokens, want", [
@@ -34,10 +34,12 @@ def test_stacked_eval_gives_the_same_losses_as_one_batch_at_a_time(char_data_dir
     model = GPT(GPTConfig(block_size=32, vocab_size=meta["vocab_size"], n_layer=2, n_head=2,
                           n_embd=32, dropout=0.1, bias=False))
     kwargs = dict(eval_iters=12, batch_size=4, block_size=32, device=torch.device("cpu"),
-                  autocast=contextlib.nullcontext)
+                  autocast=contextlib.nullcontext,
+                  token_bytes=token_byte_lengths(meta["tokenizer"], torch.device("cpu")))
     one_at_a_time = estimate_loss(model, splits, **kwargs)
     stacked = estimate_loss(model, splits, **kwargs, max_tokens=6 * 4 * 32)  # 2 passes of 6
     assert one_at_a_time.keys() == stacked.keys() == {"train", "val"}
-    for split in one_at_a_time:
-        assert stacked[split] == pytest.approx(one_at_a_time[split], rel=1e-6)
+    for split, score in one_at_a_time.items():
+        assert stacked[split].loss == pytest.approx(score.loss, rel=1e-6)
+        assert (stacked[split].tokens, stacked[split].bytes) == (score.tokens, score.bytes)
     assert model.training  # left in train mode, dropout off while evaluating (same numbers)

@@ -182,11 +182,13 @@ def test_directory_of_non_ascii_files_round_trips(tmp_path, capsys, tokenizer):
     text_file(docs / "a.txt", "Ça va? — 日本語 and naïve café\n")
     text_file(docs / "empty.txt", "")
     text_file(docs / "sub" / "b.txt", "emoji 🎭 Ωμέγα, ok")
-    text_file(docs / "notes.md", "not a .txt file: ignored")
+    text_file(docs / "notes.md", "any text file is read, in name order")
     code, _, _ = prepare(capsys, docs, f"--tokenizer={tokenizer}", "--name=mydocs",
                          f"--data_dir={tmp_path / 'data'}")
     assert code == 0
-    expected = "Ça va? — 日本語 and naïve café\n" + layout.DOC_SEPARATOR + "emoji 🎭 Ωμέγα, ok"
+    expected = layout.DOC_SEPARATOR.join(["Ça va? — 日本語 and naïve café\n",
+                                          "any text file is read, in name order",
+                                          "emoji 🎭 Ωμέγα, ok"])
     assert decoded(tmp_path / "data" / "mydocs") == expected
     meta, _, _ = read_dataset(tmp_path / "data" / "mydocs")
     assert meta["source_sha256"] == hashlib.sha256(expected.encode()).hexdigest()
@@ -265,7 +267,8 @@ BAD_INPUTS = {
                        "c.jsonl line 2 is not valid JSON"),
     "jsonl_no_text": ({"c.jsonl": b'{"text": "a"}\n\n{"body": "b"}\n'}, ["TMP/c.jsonl"],
                       'c.jsonl line 3 has no string "text" field'),
-    "dir_without_txt": ({"d/readme.md": b"hi"}, ["TMP/d"], "has no .txt files"),
+    "dir_without_text": ({"d/logo.png": b"\x89PNG\r\n\x1a\n\0\0"}, ["TMP/d"],
+                         "has no text files (1 binary file(s) skipped)"),
     "source_for_a_path": ({"t.txt": b"text " * 9}, ["TMP/t.txt", "--source=x.txt"],
                           "--source only applies to shakespeare_char, shakespeare, openwebtext"),
     "bad_name": ({"t.txt": b"text " * 9}, ["TMP/t.txt", "--name=a/b"],

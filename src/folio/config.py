@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,9 +186,15 @@ class PrepareConfig:
 
     dataset: str = setting("shakespeare_char", "shakespeare_char | shakespeare | openwebtext | "
                            "fineweb-edu | hf:NAME[:CONFIG] | PATH (.txt, .jsonl[.gz|.zst], "
-                           ".parquet, directory or glob)", positional="DATASET|PATH")
-    tokenizer: str = setting(AUTO, "char | gpt2 | tiktoken:NAME | hf:PATH (a local tokenizer "
-                             "dir); auto: gpt2 for hub datasets and shakespeare, char for files")
+                           ".parquet, a directory or glob of text files)",
+                           positional="DATASET|PATH")
+    tokenizer: str = setting(AUTO, "char | gpt2 | tiktoken:NAME | hf:PATH (a local Hugging Face "
+                             "tokenizer dir) | DIR (one `folio tokenizer train` wrote); auto: "
+                             "gpt2 for hub datasets and shakespeare, char for files")
+    include: list[str] = setting([], "read only a folder's (or glob's) files matching this glob, "
+                                 "e.g. '*.md' (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob, e.g. "
+                                 "'build/*' (repeatable)")
     name: str = setting("", "output name under data_dir (default: from the dataset)")
     data_dir: str = setting("data", "where prepared datasets are written")
     val_fraction: float | None = setting(None, "fraction held out for validation, in (0, 1); "
@@ -206,11 +213,7 @@ class PrepareConfig:
         if self.val_fraction is not None and self.val_fraction >= 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction} is too large; expected a "
                               "number between 0 and 1 (exclusive), e.g. 0.1")
-        kind, _, arg = self.tokenizer.partition(":")
-        if self.tokenizer not in (AUTO, "char", "gpt2") and not (kind in ("tiktoken", "hf")
-                                                                   and arg):
-            raise ConfigError(f"tokenizer={self.tokenizer!r} is not allowed; expected one of "
-                              "auto, char, gpt2, tiktoken:NAME or hf:PATH")
+        check_tokenizer_choice(self.tokenizer)
 
 
 @settings
@@ -224,9 +227,81 @@ class PlotConfig:
                           "./loss.png)", short="o")
     html: str = setting("", "also write an interactive self-contained HTML file here")
     x: str = setting("iter", "x axis", choices=("iter", "tokens", "time"))
+    metric: str = setting("loss", "y axis: loss (cross-entropy per token) or bpb (bits per "
+                          "byte at each eval: compares across tokenizers)",
+                          choices=("loss", "bpb"))
     logy: bool = setting(False, "log-scale loss axis")
     smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
                                  "(None: about 1/30 of the curve; 1: no smoothing)", min=1)
+
+
+# the 256 byte tokens and the special tokens (data/bpe_files.py's SPECIAL_TOKENS)
+MIN_BPE_VOCAB = 256 + 5
+MAX_BPE_VOCAB = 1 << 32  # token ids are stored as uint32
+
+
+@settings
+class TokenizerTrainConfig:
+    """Everything `folio tokenizer train` reads: a byte-level BPE trained on your text (any
+    source folio prepare reads), saved as a directory for `folio prepare --tokenizer=DIR`."""
+
+    source: str = setting("", "text to train on: a file, folder or glob of text files, "
+                          ".jsonl[.gz|.zst], .parquet, hf:NAME[:CONFIG], shakespeare",
+                          positional="SOURCE", required=True)
+    vocab_size: int = setting(8192, "tokens in the vocabulary: 256 bytes, the merges and 5 "
+                              "special tokens (<|endoftext|>, <|system|>, <|user|>, "
+                              "<|assistant|>, <|end|>)", min=MIN_BPE_VOCAB, max=MAX_BPE_VOCAB)
+    out: str = setting("", "directory to write (default: tokenizers/NAME-VOCAB_SIZE)")
+    overwrite: bool = setting(False, "replace a tokenizer already in --out")
+    pattern: str = setting("gpt4", "split pattern applied before merging", choices=("gpt4", "gpt2"))
+    max_chars: int = setting(0, "train on the first this many characters; 0: all", min=0)
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    split: str = setting("train", "hub dataset split to read")
+    keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+
+
+@settings
+class TokenizerEvalConfig:
+    """Everything `folio tokenizer eval` reads: bytes per token of a trained tokenizer on some
+    text, beside GPT-2's and the text's own characters'."""
+
+    tokenizer_dir: str = setting("", "directory `folio tokenizer train` wrote", positional="DIR",
+                                 required=True)
+    source: str = setting("", "text to measure on (any source folio prepare reads)",
+                          positional="SOURCE", required=True)
+    max_chars: int = setting(0, "measure on the first this many characters; 0: all", min=0)
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    split: str = setting("train", "hub dataset split to read")
+    keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+
+
+@settings
+class EvalConfig:
+    """Everything `folio eval` reads: a run's loss and bits per byte on a fixed number of
+    tokens of any text or prepared dataset, with 95% confidence intervals."""
+
+    run_dir: str = setting("", "run directory to evaluate (folio, nanoGPT or Hugging Face)",
+                           positional="RUN_DIR", required=True)
+    data: str = setting("", "what to score: a prepared dataset dir (its --split), or any text "
+                        "folio prepare reads (a file, folder, glob, .jsonl, .parquet, hf:NAME), "
+                        "encoded with the run's tokenizer; default: the run's dataset")
+    split: str = setting("val", "split of a prepared dataset", choices=("val", "train"))
+    tokens: int = setting(1 << 18, "targets scored, from the start (fewer if the text is "
+                          "shorter): the same number makes runs compare", min=1)
+    device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = setting("float32", "compute dtype", choices=(AUTO, "float32", "bfloat16",
+                                                              "float16"))
+    text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
+    include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
+    exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check_device_name(self.device)
 
 
 @settings
@@ -305,7 +380,8 @@ class ServeConfig:
 
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
-                 ExportConfig, ImportNanoGPTConfig, ServeConfig)
+                 ExportConfig, ImportNanoGPTConfig, ServeConfig, TokenizerTrainConfig,
+                 TokenizerEvalConfig, EvalConfig)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -326,6 +402,17 @@ def parse_duration(text: str) -> float:
         raise ConfigError(f"time={text!r} is not a positive duration; use e.g. --time=90s, "
                           "--time=10m or --time=1.5h")
     return seconds
+
+
+def check_tokenizer_choice(choice: str) -> None:
+    """auto, char, gpt2, tiktoken:NAME, hf:PATH, or a directory (a path: it has a separator or
+    exists) of a tokenizer `folio tokenizer train` wrote."""
+    kind, _, arg = choice.partition(":")
+    named = choice in (AUTO, "char", "gpt2") or (kind in ("tiktoken", "hf") and arg)
+    if not named and not ("/" in choice or os.sep in choice or os.path.isdir(choice)):
+        raise ConfigError(f"tokenizer={choice!r} is not allowed; expected one of auto, char, "
+                          "gpt2, tiktoken:NAME, hf:PATH or the DIR of a trained tokenizer "
+                          "(folio tokenizer train)")
 
 
 def check_device_name(device: str) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -51,6 +52,34 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only if the block finishes without error."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp directory beside `path` (parents created) to fill with files; if the
+    block succeeds they are fsynced and the directory renamed onto `path` (an old one is
+    swapped out, then removed), else it is removed: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, DEFAULT_MODE | (DEFAULT_MODE & 0o444) >> 2)  # mkdtemp's 0700, as umask allows
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path.parent)
 
 
 def cache_dir() -> Path:

@@ -29,6 +29,24 @@ def run_prepare(cfg: config.PrepareConfig) -> int:
     return 0
 
 
+def run_tokenizer_train(cfg: config.TokenizerTrainConfig) -> int:
+    from folio.data.tokenizer_train import train_tokenizer
+    train_tokenizer(cfg)
+    return 0
+
+
+def run_tokenizer_eval(cfg: config.TokenizerEvalConfig) -> int:
+    from folio.data.tokenizer_eval import evaluate_tokenizer
+    evaluate_tokenizer(cfg)
+    return 0
+
+
+def run_eval(cfg: config.EvalConfig) -> int:
+    from folio.train.eval_run import evaluate_run
+    evaluate_run(cfg)
+    return 0
+
+
 def run_train(resolved: Resolved) -> int:
     from folio.train.loop import train
     return train(resolved.settings, resolved.note, resolved.started)
@@ -142,8 +160,14 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "prepare": Command(config.PrepareConfig, "tokenize a dataset (shakespeare_char, "
                        "shakespeare, or your text files)", run_prepare),
+    "tokenizer train": Command(config.TokenizerTrainConfig, "train a byte-level BPE "
+                               "tokenizer on your text", run_tokenizer_train),
+    "tokenizer eval": Command(config.TokenizerEvalConfig, "bytes per token of a trained "
+                              "tokenizer beside GPT-2's and characters", run_tokenizer_eval),
     "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
                      run_train, config_file=True, note=presets_note, resolve=resolve_train),
+    "eval": Command(config.EvalConfig, "loss and bits per byte of a run on a fixed number of "
+                    "tokens of any text, with confidence intervals", run_eval),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
@@ -157,6 +181,8 @@ COMMANDS: dict[str, Command] = {
     "import-nanogpt": Command(config.ImportNanoGPTConfig, "convert a nanoGPT out dir (ckpt.pt) "
                               "into a folio run dir", run_import_nanogpt),
 }
+
+GROUPS = {name.split()[0] for name in COMMANDS if " " in name}  # commands of two words
 
 USAGE = f"""usage: folio COMMAND [ARGS]
 
@@ -203,10 +229,16 @@ def run_command(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if command in GROUPS and rest and f"{command} {rest[0]}" in COMMANDS:  # folio tokenizer train
+        command, rest = f"{command} {rest[0]}", rest[1:]
     try:
         if command in ("-h", "--help"):
             print(USAGE)
             return 0
+        if command in GROUPS:
+            subcommands = " or ".join(n.split()[1] for n in COMMANDS if n.startswith(command))
+            raise ConfigError(f"`folio {command}` needs a subcommand: {subcommands} (e.g. "
+                              f"`folio {command} {subcommands.split()[0]} --help`)")
         if command not in COMMANDS:
             hint = config.nearest_key(command, list(COMMANDS)).replace("--", "")
             raise ConfigError(f"unknown command {command!r}{hint}")

@@ -112,6 +112,7 @@ def make_plan(cfg: PrepareConfig) -> Plan:
                     hub=hub)
         size = hub.nbytes()
     else:
+        report_skipped(source)
         scan = scan_text(source, Cleaner(cfg.keep_newlines))
         val_fraction = cfg.val_fraction or DEFAULT_VAL_FRACTION
         split_at = int(scan.chars * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)]
@@ -178,7 +179,18 @@ def encode_all(plan: Plan, writer: TokenWriter, cfg: PrepareConfig) -> dict[str,
         "keep_newlines": cfg.keep_newlines,
         "normalised": (plan.scan.normalised if plan.scan else
                        {key: totals[key] for key in ("bom", "crlf", "cr")}),
+        "files": len(plan.source.files) if plan.source else None,
+        "skipped_binary_files": len(plan.source.skipped) if plan.source else 0,
     })
+
+
+def report_skipped(source: Source) -> None:
+    """One line naming the binary files a folder or glob had (left out), if any."""
+    if source.skipped:
+        names = ", ".join(p.name for p in source.skipped[:3])
+        more = ", ..." if len(source.skipped) > 3 else ""
+        print(f"skipped {len(source.skipped):,} binary file(s) of {source.label} ({names}{more});"
+              f" reading {len(source.files):,} text file(s)", flush=True)
 
 
 def scan_text(source: Source, cleaner: Cleaner) -> Scan:
@@ -213,7 +225,7 @@ def resolve_source(cfg: PrepareConfig) -> tuple[Source | None, HubSource | None,
     if cfg.tokens:
         raise DataError("--tokens only applies to fineweb-edu, e.g. "
                         "`folio prepare fineweb-edu --tokens=10B`")
-    local = local_source(dataset, cfg.text_field)
+    local = local_source(dataset, cfg.text_field, cfg.include, cfg.exclude)
     if local:
         return local[0], None, local[1]
     path = Path(dataset)

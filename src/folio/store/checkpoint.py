@@ -91,6 +91,7 @@ class ResumeState:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)  # per rank (machine.distributed)
     loader: dict[str, torch.Tensor] = field(default_factory=dict)  # per rank
     best_iter: int = -1  # iteration of best_val_loss
+    best_val_bpb: float | None = None  # val bits per byte at best_iter (None: not measured)
     evaluated_at: int = -1  # iteration whose eval already ran (not repeated after a resume)
     world_size: int = 1  # processes that wrote rng and loader
     scaler: dict[str, Any] = field(default_factory=dict)  # float16 loss scaling (GradScaler)
@@ -102,7 +103,7 @@ class ResumeState:
 # ResumeState's plain fields, kept as JSON in the safetensors metadata (keys of older files that
 # are not among them are ignored; missing ones take their defaults)
 _META_FIELDS = ("iter_num", "best_val_loss", "best_iter", "evaluated_at", "world_size", "scaler",
-                "dataset", "wandb_run_id", "time_spent")
+                "dataset", "wandb_run_id", "time_spent", "best_val_bpb")
 
 
 def save_resume(run_dir: Path, state: ResumeState) -> None:

@@ -7,16 +7,14 @@ nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from folio.config import ExportConfig
+from folio.data.bpe_files import TOKENIZER_FILE
 from folio.data.tokenizer import gpt2_vocab_file
 from folio.errors import ConfigError
-from folio.fsutil import fsync_dir
+from folio.fsutil import atomic_dir
 from folio.store import hf
 from folio.store.sources import load_model
 
@@ -26,19 +24,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
     model, tokenizer, _ = load_model(run_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf.to_hf_model(model, tokenizer.eot_id).save_pretrained(tmp)
         if tokenizer.kind == "gpt2":
             _write_gpt2_tokenizer(tmp, model.config.block_size)
+        elif tokenizer.kind == "bpe":
+            _write_trained_tokenizer(tmp, tokenizer, model.config.block_size)
         else:
             _write_vocab_note(tmp, tokenizer, run_dir)
-        _fsync_files(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -50,24 +43,6 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
                           "or choose another directory")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir onto out_dir (an old one is swapped out, then removed)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_files(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_dir(directory)
-
-
 def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
     """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
     for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
@@ -75,6 +50,17 @@ def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
     transformers = hf.transformers_module()
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
                                                          model_max_length=max_length)
+    tok.save_pretrained(str(directory))
+
+
+def _write_trained_tokenizer(directory: Path, tokenizer: Any, max_length: int) -> None:
+    """A tokenizer `folio tokenizer train` wrote, as transformers' fast tokenizer files (its
+    tokenizer.json as it is, its end of text as the eos token)."""
+    transformers = hf.transformers_module()
+    eot = next(t for t, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(tokenizer.path) / TOKENIZER_FILE), eos_token=eot,
+        bos_token=eot, model_max_length=max_length)
     tok.save_pretrained(str(directory))
 
 

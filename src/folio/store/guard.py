@@ -19,6 +19,7 @@ from pathlib import Path
 
 from folio.errors import CheckpointError
 from folio.store.rundir import (
+    EVALS_FILE,
     LOCK_FILE,
     MODEL_FILE,
     RESUME_FILE,
@@ -172,7 +173,7 @@ def _prepare(run_dir: Path, clear: bool) -> None:
     for stale in run_dir.glob(TEMP_FILES):
         stale.unlink()
     if clear:  # --overwrite=True: the old run's files go (metrics.jsonl is truncated on open)
-        for name in (RUN_INFO, MODEL_FILE, RESUME_FILE):
+        for name in (RUN_INFO, MODEL_FILE, RESUME_FILE, EVALS_FILE):
             (run_dir / name).unlink(missing_ok=True)
 
 

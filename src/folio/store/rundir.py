@@ -8,6 +8,7 @@ Layout of a run dir (docs/run-format.md describes each file):
                       (store/checkpoint.py)
   metrics.jsonl       one JSON object per log line and per eval (folio.watch.metrics)
   loss.png            the loss curves, redrawn at every eval (folio.watch.plot)
+  evals.jsonl         one JSON object per `folio eval` of the run (folio.train.eval_run)
   .lock               held by the training process (folio.store.guard)
   tensorboard/        TensorBoard events, with --tensorboard=True (wandb writes wandb/ beside it)
 Every write is atomic (a hidden `.<name>.*.tmp` file renamed into place); nothing here
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from folio import __version__
 from folio.errors import CheckpointError
-from folio.fsutil import atomic_write_json
+from folio.fsutil import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,7 @@ RESUME_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 LOCK_FILE = ".lock"
+EVALS_FILE = "evals.jsonl"
 WRITE_PROBE = ".folio-write-test"  # written and removed when a run dir is claimed
 TEMP_FILES = ".*.tmp"  # glob of atomic writes a kill left behind (fsutil.atomic_path)
 TENSORBOARD_DIR = "tensorboard"
@@ -78,6 +80,9 @@ class RunInfo:
     """Iterations done at the last save."""
     best_val_loss: float | None = None
     """Lowest validation loss so far (the loss of model.safetensors); None before any eval."""
+    best_val_bpb: float | None = None
+    """Validation bits per byte at best_iter (summed loss over the UTF-8 bytes of the
+    targets, in bits: compares across tokenizers); None before any eval, or not measured."""
     best_iter: int = -1
     """Iteration of best_val_loss; -1 before any eval."""
     source: str = "train"
@@ -174,3 +179,26 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         return RunInfo.from_json(data, path)
     except TypeError as e:
         raise CheckpointError(f"{path} has a malformed entry ({e})") from None
+
+
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    """The results `folio eval` recorded in a run dir, oldest first (unreadable lines
+    skipped)."""
+    path = Path(run_dir) / EVALS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_eval(run_dir: Path, row: dict[str, Any]) -> None:
+    """Add one `folio eval` result to the run's evals.jsonl (rewritten atomically)."""
+    rows = [*read_evals(run_dir), row]
+    atomic_write_text(Path(run_dir) / EVALS_FILE, "".join(json.dumps(r) + "\n" for r in rows))

@@ -48,7 +48,12 @@ from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
 from folio.train.budget import Budget
-from folio.train.evaluate import CPU_EVAL_TOKENS, estimate_loss
+from folio.train.evaluate import (
+    CPU_EVAL_TOKENS,
+    all_reduce_scores,
+    estimate_loss,
+    token_byte_lengths,
+)
 from folio.train.optim import apply_schedule, configure_optimizer
 from folio.train.recipes import MODEL_SHAPE_KEYS, head_tied
 from folio.train.step import Batch, TrainStep
@@ -114,6 +119,7 @@ class StopRequest(AbstractContextManager):
 class Progress:
     iter_num: int = 0
     best_val_loss: float = float("inf")
+    best_val_bpb: float | None = None  # val bits per byte at best_iter
     best_iter: int = -1
     evaluated_at: int = -1  # iteration whose eval already ran (skip it again after resume)
 
@@ -164,6 +170,7 @@ class Trainer:
         block_size = model.config.block_size  # the model decides its shape
         splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
         self.eval_splits = splits
+        self.token_bytes = self._token_bytes()
         self.loader = Loader(splits["train"], cfg.batch_size, block_size,
                              cfg.seed + info.rank, device, "train")
         check_split_length(splits["val"], block_size, "val")  # fail now, not at the eval
@@ -250,6 +257,16 @@ class Trainer:
                         self.model.config.block_size, self.cfg.seed, self.device, "train")
         return [loader.next_batch() for _ in range(n)]
 
+    def _token_bytes(self) -> torch.Tensor | None:
+        """Each token id's UTF-8 byte length, for bits per byte; None (loss only) when the
+        dataset's tokenizer cannot be loaded here."""
+        try:
+            return token_byte_lengths(self.meta["tokenizer"], self.device)
+        except DataError as e:
+            if self.master:
+                print(f"folio: warning: evaluations measure no bits per byte ({e})", flush=True)
+            return None
+
     def _restore(self, resume: ResumeState) -> None:
         distributed.load_optimizer_state(self.optimizer, resume.optimizer)
         if resume.scaler:
@@ -266,7 +283,8 @@ class Trainer:
             torch.manual_seed(reseed)
             self.loader.generator.manual_seed(reseed)
         self.progress = Progress(iter_num=resume.iter_num, best_val_loss=resume.best_val_loss,
-                                 best_iter=resume.best_iter, evaluated_at=resume.evaluated_at)
+                                 best_val_bpb=resume.best_val_bpb, best_iter=resume.best_iter,
+                                 evaluated_at=resume.evaluated_at)
 
     def _open_metrics(self, cfg: TrainConfig, resume: ResumeState | None):
         self.wandb_run_id = resume.wandb_run_id if resume else None
@@ -318,9 +336,10 @@ class Trainer:
             if self.budget is not None:  # the whole run: set-up, evaluations and saves too
                 took = self.budget.elapsed()
                 budget = f" of a {format_duration(self.budget.seconds)} budget"
-            print(f"folio: done in {format_duration(took)}{budget}; "
-                  f"best val loss {p.best_val_loss:.4f} at iter {p.best_iter}. Sample with: "
-                  f"folio sample --out_dir={self.out_dir}", flush=True)
+            bpb = f" ({p.best_val_bpb:.4f} bits per byte)" if p.best_val_bpb is not None else ""
+            print(f"folio: done in {format_duration(took)}{budget}; best val loss "
+                  f"{p.best_val_loss:.4f}{bpb} at iter {p.best_iter}. Sample with: folio "
+                  f"sample --out_dir={self.out_dir}", flush=True)
             self.metrics.close()
         return 0
 
@@ -359,22 +378,23 @@ class Trainer:
     def evaluate_and_save(self, time_s: float) -> None:
         cfg, p = self.cfg, self.progress
         tick = self.clock()
-        losses = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
+        scores = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
                                cfg.batch_size, self.model.config.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
-                               seed_offset=self.info.rank, max_tokens=self.eval_tokens)
-        losses = {k: distributed.all_reduce_mean(v, self.info) for k, v in losses.items()}
+                               seed_offset=self.info.rank, max_tokens=self.eval_tokens,
+                               token_bytes=self.token_bytes)
+        train, val = (all_reduce_scores(scores, self.info)[s] for s in ("train", "val"))
         if self.budget is not None:
             self.budget.record_eval(self.clock() - tick)
             self.evals_done = math.floor(self.schedule_progress() * BUDGET_EVALS)
         p.evaluated_at = p.iter_num
-        check_finite(losses["val"], p.iter_num, "validation loss")
+        check_finite(val.loss, p.iter_num, "validation loss")
         if self.master:
             self.metrics.log_eval(p.iter_num, p.iter_num * self.tokens_per_iter, time_s,
-                                  losses["train"], losses["val"])
-        improved = losses["val"] < p.best_val_loss
+                                  train.loss, val.loss, train.bpb, val.bpb)
+        improved = val.loss < p.best_val_loss
         if improved:
-            p.best_val_loss, p.best_iter = losses["val"], p.iter_num
+            p.best_val_loss, p.best_val_bpb, p.best_iter = val.loss, val.bpb, p.iter_num
         if (improved or cfg.always_save_checkpoint) and p.iter_num > 0 and not cfg.eval_only:
             self.save(best=True)
 
@@ -418,7 +438,7 @@ class Trainer:
                                           {"iter_num": p.iter_num,
                                            "val_loss": p.best_val_loss})
         state = ResumeState(
-            iter_num=p.iter_num, best_val_loss=p.best_val_loss,
+            iter_num=p.iter_num, best_val_loss=p.best_val_loss, best_val_bpb=p.best_val_bpb,
             model=model_state(weights), optimizer=optimizer, rng=rng, loader=loader,
             best_iter=p.best_iter, evaluated_at=p.evaluated_at, world_size=info.world_size,
             scaler=self.step_fn.scaler.state_dict(), dataset=self.cfg.dataset,
@@ -450,7 +470,7 @@ class Trainer:
             model=self.model.config.to_dict(), n_params=self.model.num_params(),
             tokenizer=self.meta["tokenizer"], config=self.settings(), dataset=self.cfg.dataset,
             iter_num=p.iter_num, best_val_loss=finite_or_none(p.best_val_loss),
-            best_iter=p.best_iter, source="train",
+            best_val_bpb=finite_or_none(p.best_val_bpb), best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
             **rundir.provenance(self.device)))

@@ -1,4 +1,5 @@
-"""Loss curves as data: the series, labels and title that the PNG and the HTML page draw.
+"""Loss (or bits-per-byte) curves as data: the series, labels and title that the PNG and the
+HTML page draw.
 
 `curves()` turns metrics rows into plotted series; `make_chart()` lays out several runs.
 """
@@ -17,6 +18,8 @@ from folio.watch.metrics import Metrics
 # --x choice -> (row key, axis label)
 X_AXES = {"iter": ("iter", "iteration"), "tokens": ("tokens", "tokens seen"),
           "time": ("time_s", "wall time")}
+# --metric choice -> (the word in legends, the y-axis label)
+METRICS = {"loss": ("loss", "loss (cross-entropy)"), "bpb": ("bpb", "bits per byte")}
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22")
 LOG_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # log-y ticks per decade
@@ -31,12 +34,12 @@ class Curves:
     label: str  # legend label: the run name plus what tells it apart from the others
     color: str
     train_x: np.ndarray
-    train_y: np.ndarray  # raw train loss at each log line
+    train_y: np.ndarray  # raw train loss at each log line (train bpb at each eval)
     smooth_y: np.ndarray  # EMA of train_y
     eval_x: np.ndarray
-    eval_y: np.ndarray  # val loss at each eval
+    eval_y: np.ndarray  # val loss (bpb) at each eval
     eval_iter: np.ndarray
-    eval_train_y: np.ndarray  # train loss measured at each eval
+    eval_train_y: np.ndarray  # train loss (bpb) measured at each eval
 
 
 @dataclass
@@ -48,6 +51,16 @@ class Chart:
     x_label: str
     logy: bool
     smooth: int
+    metric: str = "loss"  # a key of METRICS
+
+    @property
+    def word(self) -> str:
+        """What the curves measure, in legends: loss or bpb."""
+        return METRICS[self.metric][0]
+
+    @property
+    def y_label(self) -> str:
+        return METRICS[self.metric][1]
 
 
 # ---------------------------------------------------------------- series
@@ -75,22 +88,28 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
 
 
 def curves(m: Metrics, x: str = "iter", smooth: int | None = None, *, label: str = "",
-           color: str = COLORS[0], x_scale: float = 1.0) -> Curves:
+           color: str = COLORS[0], x_scale: float = 1.0, metric: str = "loss") -> Curves:
     """The series plotted for run `m` against `x` ("iter", "tokens" or "time"), x divided by
-    `x_scale`. A log with only eval lines uses the eval train loss as the train curve."""
+    `x_scale`. A log with only eval lines uses the eval train loss as the train curve; so does
+    `metric` "bpb" (bits per byte), measured at evaluations only."""
     key = X_AXES[x][0]
     rows = m.train + m.eval
     if any(r.get(key) is None for r in rows):
         raise DataError(f"{m.name} has no {x} values (a nanoGPT log only has iterations): "
                         f"plot it with --x iter")
-    train, train_key = (m.train, "loss") if m.train else (m.eval, "train_loss")
+    if metric == "bpb" and not any(r.get("val_bpb") is not None for r in m.eval):
+        raise DataError(f"{m.name} has no bits per byte (written before folio measured them, "
+                        "or a nanoGPT log): plot it with --metric=loss")
+    word = METRICS[metric][0]
+    train, train_key = (m.train, "loss") if m.train and metric == "loss" else \
+        (m.eval, f"train_{word}")
     train_y = _column(train, train_key)
     return Curves(
         name=m.name, label=label or m.name, color=color,
         train_x=_column(train, key) / x_scale, train_y=train_y,
         smooth_y=ema(train_y, smooth or auto_span(len(train_y))),
-        eval_x=_column(m.eval, key) / x_scale, eval_y=_column(m.eval, "val_loss"),
-        eval_iter=_column(m.eval, "iter"), eval_train_y=_column(m.eval, "train_loss"))
+        eval_x=_column(m.eval, key) / x_scale, eval_y=_column(m.eval, f"val_{word}"),
+        eval_iter=_column(m.eval, "iter"), eval_train_y=_column(m.eval, f"train_{word}"))
 
 
 def time_unit(runs: list[Metrics]) -> tuple[str, float]:
@@ -104,10 +123,15 @@ def time_unit(runs: list[Metrics]) -> tuple[str, float]:
 
 
 def make_chart(runs: list[Metrics], x: str = "iter", *, logy: bool = False,
-               smooth: int | None = None) -> Chart:
-    """Series, legend labels and title for `runs` (what they share goes in the title)."""
+               smooth: int | None = None, metric: str = "loss") -> Chart:
+    """Series, legend labels and title for `runs` (what they share goes in the title).
+    `metric` "bpb" draws bits per byte, which evaluations measure: unsmoothed by default."""
     if x not in X_AXES:
         raise ConfigError(f"--x {x!r} is not one of {', '.join(X_AXES)}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    if metric == "bpb":
+        smooth = smooth or 1
     x_label, x_scale = X_AXES[x][1], 1.0
     if x == "time":
         unit, x_scale = time_unit(runs)
@@ -122,9 +146,9 @@ def make_chart(runs: list[Metrics], x: str = "iter", *, logy: bool = False,
         extra = [v for k, v in d.items() if k not in shared]
         label = m.name + (f" ({', '.join(extra)})" if extra else "")
         out.append(curves(m, x, smooth, label=label, color=COLORS[i % len(COLORS)],
-                          x_scale=x_scale))
+                          x_scale=x_scale, metric=metric))
     span = smooth or auto_span(max(len(c.train_y) for c in out))
-    return Chart(out, title, x_label, logy, span)
+    return Chart(out, title, x_label, logy, span, metric)
 
 
 def describe(info: RunInfo | None) -> dict[str, str]:

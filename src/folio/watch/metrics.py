@@ -22,7 +22,7 @@ from folio.store.rundir import METRICS_FILE, TENSORBOARD_DIR, RunInfo, read_run_
 from folio.watch.refresh import BackgroundRefresh
 
 TRAIN_KEYS = ("iter", "tokens", "time_s", "loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu")
-EVAL_KEYS = ("iter", "tokens", "time_s", "train_loss", "val_loss")
+EVAL_KEYS = ("iter", "tokens", "time_s", "train_loss", "val_loss", "train_bpb", "val_bpb")
 
 
 @dataclass
@@ -67,9 +67,14 @@ def format_train_line(iter: int, max_iters: int | None, loss: float, lr: float,
     return " | ".join(parts)
 
 
-def format_eval_line(iter: int, train_loss: float, val_loss: float) -> str:
-    """`eval 250: train loss 1.9543, val loss 2.0516`."""
-    return f"eval {iter}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+def format_eval_line(iter: int, train_loss: float, val_loss: float,
+                     train_bpb: float | None = None, val_bpb: float | None = None) -> str:
+    """`eval 250: train loss 1.9543, val loss 2.0516 | bpb train 2.8195, val 2.9598` (the
+    bits per byte left out when not measured)."""
+    line = f"eval {iter}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+    if train_bpb is not None and val_bpb is not None:
+        line += f" | bpb train {train_bpb:.4f}, val {val_bpb:.4f}"
+    return line
 
 
 # ---------------------------------------------------------------- reading
@@ -136,7 +141,8 @@ NANOGPT_EVAL = re.compile(rf"\bstep (\d+): train loss ({_NUM}), val loss ({_NUM}
 FOLIO_TRAIN = re.compile(
     rf"\biter (\d+)(?:/\d+)? \| loss ({_NUM}) \| lr ({_NUM}) \| ({_NUM}) ms/iter"
     rf" \| ({_NUM}) tok/s(?: \| mfu ({_NUM})%)?")
-FOLIO_EVAL = re.compile(rf"\beval (\d+): train loss ({_NUM}), val loss ({_NUM})")
+FOLIO_EVAL = re.compile(rf"\beval (\d+): train loss ({_NUM}), val loss ({_NUM})"
+                        rf"(?: \| bpb train ({_NUM}), val ({_NUM}))?")
 EXPECTED_LINES = ("nanoGPT `iter 3347: loss 3.4083, time 147.35ms, mfu 0.10%` / "
                   "`step 250: train loss 1.9543, val loss 2.0516`, or folio "
                   "`iter 120/2000 | loss 2.1034 | lr 9.80e-04 | 33.1 ms/iter | 23,201 tok/s ...` / "
@@ -159,7 +165,12 @@ def _parse_line(line: str) -> dict | None:
         mfu_frac = None if mfu is None or _num(mfu) < 0 else _num(mfu) / 100  # -100% = unknown
         return {"kind": "train", "iter": int(it), "loss": _num(loss), "lr": None,
                 "ms_per_iter": _num(ms), "tokens_per_sec": None, "mfu": mfu_frac}
-    if m := (FOLIO_EVAL.search(line) or NANOGPT_EVAL.search(line)):
+    if m := FOLIO_EVAL.search(line):
+        it, train_loss, val_loss, train_bpb, val_bpb = m.groups()
+        return {"kind": "eval", "iter": int(it), "train_loss": _num(train_loss),
+                "val_loss": _num(val_loss), "train_bpb": _num(train_bpb),
+                "val_bpb": _num(val_bpb)}
+    if m := NANOGPT_EVAL.search(line):
         it, train_loss, val_loss = m.groups()
         return {"kind": "eval", "iter": int(it), "train_loss": _num(train_loss),
                 "val_loss": _num(val_loss)}
@@ -307,19 +318,24 @@ class MetricsLog:
                     self.tb.add_scalar(f"train/{key}", row[key], iter)
 
     def log_eval(self, iter: int, tokens: int, time_s: float, train_loss: float,
-                 val_loss: float) -> None:
-        """One evaluation row; also asks the background process to redraw loss.png."""
+                 val_loss: float, train_bpb: float | None = None,
+                 val_bpb: float | None = None) -> None:
+        """One evaluation row (bits per byte None when not measured); also asks the
+        background process to redraw loss.png."""
         row = {"kind": "eval", "iter": iter, "tokens": tokens, "time_s": time_s,
-               "train_loss": train_loss, "val_loss": val_loss}
+               "train_loss": train_loss, "val_loss": val_loss, "train_bpb": train_bpb,
+               "val_bpb": val_bpb}
         self._append(row)
         if self.console:
-            self.console.line(format_eval_line(iter, train_loss, val_loss), iter)
+            self.console.line(format_eval_line(iter, train_loss, val_loss, train_bpb, val_bpb),
+                              iter)
+        values = {k: row[k] for k in EVAL_KEYS[3:] if row[k] is not None}
         if self.wandb:
-            self.wandb.log({"eval/train_loss": train_loss, "eval/val_loss": val_loss,
-                            "tokens": tokens}, step=iter)
+            self.wandb.log({**{f"eval/{k}": v for k, v in values.items()}, "tokens": tokens},
+                           step=iter)
         if self.tb:
-            self.tb.add_scalar("eval/train_loss", train_loss, iter)
-            self.tb.add_scalar("eval/val_loss", val_loss, iter)
+            for key, value in values.items():
+                self.tb.add_scalar(f"eval/{key}", value, iter)
             self.tb.flush()
         if self.plotter:
             self.plotter.request()

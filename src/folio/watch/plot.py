@@ -1,5 +1,6 @@
 """Loss curves: `folio plot RUN_DIR|LOGFILE|- ...` draws train loss (raw and smoothed) and val
-loss for one or many runs as a PNG (matplotlib, headless) and optionally a self-contained HTML.
+loss (or, with --metric=bpb, bits per byte) for one or many runs as a PNG (matplotlib,
+headless) and optionally a self-contained HTML.
 
 `curves()` turns rows into the plotted series; PNG and HTML both draw exactly those.
 """
@@ -38,22 +39,22 @@ def make_figure(chart: Chart):
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    single = len(chart.runs) == 1
+    single, word = len(chart.runs) == 1, chart.word
     for c in chart.runs:
         name = "" if single else f"{c.label}: "
         ax.plot(c.train_x, c.train_y, color=c.color, alpha=0.25, lw=0.8,
-                label="train loss (raw)" if single else "_nolegend_", gid=f"{c.name}:train")
+                label=f"train {word} (raw)" if single else "_nolegend_", gid=f"{c.name}:train")
         ax.plot(c.train_x, c.smooth_y, color=c.color, lw=1.8, gid=f"{c.name}:smooth",
-                label=f"{name}train loss, smoothed (EMA span {chart.smooth})")
+                label=f"{name}train {word}, smoothed (EMA span {chart.smooth})")
         if len(c.eval_x):
             best = int(np.nanargmin(c.eval_y)) if np.isfinite(c.eval_y).any() else 0
             ax.plot(c.eval_x, c.eval_y, color=VAL_COLOR if single else c.color, ls=":",
                     lw=1.0, marker="o", ms=5, mfc="white", mew=1.5, gid=f"{c.name}:val",
-                    label=f"{name}val loss (best {c.eval_y[best]:.4f} at iter "
+                    label=f"{name}val {word} (best {c.eval_y[best]:.4f} at iter "
                           f"{int(c.eval_iter[best])})")
     ax.set_title(chart.title, fontsize=12)
     ax.set_xlabel(chart.x_label)
-    ax.set_ylabel("loss (cross-entropy)")
+    ax.set_ylabel(chart.y_label)
     if chart.x_label == X_AXES["tokens"][1]:
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     if chart.logy:
@@ -70,9 +71,9 @@ def make_figure(chart: Chart):
 
 
 def plot_png(runs: list[Metrics], path: str | Path, *, x: str = "iter", logy: bool = False,
-             smooth: int | None = None):
+             smooth: int | None = None, metric: str = "loss"):
     """Draw `runs` and write the PNG atomically; returns the Figure (for inspection)."""
-    fig = make_figure(make_chart(runs, x, logy=logy, smooth=smooth))
+    fig = make_figure(make_chart(runs, x, logy=logy, smooth=smooth, metric=metric))
     save_png(fig, path)
     return fig
 
@@ -165,7 +166,7 @@ def plot_runs(cfg: PlotConfig) -> list[Path]:
         check_writable(html, "--html")
     runs = [load_input(a) for a in cfg.inputs]
     _unique_names(runs, cfg.inputs)
-    chart = make_chart(runs, cfg.x, logy=cfg.logy, smooth=cfg.smooth)
+    chart = make_chart(runs, cfg.x, logy=cfg.logy, smooth=cfg.smooth, metric=cfg.metric)
     save_png(make_figure(chart), png)
     written = [png]
     if html:

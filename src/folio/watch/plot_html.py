@@ -22,7 +22,8 @@ def _points(*columns: np.ndarray) -> list[list[float | None]]:
 def chart_data(chart: Chart) -> dict:
     """The chart as plain JSON data: exactly the series the PNG draws."""
     return {
-        "title": chart.title, "xLabel": chart.x_label, "logy": chart.logy,
+        "title": chart.title, "xLabel": chart.x_label, "yLabel": chart.y_label,
+        "metric": chart.word, "logy": chart.logy,
         "smooth": chart.smooth, "logTicks": LOG_TICKS,
         "runs": [{"name": c.label, "color": c.color,
                   "train": _points(c.train_x, c.train_y, c.smooth_y),
@@ -35,7 +36,7 @@ def render_html(chart: Chart) -> str:
     # "</" cannot appear inside the inline script, whatever a run is called.
     data = json.dumps(chart_data(chart), separators=(",", ":")).replace("</", "<\\/")
     return (PAGE.replace("%TITLE%", html.escape(chart.title))
-            .replace("%DATA%", data))
+            .replace("%METRIC%", chart.word).replace("%DATA%", data))
 
 
 PAGE = """<!DOCTYPE html>
@@ -65,9 +66,9 @@ PAGE = """<!DOCTYPE html>
 <h1 id="title"></h1>
 <div id="legend"></div>
 <div id="wrap"><svg id="chart" viewBox="0 0 1000 560"></svg><div id="tip"></div></div>
-<p class="hint">Faint line: train loss at each log line; bold: its moving average (EMA
-<span id="span"></span>); circles: val loss at each evaluation. Hover for values, click a
-legend entry to hide a run.</p>
+<p class="hint">Faint line: train %METRIC% at each point; bold: its moving
+average (EMA <span id="span"></span>); circles: val %METRIC% at each
+evaluation. Hover for values, click a legend entry to hide a run.</p>
 <script id="folio-data" type="application/json">%DATA%</script>
 <script>
 "use strict";
@@ -148,7 +149,7 @@ function draw() {
   el("rect", {x: M.l, y: M.t, width: pw, height: ph, fill: "none", stroke: "#999"});
   el("text", {x: M.l + pw / 2, y: H - 10, "text-anchor": "middle"}, axis).textContent = D.xLabel;
   el("text", {transform: `translate(18 ${M.t + ph / 2}) rotate(-90)`, "text-anchor": "middle"},
-     axis).textContent = "loss (cross-entropy)" + (D.logy ? ", log scale" : "");
+     axis).textContent = D.yLabel + (D.logy ? ", log scale" : "");
   const clip = el("clipPath", {id: "plotarea"}, el("defs", {}));
   el("rect", {x: M.l, y: M.t, width: pw, height: ph}, clip);
   const g = el("g", {"clip-path": "url(#plotarea)"});
@@ -205,11 +206,13 @@ function hover(ev) {
     const t = nearest(r.train, x), e = nearest(r.eval, x);
     rows += `<div><b style="color:${r.color}">${esc(r.name)}</b>`;
     if (t) {
-      rows += `<br>${esc(D.xLabel)} ${fmt(t[0])}: train loss ${fmt(t[1])} (smoothed ${fmt(t[2])})`;
+      rows += `<br>${esc(D.xLabel)} ${fmt(t[0])}: train ${D.metric} ${fmt(t[1])}` +
+        ` (smoothed ${fmt(t[2])})`;
       if (t[1] !== null) el("circle", {cx: sx(t[0]), cy: sy(t[1]), r: 3, fill: r.color}, dots);
     }
     if (e && Math.abs(sx(e[0]) - px) < 40) {
-      rows += `<br>eval at iter ${fmt(e[2])}: val loss ${fmt(e[1])}, train loss ${fmt(e[3])}`;
+      rows += `<br>eval at iter ${fmt(e[2])}: val ${D.metric} ${fmt(e[1])}, ` +
+        `train ${D.metric} ${fmt(e[3])}`;
       if (e[1] !== null)
         el("circle", {cx: sx(e[0]), cy: sy(e[1]), r: 6, fill: "none", stroke: "#000"}, dots);
     }

@@ -122,7 +122,8 @@ def summarise(name: str, run_dir: Path) -> dict[str, Any]:
         config = info.config
         summary.update(model=info.model, dataset=info.dataset or config.get("dataset"),
                        iter=info.iter_num, max_iters=config.get("max_iters"),
-                       best_val_loss=info.best_val_loss, config=config)
+                       best_val_loss=info.best_val_loss, best_val_bpb=info.best_val_bpb,
+                       config=config)
         if not has_weights(run_dir):
             summary["error"] = "no weights saved yet"
     summary["status"] = run_status(run_dir, info)

@@ -68,6 +68,7 @@ function renderRuns() {
     tr.append(el("td", run.dataset || "–"));
     tr.append(el("td", run.iter === undefined ? "–" : `${run.iter}/${run.max_iters}`, "num"));
     tr.append(el("td", fmt(run.best_val_loss, 4), "num"));
+    tr.append(el("td", fmt(run.best_val_bpb, 4), "num"));
     const cfg = el("td");
     if (run.config) {
       const d = el("details"); d.append(el("summary", "show"));
