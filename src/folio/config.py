@@ -228,13 +228,15 @@ class BenchConfig:
 
 @settings
 class ExportConfig:
-    """Everything `folio export` reads: a run written as a Hugging Face transformers GPT-2."""
+    """Everything `folio export` reads: a run written as a standard Hugging Face transformers
+    model (GPT-2, Apertus or Arcee) with its tokenizer."""
 
     run_dir: str = setting("", "folio run dir (or nanoGPT out dir with ckpt.pt)",
                            positional="RUN_DIR", required=True)
     out_dir: str = setting("", "directory to write (config.json, model.safetensors, tokenizer "
                            "files)", positional="OUT_DIR", required=True)
-    format: str = setting("hf", "output format: hf (transformers GPT2LMHeadModel)",
+    format: str = setting("hf", "output format: hf (a transformers dir: GPT-2 for the nanoGPT "
+                          "recipe, Apertus/Arcee for rotary RMSNorm models, with tokenizer.json)",
                           choices=("hf",))
     force: bool = setting(False, "replace a non-empty OUT_DIR")
 

@@ -170,15 +170,21 @@ def _read_verified(name: str, digest: str) -> bytes:
     return data
 
 
+def byte_level_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE's alphabet): printable bytes
+    stand for themselves, the others for chr(256), chr(257), ... in byte order."""
+    chars = [chr(b) if chr(b).isprintable() and b != 0x20 else "" for b in range(256)]
+    for n, b in enumerate(b for b in range(256) if not chars[b]):
+        chars[b] = chr(256 + n)
+    return chars
+
+
 def data_gym_to_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from GPT-2's vocab.bpe (merges) and encoder.json, as
     tiktoken.load.data_gym_to_mergeable_bpe_ranks computes them (from bytes, not URLs)."""
-    # GPT-2 maps each byte to a printable character; printable bytes map to themselves.
-    byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    char_to_byte = {chr(b): b for b in byte_order}
-    for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
-        byte_order.append(b)
-        char_to_byte[chr(256 + n)] = b
+    chars = byte_level_chars()
+    char_to_byte = {c: b for b, c in enumerate(chars)}
+    byte_order = sorted(range(256), key=lambda b: (ord(chars[b]) != b, b))  # printable first
 
     def to_bytes(word: str) -> bytes:
         return bytes(char_to_byte[c] for c in word)

@@ -1,109 +1,89 @@
-"""`folio export`: a run (folio or nanoGPT) written as a Hugging Face transformers GPT-2 dir.
+"""`folio export`: a run (folio or nanoGPT) written for the tools people run models with.
 
-The directory is built beside the target and renamed into place, so a failed export leaves
-nothing half-written.
+`--format hf`: a Hugging Face transformers directory with a standard class (GPT-2 for the
+nanoGPT recipe, Apertus or Arcee for rotary RMSNorm models) and the tokenizer. Everything is
+checked before anything is written; the output is built beside the target and renamed into
+place, so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from folio.config import ExportConfig
-from folio.data.tokenizer import gpt2_vocab_file
 from folio.errors import ConfigError
 from folio.fsutil import fsync_dir
-from folio.store import hf
+from folio.model.gpt import GPT
+from folio.store import hf, hf_rotary, hf_tokenizer
 from folio.store.sources import load_model
 
 
+def to_hf_model(model: GPT, eot_id: int | None = None) -> Any:
+    """The standard transformers model computing `model`'s logits: GPT-2 for the nanoGPT
+    recipe, Apertus/Arcee for rotary RMSNorm models; anything else is a one-line refusal."""
+    cfg = model.config
+    if cfg.rope or cfg.norm == "rmsnorm":
+        return hf_rotary.to_hf_model(model, eot_id)
+    return hf.to_hf_model(model, eot_id)
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write run_dir's weights (and tokenizer, or a vocab note) as a transformers model dir."""
+    """Write run_dir's weights and tokenizer as a transformers model dir."""
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
+    check_target(out_dir, force)
     model, tokenizer, _ = load_model(run_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        hf.to_hf_model(model, tokenizer.eot_id).save_pretrained(tmp)
-        if tokenizer.kind == "gpt2":
-            _write_gpt2_tokenizer(tmp, model.config.block_size)
-        else:
-            _write_vocab_note(tmp, tokenizer, run_dir)
-        _fsync_files(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    hf_model = to_hf_model(model, tokenizer.eot_id)
+    with staged_dir(out_dir) as tmp:
+        hf_model.save_pretrained(tmp)
+        if hf_model.config.model_type in hf_rotary.CLASSES:
+            hf_rotary.add_legacy_rope_keys(tmp / "config.json")
+        hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
     return out_dir
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"export target {out_dir} is a file; pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"export target {out_dir} is not empty; pass --force to replace it "
+def check_target(out: Path, force: bool) -> None:
+    """Refuse (one line) a target that is a file, or a non-empty dir without --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export target {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"export target {out} is not empty; pass --force to replace it "
                           "or choose another directory")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir onto out_dir (an old one is swapped out, then removed)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+@contextlib.contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A temp dir beside out_dir, fsynced and renamed onto it (an old one swapped out, then
+    removed) if the block succeeds, removed if it fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_files(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_dir(directory)
-
-
-def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
-    """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        (directory / hf_name).write_bytes(gpt2_vocab_file(name))
-    transformers = hf.transformers_module()
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
-                                                         model_max_length=max_length)
-    tok.save_pretrained(str(directory))
-
-
-def _write_vocab_note(directory: Path, tokenizer: Any, run_dir: str | Path) -> None:
-    """Char-level models have no transformers tokenizer: describe the vocabulary instead."""
-    spec = tokenizer.spec()
-    note = {"format_version": 1, "tokenizer": spec,
-            "usage": "token id i is the character chars[i]; encode text by mapping each "
-                     "character to its index (AutoTokenizer cannot load this vocabulary)"}
-    (directory / hf.VOCAB_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-    (directory / "README.md").write_text(
-        f"# Character-level GPT-2 exported by folio from `{run_dir}`\n\n"
-        "Load the weights with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.\n"
-        f"The vocabulary is {len(spec.get('chars', []))} characters, listed in "
-        f"`{hf.VOCAB_NOTE}`: token id `i` is `chars[i]`.\n"
-        "`AutoTokenizer` does not work for this model; encode/decode with that list:\n\n"
-        "```python\nimport json\nchars = json.load(open('folio_vocab.json'))['tokenizer']"
-        "['chars']\nstoi = {c: i for i, c in enumerate(chars)}\n"
-        "ids = [stoi[c] for c in 'To be']\ntext = ''.join(chars[i] for i in ids)\n```\n",
-        encoding="utf-8")
-
-
 def export(cfg: ExportConfig) -> Path:
-    """`folio export`: write cfg.run_dir as cfg.format (hf) into cfg.out_dir and say so."""
+    """`folio export`: write cfg.run_dir as cfg.format into cfg.out_dir and say so."""
     out = export_hf(cfg.run_dir, cfg.out_dir, force=cfg.force)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"exported {cfg.run_dir} -> {out} ({files})")
-    if (out / hf.VOCAB_NOTE).is_file():
-        print(f"character-level vocabulary: see {out / hf.VOCAB_NOTE} (AutoTokenizer cannot "
-              "load it)")
     return out

@@ -27,7 +27,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Hugging Face GPT-2 uses the tanh GELU approximation; folio's MLP uses the exact GELU (as
 # nanoGPT does). Exports declare the exact one so transformers reproduces folio's logits.
 GELU_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh")
-VOCAB_NOTE = "folio_vocab.json"  # a char-level export's vocabulary (no HF tokenizer)
+VOCAB_NOTE = "folio_vocab.json"  # a char-level export's vocabulary, as folio reads it back
 GPT2_VOCAB = 50257
 
 
@@ -141,7 +141,8 @@ def gpt_config_from_hf(hf_config: Any, dropout: float, source: str) -> GPTConfig
                                   f"{getattr(hf_config, key)!r} is not supported by folio's model")
     return GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                      n_layer=hf_config.n_layer, n_head=hf_config.n_head,
-                     n_embd=hf_config.n_embd, dropout=dropout, bias=True)
+                     n_embd=hf_config.n_embd, dropout=dropout, bias=True,
+                     tie_head=bool(getattr(hf_config, "tie_word_embeddings", True)))
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,11 +162,11 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def check_gpt2_exact(cfg: GPTConfig) -> None:
     """Refuse (one line, naming the setting) a model transformers' GPT-2 cannot compute exactly."""
     default = GPTConfig()
-    for key in ("rope", "norm", "qk_norm", "mlp", "tie_head", "logit_softcap"):
+    for key in ("rope", "norm", "qk_norm", "mlp", "logit_softcap"):
         if getattr(cfg, key) != getattr(default, key):
             raise ConfigError(f"cannot export as Hugging Face GPT-2: {key}={getattr(cfg, key)!r} "
-                              "has no exact transformers GPT-2 equivalent (only nanoGPT-recipe "
-                              "models, e.g. not --recipe=modern, export)")
+                              "has no exact transformers GPT-2 equivalent (GPT-2 takes the "
+                              "nanoGPT recipe; rotary RMSNorm models export as Apertus/Arcee)")
 
 
 def to_hf_state_dict(model: GPT, eot_id: int | None = None
@@ -183,7 +184,8 @@ def to_hf_state_dict(model: GPT, eot_id: int | None = None
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=1e-5, architectures=["GPT2LMHeadModel"])
+        layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_head,
+        architectures=["GPT2LMHeadModel"])
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu", torch.float32)
