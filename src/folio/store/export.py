@@ -1,9 +1,10 @@
 """`folio export`: a run (folio or nanoGPT) written for the tools people run models with.
 
 `--format hf`: a Hugging Face transformers directory with a standard class (GPT-2 for the
-nanoGPT recipe, Apertus or Arcee for rotary RMSNorm models) and the tokenizer. Everything is
-checked before anything is written; the output is built beside the target and renamed into
-place, so a failed export leaves nothing half-written.
+nanoGPT recipe, Apertus or Arcee for rotary RMSNorm models) and the tokenizer. `--format gguf`:
+one GGUF file for llama.cpp and Ollama, an Ollama Modelfile beside it. Everything is checked
+before anything is written; the output is built beside the target and renamed into place, so
+a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from folio.config import ExportConfig
 from folio.errors import ConfigError
-from folio.fsutil import fsync_dir
+from folio.fsutil import atomic_path, fsync_dir
 from folio.model.gpt import GPT
-from folio.store import hf, hf_rotary, hf_tokenizer
+from folio.store import gguf_export, hf, hf_rotary, hf_tokenizer
 from folio.store.sources import load_model
+
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+MODELFILE = "Modelfile"
 
 
 def to_hf_model(model: GPT, eot_id: int | None = None) -> Any:
@@ -33,18 +39,49 @@ def to_hf_model(model: GPT, eot_id: int | None = None) -> Any:
     return hf.to_hf_model(model, eot_id)
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write run_dir's weights and tokenizer as a transformers model dir."""
+def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False,
+              dtype: str = "f32") -> Path:
+    """Write run_dir's weights (in dtype) and tokenizer as a transformers model dir."""
     out_dir = Path(out_dir)
+    if dtype not in HF_DTYPES:
+        raise ConfigError(f"--dtype={dtype}: a Hugging Face export holds "
+                          f"{', '.join(HF_DTYPES)} weights; {dtype} is a GGUF quantisation "
+                          "(--format gguf)")
     check_target(out_dir, force)
     model, tokenizer, _ = load_model(run_dir)
     hf_model = to_hf_model(model, tokenizer.eot_id)
+    hf_model.to(getattr(torch, HF_DTYPES[dtype]))
     with staged_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
         if hf_model.config.model_type in hf_rotary.CLASSES:
             hf_rotary.add_legacy_rope_keys(tmp / "config.json")
         hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
     return out_dir
+
+
+def export_gguf(run_dir: str | Path, out_file: str | Path, force: bool = False,
+                dtype: str = "f32") -> Path:
+    """Write run_dir as one GGUF file and an Ollama Modelfile beside it."""
+    out_file = Path(out_file)
+    modelfile = out_file.parent / MODELFILE
+    if out_file.suffix != ".gguf":
+        raise ConfigError(f"--format gguf writes one file: give its name, ending in .gguf, "
+                          f"not {out_file}")
+    for path in (out_file, modelfile):
+        if path.is_dir():
+            raise ConfigError(f"export target {path} is a directory; choose another file name")
+        if path.exists() and not force:
+            raise ConfigError(f"export target {path} exists; pass --force to replace it or "
+                              "choose another file name")
+    model, tokenizer, _ = load_model(run_dir)
+    gguf_export.architecture(model)  # the refusals, before anything is written
+    gguf_export.check_tokenizer(tokenizer)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(modelfile) as tmp_modelfile, atomic_path(out_file) as tmp_gguf:
+        gguf_export.write_gguf(model, tokenizer, Path(tmp_gguf), dtype, Path(run_dir).name)
+        text = gguf_export.modelfile(out_file.name, tokenizer, model.config.block_size)
+        Path(tmp_modelfile).write_text(text, encoding="utf-8")
+    return out_file
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -83,7 +120,12 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
 
 def export(cfg: ExportConfig) -> Path:
     """`folio export`: write cfg.run_dir as cfg.format into cfg.out_dir and say so."""
-    out = export_hf(cfg.run_dir, cfg.out_dir, force=cfg.force)
+    if cfg.format == "gguf":
+        out = export_gguf(cfg.run_dir, cfg.out_dir, cfg.force, cfg.dtype)
+        print(f"exported {cfg.run_dir} -> {out} ({cfg.dtype}) and {out.parent / MODELFILE}; "
+              f"run it with `ollama create NAME -f {out.parent / MODELFILE}` or llama.cpp")
+        return out
+    out = export_hf(cfg.run_dir, cfg.out_dir, cfg.force, cfg.dtype)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"exported {cfg.run_dir} -> {out} ({files})")
     return out
