@@ -221,3 +221,14 @@ def test_a_run_without_weights_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("folio: error:") and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_untied_gpt2_export_imports_back_untied(exported):
+    from folio.store.hf import load_pretrained
+
+    model, out = exported("nanogpt", False, "gpt2")
+    back = load_pretrained(str(out), dropout=0.0)
+    assert not back.config.tie_head
+    assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(3))
+    assert (folio_logits(back, idx) - folio_logits(model, idx)).abs().max() <= TOL
