@@ -232,3 +232,15 @@ def test_an_untied_gpt2_export_imports_back_untied(exported):
     assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(3))
     assert (folio_logits(back, idx) - folio_logits(model, idx)).abs().max() <= TOL
+
+
+def test_half_precision_exports_hold_their_dtype(tmp_path):
+    from safetensors import safe_open
+
+    config = GPTConfig(block_size=16, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=16,
+                       **RECIPES["modern"])
+    make_run(tmp_path / "run", config, TOKENIZERS["char"])
+    out = tmp_path / "bf16"
+    assert main(["export", str(tmp_path / "run"), "--format=hf", "--dtype=bf16", str(out)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
