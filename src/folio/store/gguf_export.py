@@ -8,9 +8,10 @@ alpha_n = 0 and beta = 0 is exactly ReLU² (x > 0: alpha_p x² + beta x; else
 alpha_n (expm1(min(x, eps)) - x) + beta x); llama.cpp passes alpha_p and alpha_n through
 softplus, so the file holds softplus's inverses: log(e - 1) for 1, and -1e4 for 0.
 
-The vocabulary is byte-level BPE (`tokenizer.ggml.model = gpt2`): GPT-2's own, or a character
-vocabulary as one token per character, with merges that join the bytes of a multi-byte
-character (llama.cpp applies merges without needing the byte pieces as tokens).
+GPT-2's vocabulary is its byte-level BPE (`tokenizer.ggml.model = gpt2`); a character
+vocabulary is a sentencepiece one (`llama`): one piece per character, a space spelled U+2581, no
+space prefix, which llama.cpp tokenizes per character for any Unicode text (a byte-level BPE
+without merges is not loadable there, and gguf writes no empty merge list).
 """
 
 from __future__ import annotations
@@ -23,13 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from folio.data.tokenizer import (
-    GPT2_EOT,
-    CharTokenizer,
-    GPT2Tokenizer,
-    byte_level_chars,
-    gpt2_vocab_file,
-)
+from folio.data.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer, gpt2_vocab_file
 from folio.errors import ConfigError
 from folio.extras import need
 from folio.model.gpt import GPT, ROPE_BASE
@@ -39,6 +34,7 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 # xIELU's raw parameters that make it ReLU² after llama.cpp's softplus (see the docstring)
 RELU2_XIELU = {"alpha_p": math.log(math.e - 1), "alpha_n": -1e4, "beta": 0.0, "eps": -1e-6}
 GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
+SPM_SPACE = "\u2581"  # how a sentencepiece vocabulary spells a space
 
 
 def architecture(model: GPT) -> str:
@@ -62,6 +58,10 @@ def check_tokenizer(tokenizer: Any) -> None:
         raise ConfigError(f"cannot export a {tokenizer.kind!r} tokenizer as GGUF: llama.cpp "
                           "picks a pre-tokenizer by name, and folio writes GGUF for char and "
                           "gpt2 vocabularies only (export --format hf instead)")
+    if isinstance(tokenizer, CharTokenizer) and SPM_SPACE in tokenizer.chars:
+        raise ConfigError("cannot export this character vocabulary as GGUF: it holds "
+                          f"{SPM_SPACE!r} (U+2581), which llama.cpp's sentencepiece vocabulary "
+                          "reads as a space")
 
 
 def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) -> None:
@@ -93,6 +93,8 @@ def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) ->
         for key, value in RELU2_XIELU.items():
             getattr(writer, f"add_xielu_{key}")([value] * cfg.n_layer)
         state = hf_rotary.to_hf_state_dict(model)
+        # llama.cpp's apertus needs output.weight even when it is the embedding
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     add_vocabulary(writer, gguf, tokenizer)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.n_layer)
     for key, tensor in state.items():
@@ -129,35 +131,27 @@ def encode(gguf: Any, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any
 
 
 def add_vocabulary(writer: Any, gguf: Any, tokenizer: Any) -> None:
-    """The byte-level BPE vocabulary: tokens, merges, token types, end-of-text."""
-    to_str = byte_level_chars()
-
-    def byte_level(text: str) -> str:
-        return "".join(to_str[b] for b in text.encode("utf-8"))
-
+    """GPT-2's byte-level BPE (tokens, merges, `<|endoftext|>`), or a character vocabulary as a
+    sentencepiece one: one piece per character, a space spelled as U+2581, no space prefix."""
     types = gguf.TokenType
     if isinstance(tokenizer, GPT2Tokenizer):
         vocab = json.loads(gpt2_vocab_file("encoder.json"))
         tokens = sorted(vocab, key=vocab.get)
-        merges = gpt2_vocab_file("vocab.bpe").decode("utf-8").split("\n")[1:-1]
-    else:
-        tokens = [byte_level(c) for c in tokenizer.chars]
-        merges = []
-        for piece in tokens:  # a multi-byte character: join its bytes left to right
-            for end in range(2, len(piece) + 1):
-                merges.append(f"{piece[:end - 1]} {piece[end - 1]}")
-    token_types = [types.NORMAL] * len(tokens)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(GPT2_PRE)
-    writer.add_token_list(tokens)
-    if merges:
-        writer.add_token_merges(merges)
-    else:  # transformers' GGUF reader then rebuilds merges from scores: none, as here
-        writer.add_token_scores([0.0] * len(tokens))
-    if tokenizer.eot_id is not None:
+        token_types = [types.NORMAL] * len(tokens)
         token_types[tokenizer.eot_id] = types.CONTROL
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(GPT2_PRE)
+        writer.add_token_list(tokens)
+        writer.add_token_merges(gpt2_vocab_file("vocab.bpe").decode("utf-8").split("\n")[1:-1])
         writer.add_bos_token_id(tokenizer.eot_id)
         writer.add_eos_token_id(tokenizer.eot_id)
+    else:
+        tokens = [SPM_SPACE if c == " " else c for c in tokenizer.chars]
+        token_types = [types.NORMAL] * len(tokens)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_add_space_prefix(False)
     writer.add_token_types(token_types)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
