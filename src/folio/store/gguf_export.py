@@ -30,7 +30,6 @@ from folio.extras import need
 from folio.model.gpt import GPT, ROPE_BASE
 from folio.store import hf, hf_rotary
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
 # xIELU's raw parameters that make it ReLU² after llama.cpp's softplus (see the docstring)
 RELU2_XIELU = {"alpha_p": math.log(math.e - 1), "alpha_n": -1e4, "beta": 0.0, "eps": -1e-6}
 GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
