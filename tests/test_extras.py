@@ -56,7 +56,7 @@ def test_folio_serve_without_its_extra_is_one_line(monkeypatch, capsys, tmp_path
 def test_export_without_transformers_is_one_line(monkeypatch, capsys, tiny_run, tmp_path):
     missing(monkeypatch, "transformers")
     assert main(["export", str(tiny_run), "--format", "hf", str(tmp_path / "hf")]) == 2
-    assert capsys.readouterr().err == ("folio: error: Hugging Face GPT-2 support needs "
+    assert capsys.readouterr().err == ("folio: error: Hugging Face support needs "
                                        "transformers: pip install 'folio[hf]'\n")
 
 

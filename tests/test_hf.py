@@ -135,13 +135,14 @@ def test_export_gpt2_run_loads_in_transformers_with_tokenizer(tmp_path):
     assert hf_tok.eos_token_id == ours.eot_id
 
 
-def test_export_char_run_writes_vocabulary_note(tiny_run, tmp_path):
+def test_export_char_run_writes_its_tokenizer_and_vocabulary(tiny_run, tmp_path):
     out = tmp_path / "hf-char"
     assert main(["export", str(tiny_run), "--format=hf", str(out)]) == 0
     model, tokenizer, _ = sources.load_model(tiny_run)
     note = json.loads((out / "folio_vocab.json").read_text("utf-8"))
     assert note["tokenizer"] == tokenizer.spec()
-    assert "AutoTokenizer" in (out / "README.md").read_text("utf-8")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok("ROMEO:\nWhat light")["input_ids"] == tokenizer.encode("ROMEO:\nWhat light")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert hf_model.config.vocab_size == tokenizer.vocab_size
     idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light through yonder")])  # <= block

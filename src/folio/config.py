@@ -322,15 +322,21 @@ class BenchConfig:
 
 @settings
 class ExportConfig:
-    """Everything `folio export` reads: a run written as a Hugging Face transformers GPT-2."""
+    """Everything `folio export` reads: a run written, with its tokenizer, as a standard Hugging
+    Face transformers model (GPT-2, Apertus or Arcee) or as a GGUF file for llama.cpp and Ollama
+    (with a Modelfile beside it)."""
 
     run_dir: str = setting("", "folio run dir (or nanoGPT out dir with ckpt.pt)",
                            positional="RUN_DIR", required=True)
-    out_dir: str = setting("", "directory to write (config.json, model.safetensors, tokenizer "
-                           "files)", positional="OUT_DIR", required=True)
-    format: str = setting("hf", "output format: hf (transformers GPT2LMHeadModel)",
-                          choices=("hf",))
-    force: bool = setting(False, "replace a non-empty OUT_DIR")
+    out_dir: str = setting("", "hf: the directory to write; gguf: the FILE.gguf to write (an "
+                           "Ollama Modelfile goes beside it)", positional="OUT_DIR", required=True)
+    format: str = setting("hf", "hf: a transformers dir (GPT-2 for the nanoGPT recipe, "
+                          "Apertus/Arcee for rotary RMSNorm models) with tokenizer.json; gguf: "
+                          "one file for llama.cpp/Ollama (gpt2 or apertus, char or gpt2 vocab)",
+                          choices=("hf", "gguf"))
+    dtype: str = setting("f32", "weights: f32, f16 or bf16 (hf and gguf), q8_0 (gguf)",
+                         choices=("f32", "f16", "bf16", "q8_0"))
+    force: bool = setting(False, "replace a non-empty OUT_DIR (gguf: the file and Modelfile)")
 
 
 @settings

@@ -176,8 +176,8 @@ COMMANDS: dict[str, Command] = {
                      "OpenAI-compatible API", run_serve),
     "bench": Command(config.BenchConfig, "measure training speed on this machine", run_bench,
                      note=bench_note),
-    "export": Command(config.ExportConfig, "write a run as a Hugging Face transformers model",
-                      run_export),
+    "export": Command(config.ExportConfig, "write a run as a Hugging Face transformers model "
+                      "with its tokenizer", run_export),
     "import-nanogpt": Command(config.ImportNanoGPTConfig, "convert a nanoGPT out dir (ckpt.pt) "
                               "into a folio run dir", run_import_nanogpt),
 }

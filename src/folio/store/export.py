@@ -1,95 +1,103 @@
-"""`folio export`: a run (folio or nanoGPT) written as a Hugging Face transformers GPT-2 dir.
+"""`folio export`: a run (folio or nanoGPT) written for the tools people run models with.
 
-The directory is built beside the target and renamed into place, so a failed export leaves
-nothing half-written.
+`--format hf`: a Hugging Face transformers directory with a standard class (GPT-2 for the
+nanoGPT recipe, Apertus or Arcee for rotary RMSNorm models) and the tokenizer. `--format gguf`:
+one GGUF file for llama.cpp and Ollama, an Ollama Modelfile beside it. Everything is checked
+before anything is written; the output is built beside the target and renamed into place, so
+a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from folio.config import ExportConfig
-from folio.data.bpe_files import TOKENIZER_FILE
-from folio.data.tokenizer import gpt2_vocab_file
 from folio.errors import ConfigError
-from folio.fsutil import atomic_dir
-from folio.store import hf
+from folio.fsutil import atomic_dir, atomic_path
+from folio.model.gpt import GPT
+from folio.store import gguf_export, hf, hf_rotary, hf_tokenizer
 from folio.store.sources import load_model
 
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+MODELFILE = "Modelfile"
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write run_dir's weights (and tokenizer, or a vocab note) as a transformers model dir."""
+
+def to_hf_model(model: GPT, eot_id: int | None = None) -> Any:
+    """The standard transformers model computing `model`'s logits: GPT-2 for the nanoGPT
+    recipe, Apertus/Arcee for rotary RMSNorm models; anything else is a one-line refusal."""
+    cfg = model.config
+    if cfg.rope or cfg.norm == "rmsnorm":
+        return hf_rotary.to_hf_model(model, eot_id)
+    return hf.to_hf_model(model, eot_id)
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False,
+              dtype: str = "f32") -> Path:
+    """Write run_dir's weights (in dtype) and tokenizer as a transformers model dir."""
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
+    if dtype not in HF_DTYPES:
+        raise ConfigError(f"--dtype={dtype}: a Hugging Face export holds "
+                          f"{', '.join(HF_DTYPES)} weights; {dtype} is a GGUF quantisation "
+                          "(--format gguf)")
+    check_target(out_dir, force)
     model, tokenizer, _ = load_model(run_dir)
+    hf_model = to_hf_model(model, tokenizer.eot_id)
+    hf_model.to(getattr(torch, HF_DTYPES[dtype]))
     with atomic_dir(out_dir) as tmp:
-        hf.to_hf_model(model, tokenizer.eot_id).save_pretrained(tmp)
-        if tokenizer.kind == "gpt2":
-            _write_gpt2_tokenizer(tmp, model.config.block_size)
-        elif tokenizer.kind == "bpe":
-            _write_trained_tokenizer(tmp, tokenizer, model.config.block_size)
-        else:
-            _write_vocab_note(tmp, tokenizer, run_dir)
+        hf_model.save_pretrained(tmp)
+        if hf_model.config.model_type in hf_rotary.CLASSES:
+            hf_rotary.add_legacy_rope_keys(tmp / "config.json")
+        hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
     return out_dir
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"export target {out_dir} is a file; pass a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"export target {out_dir} is not empty; pass --force to replace it "
+def export_gguf(run_dir: str | Path, out_file: str | Path, force: bool = False,
+                dtype: str = "f32") -> Path:
+    """Write run_dir as one GGUF file and an Ollama Modelfile beside it."""
+    out_file = Path(out_file)
+    modelfile = out_file.parent / MODELFILE
+    if out_file.suffix != ".gguf":
+        raise ConfigError(f"--format gguf writes one file: give its name, ending in .gguf, "
+                          f"not {out_file}")
+    for path in (out_file, modelfile):
+        if path.is_dir():
+            raise ConfigError(f"export target {path} is a directory; choose another file name")
+        if path.exists() and not force:
+            raise ConfigError(f"export target {path} exists; pass --force to replace it or "
+                              "choose another file name")
+    model, tokenizer, _ = load_model(run_dir)
+    gguf_export.architecture(model)  # the refusals, before anything is written
+    gguf_export.check_tokenizer(tokenizer)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(modelfile) as tmp_modelfile, atomic_path(out_file) as tmp_gguf:
+        gguf_export.write_gguf(model, tokenizer, Path(tmp_gguf), dtype, Path(run_dir).name)
+        text = gguf_export.modelfile(out_file.name, tokenizer, model.config.block_size)
+        Path(tmp_modelfile).write_text(text, encoding="utf-8")
+    return out_file
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse (one line) a target that is a file, or a non-empty dir without --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export target {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"export target {out} is not empty; pass --force to replace it "
                           "or choose another directory")
 
 
-def _write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
-    """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
-    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        (directory / hf_name).write_bytes(gpt2_vocab_file(name))
-    transformers = hf.transformers_module()
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
-                                                         model_max_length=max_length)
-    tok.save_pretrained(str(directory))
-
-
-def _write_trained_tokenizer(directory: Path, tokenizer: Any, max_length: int) -> None:
-    """A tokenizer `folio tokenizer train` wrote, as transformers' fast tokenizer files (its
-    tokenizer.json as it is, its end of text as the eos token)."""
-    transformers = hf.transformers_module()
-    eot = next(t for t, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(Path(tokenizer.path) / TOKENIZER_FILE), eos_token=eot,
-        bos_token=eot, model_max_length=max_length)
-    tok.save_pretrained(str(directory))
-
-
-def _write_vocab_note(directory: Path, tokenizer: Any, run_dir: str | Path) -> None:
-    """Char-level models have no transformers tokenizer: describe the vocabulary instead."""
-    spec = tokenizer.spec()
-    note = {"format_version": 1, "tokenizer": spec,
-            "usage": "token id i is the character chars[i]; encode text by mapping each "
-                     "character to its index (AutoTokenizer cannot load this vocabulary)"}
-    (directory / hf.VOCAB_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-    (directory / "README.md").write_text(
-        f"# Character-level GPT-2 exported by folio from `{run_dir}`\n\n"
-        "Load the weights with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.\n"
-        f"The vocabulary is {len(spec.get('chars', []))} characters, listed in "
-        f"`{hf.VOCAB_NOTE}`: token id `i` is `chars[i]`.\n"
-        "`AutoTokenizer` does not work for this model; encode/decode with that list:\n\n"
-        "```python\nimport json\nchars = json.load(open('folio_vocab.json'))['tokenizer']"
-        "['chars']\nstoi = {c: i for i, c in enumerate(chars)}\n"
-        "ids = [stoi[c] for c in 'To be']\ntext = ''.join(chars[i] for i in ids)\n```\n",
-        encoding="utf-8")
 
 
 def export(cfg: ExportConfig) -> Path:
-    """`folio export`: write cfg.run_dir as cfg.format (hf) into cfg.out_dir and say so."""
-    out = export_hf(cfg.run_dir, cfg.out_dir, force=cfg.force)
+    """`folio export`: write cfg.run_dir as cfg.format into cfg.out_dir and say so."""
+    if cfg.format == "gguf":
+        out = export_gguf(cfg.run_dir, cfg.out_dir, cfg.force, cfg.dtype)
+        print(f"exported {cfg.run_dir} -> {out} ({cfg.dtype}) and {out.parent / MODELFILE}; "
+              f"run it with `ollama create NAME -f {out.parent / MODELFILE}` or llama.cpp")
+        return out
+    out = export_hf(cfg.run_dir, cfg.out_dir, cfg.force, cfg.dtype)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"exported {cfg.run_dir} -> {out} ({files})")
-    if (out / hf.VOCAB_NOTE).is_file():
-        print(f"character-level vocabulary: see {out / hf.VOCAB_NOTE} (AutoTokenizer cannot "
-              "load it)")
     return out

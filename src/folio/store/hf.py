@@ -27,12 +27,12 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Hugging Face GPT-2 uses the tanh GELU approximation; folio's MLP uses the exact GELU (as
 # nanoGPT does). Exports declare the exact one so transformers reproduces folio's logits.
 GELU_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh")
-VOCAB_NOTE = "folio_vocab.json"  # a char-level export's vocabulary (no HF tokenizer)
+VOCAB_NOTE = "folio_vocab.json"  # a char-level export's vocabulary, as folio reads it back
 GPT2_VOCAB = 50257
 
 
 def transformers_module():
-    transformers = need("transformers", "hf", "Hugging Face GPT-2 support")
+    transformers = need("transformers", "hf", "Hugging Face support")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter
@@ -141,7 +141,8 @@ def gpt_config_from_hf(hf_config: Any, dropout: float, source: str) -> GPTConfig
                                   f"{getattr(hf_config, key)!r} is not supported by folio's model")
     return GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                      n_layer=hf_config.n_layer, n_head=hf_config.n_head,
-                     n_embd=hf_config.n_embd, dropout=dropout, bias=True)
+                     n_embd=hf_config.n_embd, dropout=dropout, bias=True,
+                     tie_head=bool(getattr(hf_config, "tie_word_embeddings", True)))
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,29 +162,19 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def check_gpt2_exact(cfg: GPTConfig) -> None:
     """Refuse (one line, naming the setting) a model transformers' GPT-2 cannot compute exactly."""
     default = GPTConfig()
-    for key in ("rope", "norm", "qk_norm", "mlp", "tie_head", "logit_softcap"):
+    for key in ("rope", "norm", "qk_norm", "mlp", "logit_softcap"):
         if getattr(cfg, key) != getattr(default, key):
             raise ConfigError(f"cannot export as Hugging Face GPT-2: {key}={getattr(cfg, key)!r} "
-                              "has no exact transformers GPT-2 equivalent (only nanoGPT-recipe "
-                              "models, e.g. not --recipe=modern, export)")
+                              "has no exact transformers GPT-2 equivalent (GPT-2 takes the "
+                              "nanoGPT recipe; rotary RMSNorm models export as Apertus/Arcee)")
 
 
-def to_hf_state_dict(model: GPT, eot_id: int | None = None
-                     ) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(transformers GPT2Config, GPT2LMHeadModel state dict) for a folio GPT.
-
-    The vocab is sliced to the real vocab_size; a bias-free model gets zero biases (the
-    same function, since HF GPT-2 always has biases). eot_id becomes bos/eos_token_id.
-    """
+def gpt2_tensors(model: GPT, conv1d: bool = True) -> dict[str, torch.Tensor]:
+    """A folio GPT's tensors as GPT-2 has them, float32: the vocab sliced to the real
+    vocab_size, zero biases for a bias-free model (the same function, since GPT-2 always has
+    biases), the four Linear weights as Conv1D (in, out) unless conv1d=False."""
     check_gpt2_exact(model.config)
-    transformers = transformers_module()
     cfg = model.config
-    hf_config = transformers.GPT2Config(
-        bos_token_id=eot_id, eos_token_id=eot_id,
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=1e-5, architectures=["GPT2LMHeadModel"])
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu", torch.float32)
@@ -192,9 +183,25 @@ def to_hf_state_dict(model: GPT, eot_id: int | None = None
             tensor = tensor[:cfg.vocab_size]  # drop the padding rows
         elif not cfg.bias and name.endswith(".weight") and "wpe" not in name:
             state[bias] = torch.zeros(tensor.shape[0])  # LayerNorm (C,) or Linear (out, in)
-        if name.endswith(CONV1D_SUFFIXES):
+        if conv1d and name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()  # Linear (out, in) -> Conv1D (in, out)
         state[name] = tensor.contiguous()
+    return state
+
+
+def to_hf_state_dict(model: GPT, eot_id: int | None = None
+                     ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(transformers GPT2Config, GPT2LMHeadModel state dict) for a folio GPT; eot_id becomes
+    bos/eos_token_id."""
+    state = gpt2_tensors(model)
+    cfg = model.config
+    hf_config = transformers_module().GPT2Config(
+        bos_token_id=eot_id, eos_token_id=eot_id,
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_head,
+        architectures=["GPT2LMHeadModel"])
     return hf_config, state
 
 

@@ -1,0 +1,111 @@
+"""Every folio tokenizer as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json)
+that `AutoTokenizer.from_pretrained(DIR)` loads and that encode text to folio's ids exactly.
+
+- char: a BPE model without merges over the run's characters (id i is chars[i]), decoded by
+  concatenation;
+- gpt2 and tiktoken:NAME: byte-level BPE converted from tiktoken's ranks, one merge per token
+  (the two parts tiktoken's own merging ends in), with tiktoken's pre-tokenizer pattern and
+  whole-word lookup first (`ignore_merges`, as tiktoken does);
+- hf:PATH: the run's tokenizer.json without its post-processor (folio adds no BOS/EOS).
+
+folio encodes text as ordinary text; AutoTokenizer also maps a literal special token such as
+"<|endoftext|>" in the text to its id. Decoding is the same either way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from folio.data.bpe_files import TOKENIZER_FILE, byte_to_char
+from folio.data.tokenizer import CharTokenizer, HFTokenizer, TiktokenBPE, gpt2_vocab_file
+from folio.errors import ConfigError
+from folio.extras import need
+from folio.store.hf import VOCAB_NOTE, transformers_module
+
+
+def write_tokenizer(directory: Path, tokenizer: Any, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json for `tokenizer` (GPT-2 also gets vocab.json
+    and merges.txt; a char vocabulary also folio_vocab.json, which folio reads back)."""
+    if tokenizer.kind == "gpt2":
+        write_gpt2_tokenizer(directory, max_length)
+        return
+    tokenizers = need("tokenizers", "hf", "Hugging Face tokenizer export")
+    if isinstance(tokenizer, CharTokenizer):
+        tok = char_tokenizer(tokenizers, tokenizer.chars)
+        note = {"format_version": 1, "tokenizer": tokenizer.spec()}
+        (directory / VOCAB_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False) +
+                                            "\n", encoding="utf-8")
+    elif tokenizer.kind == "bpe":  # `folio tokenizer train` wrote its tokenizer.json
+        tok = tokenizers.Tokenizer.from_file(str(Path(tokenizer.path) / TOKENIZER_FILE))
+    elif isinstance(tokenizer, TiktokenBPE):
+        tok = tiktoken_tokenizer(tokenizers, tokenizer._enc)
+    elif isinstance(tokenizer, HFTokenizer):
+        tok = tokenizers.Tokenizer.from_file(str(Path(tokenizer.path) / "tokenizer.json"))
+        tok.post_processor = None  # folio adds no special tokens around the text
+    else:
+        raise ConfigError(f"cannot export a {tokenizer.kind!r} tokenizer to Hugging Face")
+    eos = None if tokenizer.eot_id is None else tok.id_to_token(tokenizer.eot_id)
+    fast = transformers_module().PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, bos_token=eos, model_max_length=max_length,
+        clean_up_tokenization_spaces=False)
+    fast.save_pretrained(str(directory))
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text("utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name every version knows
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+
+def write_gpt2_tokenizer(directory: Path, max_length: int) -> None:
+    """OpenAI's GPT-2 BPE files as vocab.json/merges.txt, plus transformers' tokenizer files."""
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (directory / hf_name).write_bytes(gpt2_vocab_file(name))
+    transformers = transformers_module()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(directory), local_files_only=True,
+                                                         model_max_length=max_length)
+    tok.save_pretrained(str(directory))
+
+
+def char_tokenizer(tokenizers: Any, chars: list[str]) -> Any:
+    """One token per character: BPE with the characters as its vocabulary and no merges."""
+    model = tokenizers.models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[])
+    tok = tokenizers.Tokenizer(model)
+    tok.decoder = tokenizers.decoders.Fuse()  # tokens joined as they are, no spaces between
+    return tok
+
+
+def tiktoken_tokenizer(tokenizers: Any, enc: Any) -> Any:
+    """A tiktoken Encoding as a byte-level BPE `tokenizers.Tokenizer` with the same ids."""
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    to_str = byte_to_char()
+    vocab = {"".join(to_str[b] for b in token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = bpe_parts(ranks, token, rank) if len(token) > 1 else []
+        if len(parts) == 2:  # else tiktoken never reaches it by merging (whole words only)
+            merges.append(tuple("".join(to_str[b] for b in p) for p in parts))
+    specials = dict(enc._special_tokens)
+    vocab.update(specials)
+    model = tokenizers.models.BPE(vocab=vocab, merges=merges, ignore_merges=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(enc._pat_str), behavior="isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                            for s in sorted(specials, key=specials.get)])
+    return tok
+
+
+def bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
+    """What tiktoken's merging makes of `token`'s bytes using only ranks below `below`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], below), i)
+                      for i in range(len(parts) - 1))
+        if rank >= below:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+

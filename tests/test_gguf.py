@@ -1,0 +1,208 @@
+"""`folio export --format gguf`: one file for llama.cpp and Ollama. transformers' GGUF reader
+gives folio's logits for the nanoGPT recipe (llama.cpp's gpt2 architecture); the modern
+recipe's file (llama.cpp's apertus) is read back tensor by tensor, as transformers has no
+apertus GGUF reader. llama.cpp itself is not in the test environment (docs/export.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+import transformers
+from test_export import (
+    RECIPES,
+    SHAKESPEARE,
+    TOKENIZERS,
+    folio_logits,
+    make_run,
+    vocab_size,
+)
+
+from folio.cli import main
+from folio.data.tokenizer import GPT2Tokenizer
+from folio.model.gpt import GPTConfig
+from folio.store import gguf_export, hf_rotary
+
+TOL = 1e-4
+
+
+def run_of(root: Path, recipe: str, kind: str, tie: bool = True, **changes):
+    config = GPTConfig(block_size=256, vocab_size=vocab_size(kind), n_layer=2, n_head=2,
+                       n_embd=32, tie_head=tie, **{**RECIPES[recipe], **changes})
+    return make_run(root / "run", config, TOKENIZERS[kind])
+
+
+def export(root: Path, *args: str) -> int:
+    return main(["export", str(root / "run"), "--format=gguf", *args])
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_transformers_reads_a_nanogpt_gguf_with_folio_logits(tmp_path, kind, tie):
+    """llama-cpp-python 0.3.36, by hand, reads these files too: the same 100 greedy tokens at
+    f32 and f16, logits within 3e-3 (llama.cpp's GELU is the tanh approximation)."""
+    model = run_of(tmp_path, "nanogpt", kind, tie)
+    assert export(tmp_path, str(tmp_path / "out" / "model.gguf")) == 0
+    # transformers' GGUF reader maps context_length to n_ctx, not n_positions, and gives
+    # GPT-2 its tanh GELU: both are told (llama.cpp has a tanh GELU too; docs/export.md)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", gguf_file="model.gguf", n_positions=256,
+        activation_function="gelu").eval()
+    assert hf_model.config.tie_word_embeddings == tie
+    idx = torch.randint(0, vocab_size(kind), (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf_model(idx).logits - folio_logits(model, idx)).abs().max().item()
+    print(f"max abs logit diff (nanogpt gguf f32, {'tied' if tie else 'untied'}, {kind}): "
+          f"{diff:.3e}")
+    assert diff <= TOL
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\n") and "num_ctx 256" in modelfile
+    assert ('PARAMETER stop "<|endoftext|>"' in modelfile) == (kind == "gpt2")
+
+
+def test_the_gguf_gpt2_vocabulary_encodes_tiny_shakespeare_to_folio_ids(tmp_path):
+    run_of(tmp_path, "nanogpt", "gpt2")
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = theirs(SHAKESPEARE)["input_ids"]
+    assert ids == GPT2Tokenizer().encode(SHAKESPEARE)
+    assert theirs.decode(ids) == SHAKESPEARE
+
+
+def fields(path: Path) -> dict:
+    """A GGUF file's metadata, strings and arrays decoded."""
+    reader, out = gguf.GGUFReader(path), {}
+    for name, field in reader.fields.items():
+        values = [field.parts[i] for i in field.data]
+        if field.types and field.types[-1] == gguf.GGUFValueType.STRING:
+            values = [bytes(v).decode() for v in values]
+        else:
+            values = [v.tolist()[0] if len(v) == 1 else v.tolist() for v in values]
+        array = field.types and field.types[0] == gguf.GGUFValueType.ARRAY
+        out[name] = values if array else values[0] if values else None
+    return out
+
+
+def test_a_character_vocabulary_is_a_sentencepiece_one_without_space_prefix(tmp_path):
+    """What llama.cpp reads (checked by hand with llama-cpp-python 0.3.36: tiny Shakespeare and
+    these characters tokenize to folio's ids and back). transformers' GGUF reader prepends a
+    space to a sentencepiece vocabulary whatever the file says, so it is not the check here."""
+    chars = ["\n", " ", "a", "é", "€", "🙂"]
+    config = GPTConfig(block_size=16, vocab_size=len(chars), n_layer=1, n_head=2, n_embd=32)
+    make_run(tmp_path / "run", config, {"kind": "char", "chars": chars})
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.tokens"] == ["\n", "\u2581", "a", "é", "€", "🙂"]
+    assert meta["tokenizer.ggml.add_space_prefix"] is False
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert "tokenizer.ggml.eos_token_id" not in meta
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_modern_recipe_is_llama_cpps_apertus_with_relu2(tmp_path, tie):
+    """The tensors transformers' Apertus computes folio's logits with (test_export.py), under
+    llama.cpp's names. llama-cpp-python 0.3.36, by hand, with an f32 KV cache: logits within
+    6e-6 of folio's and the same 100 greedy tokens (docs/export.md)."""
+    model = run_of(tmp_path, "modern", "char", tie=tie)
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "apertus"
+    tensors = {t.name: torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+               for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.APERTUS, 2)
+    expected = {names.get_name(k, try_suffixes=(".weight",)): v
+                for k, v in hf_rotary.to_hf_state_dict(model).items()}
+    # llama.cpp's apertus needs output.weight: a tied head is written as the embedding's copy
+    expected.setdefault("output.weight", expected["token_embd.weight"])
+    assert set(tensors) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name].reshape(tensor.shape), tensor), name
+    # xIELU with the file's parameters is ReLU² (transformers' own xIELU, which applies the
+    # same softplus to alpha_p and alpha_n as llama.cpp's ggml_xielu)
+    params = {k: reader.fields[f"xielu.{k}"] for k in ("alpha_p", "alpha_n", "beta", "eps")}
+    values = {k: float(f.parts[f.data[0]][0]) for k, f in params.items()}
+    xielu = transformers.activations.XIELUActivation(dtype=torch.float32)
+    with torch.no_grad():
+        xielu.alpha_p.fill_(values["alpha_p"])
+        xielu.alpha_n.fill_(values["alpha_n"])
+        xielu.beta.fill_(values["beta"])
+        xielu.eps.fill_(values["eps"])
+    x = torch.randn(4096) * 3
+    assert (xielu(x) - torch.relu(x).square()).abs().max() <= 1e-6 * x.square().max()
+
+
+@pytest.mark.parametrize("dtype, matrix_type", [("f16", "F16"), ("bf16", "BF16"),
+                                                ("q8_0", "Q8_0")])
+def test_dtypes_store_matrices_so_and_vectors_in_float32(tmp_path, dtype, matrix_type):
+    run_of(tmp_path, "nanogpt", "char")
+    assert export(tmp_path, str(tmp_path / "m.gguf"), f"--dtype={dtype}") == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_qkv.weight"] == matrix_type
+    assert types["blk.0.attn_norm.weight"] == types["blk.0.attn_qkv.bias"] == "F32"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format=gguf", "OUT/model.bin"], ["ending in .gguf"]),
+    (["--format=hf", "OUT/hf", "--dtype=q8_0"], ["--dtype=q8_0", "GGUF quantisation"]),
+    (["--format=gguf", "OUT/m.gguf", "--dtype=q4_0"], ["q4_0"]),
+    (["--format=safetensors", "OUT/x"], ["format"]),
+])
+def test_bad_export_settings_are_one_line_writing_nothing(tmp_path, capsys, args, words):
+    run_of(tmp_path, "nanogpt", "char")
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    assert main(["export", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("folio: error:") and len(err.strip().splitlines()) == 1
+    for word in words:
+        assert word in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("recipe, changes, tokenizer, words", [
+    ("modern", {"qk_norm": False}, None, ["qk_norm=False", "apertus"]),
+    ("modern", {"mlp": "gelu"}, None, ["mlp='gelu'"]),
+    ("nanogpt", {}, {"kind": "tiktoken", "name": "cl100k_base"}, ["'tiktoken'"]),
+])
+def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path, capsys, monkeypatch, recipe,
+                                                      changes, tokenizer, words):
+    run_of(tmp_path, recipe, "char", **changes)
+    if tokenizer:  # a tiktoken run, without downloading its encoding
+        monkeypatch.setattr("folio.store.sources.tokenizer_from_spec",
+                            lambda spec: type("T", (), {"kind": "tiktoken", "eot_id": 0})())
+    assert export(tmp_path, str(tmp_path / "out" / "m.gguf")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("folio: error:") and len(err.strip().splitlines()) == 1
+    for word in words:
+        assert word in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_character_vocabulary_holding_the_sentencepiece_space_is_refused(tmp_path, capsys):
+    chars = ["a", "\u2581"]
+    config = GPTConfig(block_size=16, vocab_size=len(chars), n_layer=1, n_head=2, n_embd=32)
+    make_run(tmp_path / "run", config, {"kind": "char", "chars": chars})
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 2
+    assert "U+2581" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_existing_file_is_kept_unless_forced(tmp_path, capsys):
+    run_of(tmp_path, "nanogpt", "char")
+    (tmp_path / "Modelfile").write_text("mine")
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 2
+    assert "Modelfile exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "Modelfile").read_text() == "mine" and not (tmp_path / "m.gguf").exists()
+    assert export(tmp_path, str(tmp_path / "m.gguf"), "--force") == 0
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf", "run"]
+
+
+def test_architecture_names_the_refused_setting():
+    model = type("M", (), {"config": GPTConfig(n_layer=1, n_embd=16, n_head=2,
+                                               **RECIPES["modern"], logit_softcap=15.0)})()
+    with pytest.raises(Exception, match="logit_softcap=15"):
+        gguf_export.architecture(model)
