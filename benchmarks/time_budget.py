@@ -6,7 +6,8 @@ One after another, alone on the machine:
   the speed measurement and evaluations. Its best val loss and how long it really took.
 - nanoGPT: its README CPU command (folio's nanoGPT-recipe path, which matches nanoGPT's
   train.py step for step: 4 x 128, block 64, batch 12, 2,000 iterations), evaluated every
-  `--eval_every` iterations with wall times; for each T, its best val loss within T.
+  `--eval_every` iterations (250, as its command does) with wall times, evaluations included
+  as in folio's budget; for each T, its best val loss within T.
 - nanoGPT's GPU config (`shakespeare_char`: 6 x 384, block 256, batch 64, 5,000 iterations,
   val 1.4697 on an A100 in its README): the time it would take on this CPU, from its
   measured step time (`--gpu_steps` steps after one warm-up).
@@ -80,9 +81,11 @@ def gpu_config_seconds(data_dir: Path, steps: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="60,180,600", help="seconds, comma-separated")
-    parser.add_argument("--eval_every", type=int, default=50, help="nanoGPT run's eval interval")
+    parser.add_argument("--eval_every", type=int, default=250,
+                        help="nanoGPT run's eval interval (its README CPU command's: 250)")
     parser.add_argument("--gpu_steps", type=int, default=3)
     parser.add_argument("--data_dir", default="")
+    parser.add_argument("--runs_dir", default="", help="keep the run dirs here")
     args = parser.parse_args()
     import torch
 
@@ -95,7 +98,8 @@ def main() -> int:
     print(json.dumps({"machine": machine}), flush=True)
     budgets = [int(b) for b in args.budgets.split(",")]
     with bench_data_dir(args.data_dir, {"shakespeare_char"}) as data_dir, \
-            tempfile.TemporaryDirectory(prefix="folio-budget-") as tmp:
+            tempfile.TemporaryDirectory(prefix="folio-budget-") as scratch:
+        tmp = args.runs_dir or scratch
         nano_wall, nano_evals, _, _ = folio_train(
             [*NANOGPT_CPU, "--recipe=nanogpt", f"--eval_interval={args.eval_every}"],
             Path(tmp) / "nanogpt", data_dir)

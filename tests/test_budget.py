@@ -43,15 +43,15 @@ def test_progress_counts_what_the_end_needs_and_a_step_fits_only_with_room_for_i
     clock = StepClock(0.0)
     budget = Budget(100.0, clock=clock, started=0.0)
     budget.record_eval(4.0)
-    budget.record_save(1.0)  # the end needs 1.2 x 5 s = 6 s
+    budget.record_save(1.0)  # the end needs 1.2 x 5 s = 6 s, and 0.5 s to exit
     clock.now = 47.0
-    assert budget.progress() == pytest.approx(47 / 94)
+    assert budget.progress() == pytest.approx(47 / 93.5)
     budget.record_step(2.0)
+    clock.now = 91.5
+    assert budget.step_fits()  # 91.5 + 2 + 6.5 = 100
     clock.now = 92.0
-    assert budget.step_fits()  # 92 + 2 + 6 = 100
-    clock.now = 92.5
     assert not budget.step_fits()
-    resumed = Budget(100.0, spent_before=60.0, clock=clock, started=92.5)
+    resumed = Budget(100.0, spent_before=60.0, clock=clock, started=92.0)
     assert resumed.elapsed() == pytest.approx(60.0) and resumed.left() == pytest.approx(40.0)
 
 

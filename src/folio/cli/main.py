@@ -101,7 +101,7 @@ class Resolved:
 
 def resolve_train(parsed: ParsedArgs) -> Resolved:
     """The settings `folio train` trains with here, and the note on what was filled in."""
-    started = time.monotonic()  # before torch is imported
+    started = time.monotonic() - process_age()  # the budget counts the start-up too
     from folio.machine.device import resolve_device
     cfg = parsed.config
     saved = recipes.saved_run(cfg.out_dir) if cfg.init_from == "resume" else None
@@ -109,6 +109,16 @@ def resolve_train(parsed: ParsedArgs) -> Resolved:
     settings, note = recipes.resolve(cfg, parsed.given, device.type, saved, parsed.source,
                                      lambda resolved: budget_machine(resolved, device))
     return Resolved(settings, note, started)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; 0 where that cannot be read)."""
+    try:
+        start_ticks = float(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 # Tiny Shakespeare's training tokens and vocabulary, for sizing a run before it is prepared

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 STEP_EMA = 0.2  # weight of the newest step in the step-time estimate
 SAVE_GUESS_S = 0.5  # a save's time before one was measured
 MARGIN = 1.2  # the final evaluation and save are planned at this multiple of their measured time
+EXIT_S = 0.5  # and the process's exit after them (closing files, the interpreter's teardown)
 
 
 @dataclass
@@ -41,8 +42,9 @@ class Budget:
         return self.spent_before + self.clock() - self.started
 
     def finish_s(self) -> float:
-        """What the end of the run needs: the final evaluation and save, with a margin."""
-        return MARGIN * (self.eval_s + self.save_s)
+        """What the end of the run needs: the final evaluation and save, with a margin, and
+        the process's exit."""
+        return MARGIN * (self.eval_s + self.save_s) + EXIT_S
 
     def progress(self) -> float:
         """The fraction of the training time spent, 0..1: the schedule's clock. Training time

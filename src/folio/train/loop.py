@@ -84,6 +84,8 @@ def train(cfg: TrainConfig, note: str = "", started: float | None = None) -> int
 
 
 BUDGET_EVALS = 10  # a budgeted run with eval_interval 0 evaluates each tenth of its time
+EVAL_SHARE = 0.05  # ...on at most eval_iters batches, fewer where they would cost more than
+MIN_EVAL_ITERS = 4  # this share of the budget (but never fewer than these)
 
 
 class StopRequest(AbstractContextManager):
@@ -163,6 +165,7 @@ class Trainer:
         self.meta = read_meta(self.dataset_dir)
         self.progress = Progress()
         self.evals_done = 0  # tenths of a budgeted run's time already evaluated
+        self.eval_iters = cfg.eval_iters  # a budgeted run may take fewer (check_budget_fits)
         resumed = load_resume(cfg, self.out_dir, self.meta) if cfg.init_from == "resume" else None
         if resumed is not None and self.budget is not None:  # go on with the time left
             self.budget.spent_before = resumed.state.time_spent
@@ -378,7 +381,7 @@ class Trainer:
     def evaluate_and_save(self, time_s: float) -> None:
         cfg, p = self.cfg, self.progress
         tick = self.clock()
-        scores = estimate_loss(self.train_model, self.eval_splits, cfg.eval_iters,
+        scores = estimate_loss(self.train_model, self.eval_splits, self.eval_iters,
                                cfg.batch_size, self.model.config.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
                                seed_offset=self.info.rank, max_tokens=self.eval_tokens,
@@ -531,7 +534,10 @@ class Trainer:
                     forward_s = self.clock() - tick
         del twin
         budget.record_step(step_s)
-        budget.record_eval(forward_s * 2 * self.cfg.eval_iters)  # both splits
+        if self.cfg.eval_interval == 0:  # ten evaluations: together at most EVAL_SHARE
+            fit = int(EVAL_SHARE * budget.seconds / (BUDGET_EVALS + 1) / (2 * forward_s))
+            self.eval_iters = max(MIN_EVAL_ITERS, min(self.cfg.eval_iters, fit))
+        budget.record_eval(forward_s * 2 * self.eval_iters)  # both splits
         if not budget.step_fits() and not budget.spent_before:  # (a resumed run is done)
             need = budget.elapsed() + budget.step_s + budget.finish_s()
             raise TrainingError(f"--time={self.cfg.time} is too short to take one step here: "

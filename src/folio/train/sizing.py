@@ -15,8 +15,11 @@ from dataclasses import dataclass
 DEPTHS = range(2, 13)
 HEAD_DIM = 32
 UTILISATION = 0.25  # the share of the measured matmul peak a training step reaches (MFU)
-TOKENS_PER_PARAM = 60.0  # from benchmarks/size_sweep.py (see docs/training.md)
-EPOCHS_BEFORE_DROPOUT = 4.0
+TOKENS_PER_PARAM = 8.0  # benchmarks/size_sweep.py on tiny Shakespeare, char, a 2-core Zen 3
+# (predicted tokens per parameter): at 60 s and 120 s depth 2 won (25 and 50 per parameter)
+# over depth 3 (2.6 and 5.2; 1.634 against 1.619 at 120 s), so depth 3 starts above ~8
+EPOCHS_BEFORE_DROPOUT = 20.0  # nanoGPT's GPU char config: dropout 0.2 for ~80 epochs; the sweep
+# (no dropout) never saw a run past 5 epochs overfit
 DROPOUT = 0.1
 BLOCK_SIZE = {"char": 128, "bpe": 64}  # context: tokens per sequence
 BATCH_SIZE = 16
