@@ -140,6 +140,7 @@ def test_two_process_run_resumes_where_it_stopped(single_run, ddp_run):
     assert ("eval", 30) in metrics(ddp)
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_process_evals_sum_bits_per_byte_over_ranks(ddp_run):
     """Each rank scores its own batches; their summed loss, tokens and bytes make the bpb
     (tiny Shakespeare is ASCII: the val loss / ln 2), and run.json keeps the best after a

@@ -38,6 +38,7 @@ def export(root: Path, *args: str) -> int:
     return main(["export", str(root / "run"), "--format=gguf", *args])
 
 
+@pytest.mark.slow  # transformers' GGUF reader dequantises and builds the model: seconds each
 @pytest.mark.parametrize("kind", ["char", "gpt2"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_transformers_reads_a_nanogpt_gguf_with_folio_logits(tmp_path, kind, tie):
@@ -62,6 +63,7 @@ def test_transformers_reads_a_nanogpt_gguf_with_folio_logits(tmp_path, kind, tie
     assert ('PARAMETER stop "<|endoftext|>"' in modelfile) == (kind == "gpt2")
 
 
+@pytest.mark.slow  # transformers' GGUF tokenizer reader over all of tiny Shakespeare
 def test_the_gguf_gpt2_vocabulary_encodes_tiny_shakespeare_to_folio_ids(tmp_path):
     run_of(tmp_path, "nanogpt", "gpt2")
     assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
