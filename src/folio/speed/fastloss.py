@@ -27,14 +27,15 @@ def block_rows(vocab: int, dtype: torch.dtype) -> int:
     return max(1, BLOCK_BYTES // (dtype.itemsize * vocab))
 
 
-def _log_probs(p: torch.Tensor, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
-               ) -> torch.Tensor:
+def _log_probs(p: torch.Tensor, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+               vocab: int) -> torch.Tensor:
     """log softmax (N, 1) at the targets y (N, 1) from their probabilities p (N, 1); the rare
-    rows whose probability underflowed are redone exactly from h (N, C) and w (V, C)."""
+    rows whose probability underflowed are redone exactly from h (N, C) and the first `vocab`
+    rows of w (V_padded, C)."""
     tiny = (p < TINY).squeeze(1).nonzero().squeeze(1)  # (k,)
     log_p = p.log()
     if tiny.numel():
-        logits = (h[tiny] @ w.t()).float()  # (k, V)
+        logits = (h[tiny] @ w[:vocab].t()).float()  # (k, V)
         log_p[tiny] = logits.gather(1, y[tiny]) - torch.logsumexp(logits, 1, keepdim=True)
     return log_p
 
@@ -45,11 +46,12 @@ def _blocked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torc
     """Mean loss over the first `vocab` rows of w (V_padded, C) and, if `grads`, its gradients
     wrt h (N, C) and w (zero in the padding rows), block by block.
 
-    Matmuls run in `dtype`, the softmax in float32. Buffers are allocated once and reused:
-    fresh large allocations cost page faults that, on a CPU, can take longer than the math.
+    Matmuls run in `dtype` over all V_padded rows (a multiple of 64: 50,257 rows were 1.2x
+    slower than 50,304), the softmax in float32 with the padding columns at -inf, so they are
+    no tokens and get no gradient. Buffers are allocated once and reused: fresh large
+    allocations cost page faults that, on a CPU, can take longer than the math.
     """
-    padded, w = w.size(0), w[:vocab]  # the padding rows are no tokens: out of the softmax
-    N, V = h.size(0), vocab
+    N, V = h.size(0), w.size(0)
     rows = min(rows, N)
     step = min(rows, max(1, SOFTMAX_BYTES // (4 * V)))  # rows per softmax chunk
     valid = y != IGNORE_INDEX
@@ -72,6 +74,8 @@ def _blocked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torc
             b = min(a + step, e - s)
             chunk, target = block[a:b], safe_y[s + a:s + b]  # (k, V), (k, 1)
             logits = chunk if wide is None else wide[:b - a].copy_(chunk)  # float32
+            if vocab < V:  # the padding columns are no tokens
+                logits[:, vocab:].fill_(float("-inf"))
             probs = torch.ops.aten._softmax.out(logits, 1, False, out=probs_buf[:b - a])
             torch.gather(probs, 1, target, out=p[s + a:s + b])
             if grads:  # d loss / d logits = softmax - onehot (before weighting), over the logits
@@ -82,14 +86,12 @@ def _blocked_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, dtype: torc
         # (C, n) @ (n, V) with a contiguous left operand: 1.3x faster than block.t() @ h
         part = torch.mm(weighted_ht[:, s:e], block).t()  # (V, C)
         if grad_w is None:  # float32, laid out as w (the optimizer would copy it otherwise)
-            grad_w = torch.empty(padded, part.size(1), device=h.device)
-            grad_w[V:].zero_()
-            grad_w[:V].copy_(part)
+            grad_w = torch.empty(part.shape, device=h.device).copy_(part)
         else:
-            grad_w[:V].add_(part)
+            grad_w.add_(part)
     if grads:
         grad_h = grad_h.float().mul_(weight)
-    return -(_log_probs(p, hc, wc, safe_y) * weight).sum(), grad_h, grad_w
+    return -(_log_probs(p, hc, wc, safe_y, vocab) * weight).sum(), grad_h, grad_w
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -128,7 +130,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
         device_type = h.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else h.dtype)
-    rows = rows or block_rows(vocab, dtype)
+    rows = rows or block_rows(w.size(0), dtype)
     with torch.autocast(h.device.type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return _FusedLinearCrossEntropy.apply(h.float(), w, y, dtype, rows, vocab)
