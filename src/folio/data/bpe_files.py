@@ -70,17 +70,23 @@ def merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) < 2:
             continue
-        parts = [token[i:i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best, i = min((ranks.get(parts[i] + parts[i + 1], rank), i)
-                          for i in range(len(parts) - 1))
-            if best >= rank:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts = bpe_parts(ranks, token, rank)
         if len(parts) != 2:
             raise ValueError(f"token {token!r} (rank {rank}) is not one merge of lower ranks")
         out.append((parts[0], parts[1]))
     return out
+
+
+def bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
+    """What tiktoken's merging makes of `token`'s bytes using only ranks below `below`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], below), i)
+                      for i in range(len(parts) - 1))
+        if rank >= below:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from folio.data.bpe_files import TOKENIZER_FILE, byte_to_char
+from folio.data.bpe_files import TOKENIZER_FILE, bpe_parts, byte_to_char
 from folio.data.tokenizer import CharTokenizer, HFTokenizer, TiktokenBPE, gpt2_vocab_file
 from folio.errors import ConfigError
 from folio.extras import need
@@ -96,16 +96,4 @@ def tiktoken_tokenizer(tokenizers: Any, enc: Any) -> Any:
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
                             for s in sorted(specials, key=specials.get)])
     return tok
-
-
-def bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
-    """What tiktoken's merging makes of `token`'s bytes using only ranks below `below`."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 1:
-        rank, i = min((ranks.get(parts[i] + parts[i + 1], below), i)
-                      for i in range(len(parts) - 1))
-        if rank >= below:
-            break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
 
