@@ -98,7 +98,7 @@ def resolve(cfg: TrainConfig, given: frozenset[str], device_type: str,
     A bare `folio train` (no preset or config file, and no setting beyond PLACE_KEYS) trains
     the tiny-Shakespeare character model sized for the device: nanoGPT README's CPU model on
     a CPU, nanoGPT's GPU char model (`shakespeare_char`) on cuda or mps. Any other setting
-    means nanoGPT's train.py defaults for the rest, on every device. The recipe (RECIPE_RULE)
+    means nanoGPT's train.py defaults for the rest, on every device. The recipe (default_recipe)
     then fills what was not given. A --time budget plans the run on the clock and, with no
     shape given, sizes the model for the budget (sizing.py; `machine(cfg)` gives the device's
     speed and the dataset's size). A resumed run (`saved`: its run.json) goes on with its
@@ -134,19 +134,15 @@ def resolve(cfg: TrainConfig, given: frozenset[str], device_type: str,
     return cfg, "; ".join(notes)
 
 
-# The recipe when --recipe is not given: folio's own choices train the modern recipe, what
-# comes from nanoGPT trains nanoGPT's exactly.
-RECIPE_RULE = ("recipe: modern where folio chooses the settings (a bare `folio train`, any "
-               "--time run, folio's own presets); nanoGPT's where they come from nanoGPT (its "
-               "command lines, its .py config files, its presets: " + ", ".join(
-                   ["shakespeare_char", "shakespeare_char_cpu", "gpt2_124m",
-                    "finetune_shakespeare"]) + "); --recipe decides either way")
+# The recipe when --recipe is not given: modern where folio chooses the settings (a bare
+# `folio train`, any --time run, folio's own presets); nanoGPT's where they come from nanoGPT
+# (its command lines, its .py config files, these presets); --recipe decides either way.
 NANOGPT_PRESETS = frozenset({"shakespeare_char", "shakespeare_char_cpu", "gpt2_124m",
                              "finetune_shakespeare"})
 
 
 def default_recipe(cfg: TrainConfig, bare: bool, source: str) -> str:
-    """RECIPE_RULE for settings that do not name a recipe."""
+    """The recipe for settings that do not name one (the rule above NANOGPT_PRESETS)."""
     if bare or cfg.time:
         return "modern"
     preset = PRESET_ALIASES.get(Path(source).stem, Path(source).stem) if source else ""

@@ -76,10 +76,3 @@ def choose(budget_s: float, peak_flops: float, train_tokens: int, vocab: int
 
 def fmt(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else f"{n:.0f}"
-
-
-def budget_tokens(budget_s: float, peak_flops: float, depth: int, vocab: int) -> float:
-    """Training tokens the dial's model at `depth` can see in the budget (for the sweep)."""
-    block = BLOCK_SIZE["char" if vocab < 1024 else "bpe"]
-    return budget_s * peak_flops * UTILISATION / flops_per_token(depth, vocab, block)
-
