@@ -195,3 +195,13 @@ def test_a_budget_too_short_for_one_step_says_the_shortest_that_works(char_data_
     shortest = float(err.rsplit("--time=", 1)[1].rstrip("s"))
     assert math.isfinite(shortest) and shortest > 0.01
     assert not out.exists()  # nothing written
+
+
+def test_a_bare_budgeted_run_decays_on_the_clock_not_the_cpu_presets_iterations():
+    # regression: the CPU preset's lr_decay_iters = 2000 stayed in a bare `folio train
+    # --time=10m`, so the learning rate reached zero at iteration 2000 (229 s of 600)
+    parsed = parse_args(TrainConfig, ["--time=10m", "--device=cpu"], config_file=True)
+    cfg = resolve(parsed.config, parsed.given, "cpu", source=parsed.source)[0]
+    assert cfg.lr_decay_iters is None and cfg.max_iters is None
+    assert lr_at(3000, cfg, progress=0.3) == cfg.learning_rate
+    assert lr_at(3000, cfg, progress=0.75) == pytest.approx(cfg.learning_rate / 2)

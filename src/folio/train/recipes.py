@@ -161,10 +161,12 @@ class Machine:
     vocab_size: int
 
 
-# What a budgeted run changes where nothing was given: no iteration limit, ten evaluations
-# spread over the budget, on 20 batches each (nanoGPT README's CPU figure).
-BUDGET_DEFAULTS: dict[str, Any] = {"max_iters": None, "eval_interval": 0, "eval_iters": 20,
-                                   "always_save_checkpoint": False}
+# What a budgeted run changes where nothing was given: no iteration limit and no decay length
+# (the schedule follows the clock; a preset's lr_decay_iters = 2000 once cut every budgeted CPU
+# run's learning rate to zero at iteration 2000), ten evaluations spread over the budget, on 20
+# batches each (nanoGPT README's CPU figure).
+BUDGET_DEFAULTS: dict[str, Any] = {"max_iters": None, "lr_decay_iters": None, "eval_interval": 0,
+                                   "eval_iters": 20, "always_save_checkpoint": False}
 
 
 def budgeted(cfg: TrainConfig, given: frozenset[str], device_type: str,
