@@ -6,19 +6,13 @@ final evaluation and the final save still fit. Everything in the run (set-up, th
 measurement, evaluations, checkpoints) counts, so the run ends at the deadline with a finished
 model. Step, evaluation and save times are measured as the run goes; with an injected clock
 the same budget and the same step times give the same schedule.
-
-The end's evaluation and save are planned at the low median of those measured so far: one
-slow save (a disk busy with another program's writes) must not pull the schedule's end
-forward for good. It did: a 40 s fsync put a 3-minute run's learning rate at zero 50 s early,
-and with the rate at zero nothing improved, so no later save corrected the estimate.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STEP_EMA = 0.2  # weight of the newest step in the step-time estimate
 SAVE_GUESS_S = 0.5  # a save's time before one was measured
@@ -36,22 +30,12 @@ class Budget:
     clock: Callable[[], float] = time.monotonic
     started: float | None = None
     step_s: float = 0.0  # a step's time (exponential moving average of the measured ones)
-    eval_times: list[float] = field(default_factory=list)  # each evaluation's, measured
-    save_times: list[float] = field(default_factory=list)  # each save's, measured
+    eval_s: float = 0.0  # the last evaluation's time
+    save_s: float = SAVE_GUESS_S  # the last save's time
 
     def __post_init__(self) -> None:
         if self.started is None:
             self.started = self.clock()
-
-    @property
-    def eval_s(self) -> float:
-        """What the final evaluation is planned to take."""
-        return statistics.median_low(self.eval_times) if self.eval_times else 0.0
-
-    @property
-    def save_s(self) -> float:
-        """What the final save is planned to take."""
-        return statistics.median_low(self.save_times) if self.save_times else SAVE_GUESS_S
 
     def elapsed(self) -> float:
         """Seconds of the budget spent so far (this process and the runs it resumes)."""
@@ -76,10 +60,10 @@ class Budget:
                                                        + (1 - STEP_EMA) * self.step_s)
 
     def record_eval(self, seconds: float) -> None:
-        self.eval_times.append(seconds)
+        self.eval_s = seconds
 
     def record_save(self, seconds: float) -> None:
-        self.save_times.append(seconds)
+        self.save_s = seconds
 
     def left(self) -> float:
         return self.seconds - self.elapsed()
