@@ -73,3 +73,20 @@ def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
     info = RunInfo(model=model.config.to_dict(), n_params=model.num_params(), tokenizer=spec,
                    source="hf", imported_from={"hf": str(path)})
     return model, tokenizer_from_spec(spec), info
+
+
+def load_for_training(path: str | Path, dropout: float) -> tuple[GPT, dict[str, Any]]:
+    """The weights a run finetunes (`--init_from=DIR`): a folio run dir's best weights or a
+    Hugging Face GPT-2 dir, with `dropout`; and the tokenizer spec they were trained with."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "hf":
+        model = hf.load_pretrained(str(path), dropout=dropout)
+        return model, hf.tokenizer_spec(path, model.config.vocab_size)
+    if kind == "nanogpt":
+        raise CheckpointError(f"--init_from={path} is a nanoGPT out dir; convert it first with "
+                              f"`folio import-nanogpt {path} RUN_DIR`, then --init_from=RUN_DIR")
+    info = rundir.read_run_info(path)
+    tensors, source = checkpoint.read_model_weights(path)
+    model = gpt_from_state(model_config(info, path, dropout=dropout), tensors, source)
+    return model, info.tokenizer
