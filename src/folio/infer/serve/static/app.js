@@ -243,12 +243,16 @@ async function generate() {
                  top_k: number("top_k"), top_p: number("top_p"), seed: number("seed"),
                  stream_options: { include_usage: true } };
   if (stop.length) body.stop = stop;
+  // a run finetuned with --task=chat answers the prompt as a user turn, in its chat template
+  const run = state.runs.find((r) => r.name === body.model);
+  const chat = Boolean(run && run.chat);
+  if (chat) { body.messages = [{ role: "user", content: body.prompt }]; delete body.prompt; }
   state.controller = new AbortController();
   $("generate").disabled = true; $("stopbtn").disabled = false;
   const t0 = performance.now();
   let first = null, chunks = 0, usage = null, ended = "";
   try {
-    const r = await fetch("/v1/completions", {
+    const r = await fetch(chat ? "/v1/chat/completions" : "/v1/completions", {
       method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
       headers: headers({ "Content-Type": "application/json" }) });
     if (!r.ok) {
@@ -272,9 +276,10 @@ async function generate() {
         if (msg.error) throw new Error(msg.error.message);
         if (msg.usage) usage = msg.usage;
         (msg.choices || []).forEach((c) => {
-          if (c.text) {
+          const piece = chat ? (c.delta && c.delta.content) : c.text;
+          if (piece) {
             if (first === null) first = performance.now() - t0;
-            out.textContent += c.text;
+            out.textContent += piece;
             output.dataset.chunks = String(++chunks);
           }
           if (c.finish_reason) ended = c.finish_reason;
