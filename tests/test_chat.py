@@ -288,14 +288,15 @@ def sft_run(chat_data, tmp_path_factory) -> Path:
     assert main(["prepare", str(tmp / "base.txt"), f"--data_dir={tmp / 'data'}"]) == 0
     base = tmp / "base"
     assert main(["train", *CHAT_TINY, f"--data_dir={tmp / 'data'}", "--dataset=base",
-                 f"--out_dir={base}", "--max_iters=40", "--eval_interval=40"]) == 0
+                 f"--out_dir={base}", "--max_iters=40", "--eval_interval=40", "--n_layer=2",
+                 "--n_embd=64"]) == 0
     conv = write_conversations(tmp / "sums.jsonl", n=300)
     assert main(["prepare", str(conv), "--format=chat", f"--tokenizer={base}",
                  f"--data_dir={tmp / 'data'}"]) == 0
     out = tmp / "sft"
     assert main(["train", *CHAT_TINY, f"--data_dir={tmp / 'data'}", "--dataset=sums",
-                 "--task=chat", f"--init_from={base}", f"--out_dir={out}", "--max_iters=150",
-                 "--eval_interval=25", "--learning_rate=1e-2"]) == 0
+                 "--task=chat", f"--init_from={base}", f"--out_dir={out}", "--max_iters=400",
+                 "--eval_interval=50", "--learning_rate=1e-2", "--batch_size=16"]) == 0
     return out
 
 
@@ -310,7 +311,8 @@ def test_sft_lowers_the_masked_val_loss_and_learns_the_answers(sft_run):
     questions = [(a, b) for a in range(5) for b in range(5)]
     right = sum(reply(model, tok, conversation(a, b)[:1], max_new_tokens=8) == WORDS[a + b]
                 for a, b in questions)
-    assert right >= 0.6 * len(questions)
+    assert right >= 0.8 * len(questions), right
+    print(f"held-out-free exact match: {right}/{len(questions)}")
 
 
 @pytest.mark.slow
@@ -330,13 +332,12 @@ def test_server_chat_uses_the_template_and_stops_at_end_of_turn(sft_run, tiny_ru
         assert choice["finish_reason"] == "stop" and choice["message"]["content"] == expected
         assert expected in WORDS
         # a base model keeps the script format; characters the vocabulary lacks are a 400
-        status, answer = request(url, "POST", "/v1/chat/completions",
-                                 json.dumps({**body, "model": "tiny"}).encode())
-        assert status == 200
+        base = {**body, "model": "tiny", "messages": [{"role": "user", "content": "Hi!"}]}
+        status, answer = request(url, "POST", "/v1/chat/completions", json.dumps(base).encode())
+        assert status == 200 and "\n\n" not in answer["choices"][0]["message"]["content"]
         status, answer = request(url, "POST", "/v1/chat/completions", json.dumps(
             {**body, "messages": [{"role": "user", "content": "\u00e9\u00e9"}]}).encode())
         assert status == 400 and answer["error"]["code"] == "bad_prompt"
     with background(ServeConfig(run_dirs=[str(tiny_run)], port=0, strict_template=True)) as url:
-        status, answer = request(url, "POST", "/v1/chat/completions",
-                                 json.dumps({**body, "model": "tiny"}).encode())
+        status, answer = request(url, "POST", "/v1/chat/completions", json.dumps(base).encode())
         assert status == 400 and answer["error"]["code"] == "no_chat_template"
