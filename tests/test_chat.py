@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import string
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,53 @@ def test_server_chat_uses_the_template_and_stops_at_end_of_turn(sft_run, tiny_ru
     with background(ServeConfig(run_dirs=[str(tiny_run)], port=0, strict_template=True)) as url:
         status, answer = request(url, "POST", "/v1/chat/completions", json.dumps(base).encode())
         assert status == 400 and answer["error"]["code"] == "no_chat_template"
+
+
+def test_api_answers_4xx_for_bad_chat_bodies():
+    from folio.infer.serve import api
+    from folio.infer.serve.api import ApiError
+    from folio.store.rundir import RunInfo
+    with pytest.raises(ApiError) as deep:
+        api.parse_json(b"[" * 100_000 + b"]" * 100_000)
+    assert deep.value.status == 400
+    limits = api.Limits(64, 1000, 2)
+    for messages in ([], [{"role": "tool", "content": "x"}], [{"role": "user", "content": 5}]):
+        with pytest.raises(ApiError) as bad:
+            api.parse_request({"model": "m", "messages": messages}, True, limits)
+        assert bad.value.status == 400
+    tok = chat.chat_tokenizer(CharTokenizer(sorted(set(string.ascii_letters + ":\n "))))
+    req = api.parse_request({"model": "m", "messages": [
+        {"role": "developer", "content": "a"}, {"role": "user", "content": "bc"}]}, True, limits)
+    with_template = RunInfo(model={}, tokenizer=tok.spec(), chat_template=chat.record())
+    ids, stop = api.chat_prompt(req, tok, with_template, strict=True)
+    assert ids == chat.prompt_ids(tok, [{"role": "system", "content": "a"},
+                                        {"role": "user", "content": "bc"}])
+    assert stop == ["<|end|>"]
+    base = RunInfo(model={}, tokenizer=tok.spec())
+    assert api.chat_prompt(req, tok, base, strict=False)[1] == ["\n\n"]
+    for info, strict, code in ((base, True, "no_chat_template"),
+                               (RunInfo(model={}, tokenizer={}, chat_template={"name": "x"}),
+                                False, "unknown_chat_template")):
+        with pytest.raises(ApiError) as refused:
+            api.chat_prompt(req, tok, info, strict)
+        assert (refused.value.status, refused.value.code) == (400, code)
+    unknown = api.parse_request({"model": "m", "messages": [{"role": "user", "content": "\u00e9"}]},
+                                True, limits)
+    with pytest.raises(ApiError) as bad_chars:
+        api.chat_prompt(unknown, tok, with_template, strict=False)
+    assert (bad_chars.value.status, bad_chars.value.code) == (400, "bad_prompt")
+
+
+@pytest.mark.slow
+def test_prepare_reads_conversations_from_a_hub_dataset(tmp_path):
+    """hf:DIR (a local datasets dir of .jsonl files) with a messages column."""
+    folder = tmp_path / "convs"
+    folder.mkdir()
+    write_conversations(folder / "part.jsonl", n=40)
+    out = prepare_chat(PrepareConfig(dataset=f"hf:{folder}", format="chat",
+                                     data_dir=str(tmp_path / "data"), tokenizer="gpt2"))
+    meta = read_meta(out)
+    assert meta["train_conversations"] + meta["val_conversations"] == 40
+    assert meta["tokenizer"] == {"kind": "gpt2", "added": ["<|system|>", "<|user|>",
+                                                           "<|assistant|>", "<|end|>"]}
+    assert meta["val_assistant_tokens"] > 0
