@@ -393,3 +393,23 @@ def test_prepare_reads_conversations_from_a_hub_dataset(tmp_path):
     assert meta["tokenizer"] == {"kind": "gpt2", "added": ["<|system|>", "<|user|>",
                                                            "<|assistant|>", "<|end|>"]}
     assert meta["val_assistant_tokens"] > 0
+
+
+@pytest.mark.slow  # two processes under torchrun
+def test_chat_finetune_under_torchrun_trains_and_resumes(chat_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc_per_node=2", "-m", "folio", "train", *CHAT_TINY,
+              f"--data_dir={chat_data}", "--dataset=sums", "--task=chat", f"--out_dir={out}",
+              "--gradient_accumulation_steps=2", "--eval_interval=3", "--lr_decay_iters=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--max_iters=3"], ["--max_iters=6", "--init_from=resume"]):
+        done = subprocess.run([*launch, *extra], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text("utf-8"))
+    assert info["iter_num"] == 6 and info["world_size"] == 2
+    assert info["chat_template"]["name"] == chat.NAME
