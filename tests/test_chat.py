@@ -413,3 +413,17 @@ def test_chat_finetune_under_torchrun_trains_and_resumes(chat_data, tmp_path):
     info = json.loads((out / "run.json").read_text("utf-8"))
     assert info["iter_num"] == 6 and info["world_size"] == 2
     assert info["chat_template"]["name"] == chat.NAME
+
+
+def test_export_of_a_chat_run_carries_its_template(quick_chat_run, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    assert main(["export", str(quick_chat_run), str(tmp_path / "hf")]) == 0
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    import folio
+    _, tok = folio.load(quick_chat_run, device="cpu")
+    messages = conversation(2, 3, system=True)
+    ids = hf.apply_chat_template(messages, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == chat.encode(tok, messages)[0]
+    assert main(["export", str(quick_chat_run), str(tmp_path / "m.gguf"), "--format=gguf"]) != 0
+    assert "--format hf" in capsys.readouterr().err
