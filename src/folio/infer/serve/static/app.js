@@ -1,5 +1,6 @@
 // folio serve page: the runs table, live loss curves (from each run's metrics.jsonl, read
-// incrementally by byte offset) and a playground that streams from /v1/completions.
+// incrementally by byte offset) and a playground that streams from /v1/completions (a chat
+// run: /v1/chat/completions, the prompt as a user turn).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
