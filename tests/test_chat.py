@@ -364,7 +364,7 @@ def test_api_answers_4xx_for_bad_chat_bodies():
     ids, stop = api.chat_prompt(req, tok, with_template, strict=True)
     assert ids == chat.prompt_ids(tok, [{"role": "system", "content": "a"},
                                         {"role": "user", "content": "bc"}])
-    assert stop == ["<|end|>"]
+    assert stop == ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
     base = RunInfo(model={}, tokenizer=tok.spec())
     assert api.chat_prompt(req, tok, base, strict=False)[1] == ["\n\n"]
     for info, strict, code in ((base, True, "no_chat_template"),

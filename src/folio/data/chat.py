@@ -30,6 +30,9 @@ NAME = "folio-chat-1"  # the template's name in run.json / meta.json; a new layo
 ROLES = ("system", "user", "assistant")
 START, END = "<|endoftext|>", "<|end|>"
 GENERATION_PROMPT = "<|assistant|>"
+# where a reply ends: its end of turn; also a role token or the start of a conversation, should
+# a model skip the end and go on with the next turn
+REPLY_STOPS = (END, *(f"<|{role}|>" for role in ROLES), START)
 # transformers' apply_chat_template renders this to exactly render_text's string
 JINJA = ("{{ '<|endoftext|>' }}{% for message in messages %}"
          "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
@@ -124,12 +127,12 @@ def chat_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     return with_special_tokens(tokenizer, SPECIAL_TOKENS)
 
 
-def end_id(tokenizer: Tokenizer) -> int:
-    """The id of the end-of-turn token: a reply ends there."""
-    found = special_ids(tokenizer).get(END)
-    if found is None:
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """The ids of REPLY_STOPS: a reply ends before any of them."""
+    found = special_ids(tokenizer)
+    if END not in found:
         raise ChatError(f"the tokenizer has no {END} token; this run has no chat template")
-    return found
+    return {found[t] for t in REPLY_STOPS if t in found}
 
 
 def record() -> dict[str, Any]:

@@ -46,7 +46,7 @@ def reply_tokens(model: GPT, tokenizer: Tokenizer, messages: Sequence[dict[str, 
     included) or max_new_tokens. A prompt the vocabulary cannot encode is a DataError."""
     check_sampling(temperature, top_k, top_p)
     prompt = chat.prompt_ids(tokenizer, chat.check_messages(list(messages)))
-    stops = {chat.end_id(tokenizer), tokenizer.eot_id}
+    stops = chat.stop_ids(tokenizer)
     tokens = generate_tokens(model, prompt, max_new_tokens, temperature, top_k, top_p,
                              generator)
     return takewhile(lambda t: t not in stops, tokens)

@@ -158,9 +158,10 @@ def join_chat(messages: list[dict[str, str]]) -> str:
 def chat_prompt(req: CompletionRequest, tokenizer: Tokenizer, info: RunInfo, strict: bool
                 ) -> tuple[list[int], list[str]]:
     """A chat request's prompt ids and stop strings for a run. With a chat template: the
-    turns rendered by it ("developer" counts as "system"), and the end-of-turn token's text
-    as a stop (the token decodes to it, so the answer ends there). For a base model: the
-    script of join_chat, ending at a blank line unless `stop` is given; or a 400 if `strict`.
+    turns rendered by it ("developer" counts as "system"), and the end-of-turn and role
+    tokens' texts as stops (each decodes to its text, so the answer ends there). For a base
+    model: the script of join_chat, ending at a blank line unless `stop` is given; or a 400
+    if `strict`.
     """
     assert req.messages is not None
     if info.chat_template is None:
@@ -177,7 +178,7 @@ def chat_prompt(req: CompletionRequest, tokenizer: Tokenizer, info: RunInfo, str
     turns = [{"role": "system" if m["role"] == "developer" else m["role"],
               "content": m["content"]} for m in req.messages]
     ids = encode_or_400(lambda: template.prompt_ids(tokenizer, turns))
-    return ids, [*req.stop, template.END]
+    return ids, [*req.stop, *template.REPLY_STOPS[:-1]]  # (<|endoftext|> ends it anyway)
 
 
 def encode_or_400(encode: Callable[[], list[int]]) -> list[int]:
