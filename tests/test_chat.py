@@ -427,3 +427,23 @@ def test_export_of_a_chat_run_carries_its_template(quick_chat_run, tmp_path, cap
     assert list(ids) == chat.encode(tok, messages)[0]
     assert main(["export", str(quick_chat_run), str(tmp_path / "m.gguf"), "--format=gguf"]) != 0
     assert "--format hf" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an export, a prepare and a finetune
+def test_chat_finetune_from_a_hugging_face_dir(tiny_run, tmp_path):
+    """A char run exported to Hugging Face, then --init_from=HF_DIR --task=chat: the dataset
+    takes the exported vocabulary (folio_vocab.json) and the model grows by the chat tokens."""
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(tiny_run), str(hf_dir)]) == 0
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                      {"role": "assistant", "content": w}]})
+             for w in ("one", "two", "three", "four", "five") * 4]
+    (tmp_path / "say.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+    assert main(["prepare", str(tmp_path / "say.jsonl"), "--format=chat",
+                 f"--tokenizer={hf_dir}", f"--data_dir={tmp_path / 'data'}"]) == 0
+    out = tmp_path / "chat"
+    assert main(["train", *CHAT_TINY, f"--data_dir={tmp_path / 'data'}", "--dataset=say",
+                 "--task=chat", f"--init_from={hf_dir}", f"--out_dir={out}", "--max_iters=2",
+                 "--eval_interval=2", "--block_size=32"]) == 0
+    info = json.loads((out / "run.json").read_text("utf-8"))
+    assert info["model"]["vocab_size"] == 65 + 5 and info["chat_template"] is not None

@@ -43,7 +43,7 @@ from folio.speed import autotune
 from folio.speed import kernels as speed_kernels
 from folio.speed import training as training_choice
 from folio.speed.kernels import Kernels
-from folio.store import checkpoint, guard, hf, rundir, sources
+from folio.store import checkpoint, guard, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
@@ -584,16 +584,14 @@ def pretrained_model(cfg: TrainConfig, meta: dict, master: bool) -> GPT:
     """The model a finetune starts from (--init_from: a folio run dir, a Hugging Face dir or
     a GPT-2 name); for --task=chat its vocabulary grown by the special tokens the dataset's
     tokenizer added."""
-    if Path(cfg.init_from).is_dir():
-        model, spec = sources.load_for_training(cfg.init_from, cfg.dropout)
-    else:
-        model, spec = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout), {"kind": "gpt2"}
+    model, spec = sources.load_for_training(cfg.init_from, cfg.dropout)
     if cfg.task != "chat":
         if meta["vocab_size"] > model.config.vocab_size:
             raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
                             f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
                             "--tokenizer gpt2")
         return model
+    spec = spec or sources.tokenizer_of(cfg.init_from, model.config.vocab_size)
     base = {k: v for k, v in meta["tokenizer"].items() if k != "added"}
     own = {k: v for k, v in spec.items() if k != "added"}
     if base != own or meta["vocab_size"] < model.config.vocab_size:
