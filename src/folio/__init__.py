@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "generate"]
+__all__ = ["__version__", "load", "generate", "reply"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,7 @@ def __getattr__(name: str):
     if name == "generate":
         from folio.infer.sample import generate
         return generate
+    if name == "reply":  # a chat run's next turn after a list of messages
+        from folio.infer.chat import reply
+        return reply
     raise AttributeError(name)

@@ -58,7 +58,11 @@ class TrainConfig:
     eval_iters: int = setting(200, "batches per split when estimating the loss", min=1)
     eval_only: bool = setting(False, "evaluate once and exit")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val improves")
-    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir")
+    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir | "
+                             "a folio run dir (finetune its weights)")
+    task: str = setting("lm", "lm: next-token loss on every token; chat: supervised "
+                        "finetuning on a --format=chat dataset, the loss on the assistant's "
+                        "tokens only", choices=("lm", "chat"))
     overwrite: bool = setting(False, "let a fresh run replace the run already saved in out_dir")
     seed: int = setting(1337, "random seed (each DDP rank adds its rank)", min=0)
     # logging
@@ -206,6 +210,10 @@ class PrepareConfig:
     split: str = setting("train", "hub dataset split to read (val is carved out of it)")
     tokens: str = setting("", "fineweb-edu sample to prepare: 10B | 100B | 350B (default 10B)")
     keep_newlines: bool = setting(False, "keep \\r\\n and \\r line endings (default: made \\n)")
+    format: str = setting("text", "text: documents; chat: conversations, a .jsonl of "
+                          "{\"messages\": [{\"role\", \"content\"}, ...]} lines or hf:NAME with a "
+                          "messages field (--text_field), with a mask of the assistant's tokens; "
+                          "--tokenizer=RUN_DIR takes a run's vocabulary", choices=("text", "chat"))
     num_proc: int = setting(0, "tokenizer processes; 0: one per core for large inputs", min=0)
 
     def __post_init__(self) -> None:
@@ -353,6 +361,28 @@ class ImportNanoGPTConfig:
                            "config)")
 
 
+@settings
+class ChatConfig:
+    """Everything `folio chat` reads: a terminal chat with a run finetuned with --task=chat
+    (its chat template); /reset starts over, /system TEXT sets the system message, /quit or
+    end of input leaves."""
+
+    run_dir: str = setting("", "run directory of a chat model", positional="RUN_DIR",
+                           required=True)
+    system: str = setting("", "system message the conversation starts with")
+    max_new_tokens: int = setting(256, "longest reply in tokens", min=1)
+    temperature: float = setting(0.7, "softmax temperature; 0 is greedy", min=0.0)
+    top_k: int | None = setting(50, "keep the k most likely tokens; None keeps all", min=1)
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set with this mass",
+                           above=0.0, max=1.0)
+    seed: int = setting(1337, "random seed", min=0)
+    device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = setting(AUTO, "compute dtype", choices=(AUTO, "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check_device_name(self.device)
+
 
 @settings
 class ServeConfig:
@@ -379,6 +409,9 @@ class ServeConfig:
                                     min=1)
     max_n: int = setting(4, "largest n (completions per request)", min=1)
     max_body_bytes: int = setting(1 << 20, "largest request body in bytes", min=1024)
+    strict_template: bool = setting(False, "answer a chat request to a run without a chat "
+                                    "template with 400 instead of joining the turns into a "
+                                    "script for a base model")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -387,7 +420,7 @@ class ServeConfig:
 
 Config = TypeVar("Config", TrainConfig, SampleConfig, PrepareConfig, PlotConfig, BenchConfig,
                  ExportConfig, ImportNanoGPTConfig, ServeConfig, TokenizerTrainConfig,
-                 TokenizerEvalConfig, EvalConfig)
+                 TokenizerEvalConfig, EvalConfig, ChatConfig)
 
 
 # ---------------------------------------------------------------------------- validation

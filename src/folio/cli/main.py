@@ -24,8 +24,33 @@ from folio.train import recipes
 # Runners import their library lazily, so `folio --help` and bad input never wait for torch.
 
 def run_prepare(cfg: config.PrepareConfig) -> int:
+    if cfg.format == "chat":
+        from folio.data.chat_prepare import prepare_chat
+        prepare_chat(cfg, run_tokenizer(cfg.tokenizer))
+        return 0
     from folio.data.prepare import prepare
     prepare(cfg)
+    return 0
+
+
+def run_tokenizer(choice: str) -> Any:
+    """The tokenizer of the model in directory `choice` (a folio run dir, or a Hugging Face
+    dir folio exported), for a chat dataset a run finetunes on; None for any other choice."""
+    from pathlib import Path
+    path = Path(choice).expanduser()
+    if not path.is_dir() or not any((path / f).is_file() for f in ("run.json", "config.json")):
+        return None
+    from folio.data.tokenizer import tokenizer_from_spec
+    from folio.store.rundir import RUN_INFO, read_run_info
+    if (path / RUN_INFO).is_file():
+        return tokenizer_from_spec(read_run_info(path).tokenizer)
+    from folio.store.sources import load_model
+    return load_model(path)[1]
+
+
+def run_chat(cfg: config.ChatConfig) -> int:
+    from folio.infer.chat import run
+    run(cfg)
     return 0
 
 
@@ -180,6 +205,8 @@ COMMANDS: dict[str, Command] = {
                     "tokens of any text, with confidence intervals", run_eval),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
+    "chat": Command(config.ChatConfig, "talk to a run finetuned with --task=chat in the "
+                    "terminal", run_chat),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
                     run_plot),
     "serve": Command(config.ServeConfig, "web page (runs, live loss curves, playground) and an "

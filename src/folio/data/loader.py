@@ -1,4 +1,6 @@
-"""Random (B, T) batches from a prepared dataset's memory-mapped token file (or shards).
+"""Random (B, T) batches from a prepared dataset's memory-mapped token file (or shards); for
+a chat dataset (`folio prepare --format=chat`), windows that start at a conversation, with
+the targets that are not the assistant's set to -1 (they carry no loss).
 
 Each loader owns a seeded torch.Generator, so the data stream is reproducible, differs per
 rank, and resumes exactly from `state_dict()`.
@@ -73,6 +75,8 @@ def check_split_length(tokens: np.ndarray | Shards, block_size: int, name: str) 
 class Loader:
     """Draws batches of block_size+1 token windows at random offsets of one split."""
 
+    truncated = 0  # (chat) conversations longer than a window
+
     def __init__(self, tokens: np.ndarray | Shards, batch_size: int, block_size: int, seed: int,
                  device: torch.device, name: str = "train"):
         check_split_length(tokens, block_size, name)
@@ -83,13 +87,18 @@ class Loader:
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = np.arange(block_size + 1)  # (T+1,)
 
+    def starts(self) -> np.ndarray:
+        """The batch's window offsets (B,)."""
+        high = len(self.tokens) - self.block_size
+        return torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (B, T) int64 on the loader's device."""
-        high = len(self.tokens) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
-        windows = self.tokens[starts[:, None] + self.offsets]  # (B, T+1), one gather
-        batch = torch.from_numpy(windows.astype(np.int64))
+        where = self.starts()[:, None] + self.offsets  # (B, T+1)
+        batch = torch.from_numpy(self.tokens[where].astype(np.int64))  # one gather
         x, y = batch[:, :-1], batch[:, 1:]
+        if isinstance(self.tokens, ChatTokens):  # targets that are not the assistant's: -1
+            y = y.masked_fill(torch.from_numpy(self.tokens.mask[where[:, 1:]] == 0), -1)
         if self.device.type == "cuda":  # pinned memory lets the copy overlap compute
             x, y = x.pin_memory(), y.pin_memory()
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -100,3 +109,68 @@ class Loader:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class ChatTokens:
+    """A chat split: its token ids, the mask of the assistant's tokens (1) and where each
+    conversation starts (its first token, the conversation start id)."""
+
+    def __init__(self, tokens: np.ndarray | Shards, mask: np.ndarray, start_id: int) -> None:
+        self.tokens, self.mask = tokens, mask
+        self.dtype = tokens.dtype
+        self.conversations = np.flatnonzero(np.asarray(tokens[np.arange(len(tokens))])
+                                            == start_id)  # (n,)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        return self.tokens[index]
+
+
+def open_split(dataset_dir: Path, split: str, meta: dict) -> np.ndarray | Shards | ChatTokens:
+    """A split of a prepared dataset: its tokens, or for a chat dataset (meta.json's format
+    "chat") its tokens with the assistant mask and conversation starts."""
+    tokens = open_tokens(dataset_dir, split, meta)
+    if meta.get("format") != "chat":
+        return tokens
+    mask = _open_part(dataset_dir / f"{split}_mask.bin", np.dtype(np.uint8))
+    if len(mask) != len(tokens):
+        raise DataError(f"{dataset_dir / f'{split}_mask.bin'} has {len(mask)} entries for "
+                        f"{len(tokens)} tokens; re-run `folio prepare --format=chat`")
+    return ChatTokens(tokens, mask, int(meta["conversation_start_id"]))
+
+
+class ChatLoader(Loader):
+    """Windows of block_size+1 tokens that each start at a conversation: the conversations
+    that follow are packed in after it (separated by the start token; attention is not
+    masked between them), a conversation longer than the window is cut at its end. Only
+    windows with at least one assistant target are drawn, so no batch is without loss."""
+
+    def __init__(self, tokens: ChatTokens, batch_size: int, block_size: int, seed: int,
+                 device: torch.device, name: str = "train"):
+        super().__init__(tokens, batch_size, block_size, seed, device, name)
+        starts = tokens.conversations[tokens.conversations + block_size < len(tokens)]
+        if len(starts) == 0 and len(tokens) > block_size:
+            starts = np.array([0])
+        scored = np.concatenate([[0], np.cumsum(tokens.mask, dtype=np.int64)])  # (N+1,)
+        # assistant targets in positions start+1 .. start+block_size
+        has_loss = scored[starts + block_size + 1] - scored[starts + 1] > 0
+        self.window_starts = starts[has_loss]
+        if len(self.window_starts) == 0:
+            raise DataError(f"no conversation of the {name} split has an assistant token "
+                            f"within its first {block_size + 1} tokens; raise block_size")
+        ends = np.append(tokens.conversations[1:], len(tokens))
+        self.truncated = int(np.sum(ends - tokens.conversations > block_size + 1))
+
+    def starts(self) -> np.ndarray:
+        pick = torch.randint(len(self.window_starts), (self.batch_size,),
+                             generator=self.generator).numpy()
+        return self.window_starts[pick]
+
+
+def make_loader(tokens: np.ndarray | Shards | ChatTokens, batch_size: int, block_size: int,
+                seed: int, device: torch.device, name: str = "train") -> Loader:
+    """The loader for a split as open_split returns it."""
+    kind = ChatLoader if isinstance(tokens, ChatTokens) else Loader
+    return kind(tokens, batch_size, block_size, seed, device, name)

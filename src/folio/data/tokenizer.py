@@ -343,6 +343,80 @@ def _decoder_types(tok: Any) -> set[str]:
     return {p.get("type") for p in parts if isinstance(p, dict)}
 
 
+class AddedTokens:
+    """A tokenizer with special tokens it lacks added after its vocabulary (ids vocab_size,
+    vocab_size + 1, ...): how a char or GPT-2 vocabulary gets the chat roles. Text is encoded
+    by the base tokenizer as ordinary text; the added ids decode to their names. Its spec is
+    the base spec with the names under "added"."""
+
+    def __init__(self, base: Tokenizer, added: list[str]) -> None:
+        if not added or len(set(added)) != len(added) or not all(
+                isinstance(t, str) and t for t in added):
+            raise DataError(f"added tokens {added!r} must be distinct non-empty strings")
+        self.base, self.added = base, list(added)
+        self.kind = base.kind
+        self.vocab_size = base.vocab_size + len(added)
+        self._text = {base.vocab_size + i: t for i, t in enumerate(added)}
+        own = special_ids(base)
+        self.eot_id = base.eot_id if base.eot_id is not None else \
+            (own | self.added_ids()).get(GPT2_EOT)
+
+    def added_ids(self) -> dict[str, int]:
+        return {t: i for i, t in self._text.items()}
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
+        return self.base.encode_array(text, dtype)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        out, run = [], []
+        for i in ids:
+            if i in self._text:
+                out.append(self.base.decode_bytes(run))
+                out.append(self._text[i].encode("utf-8"))
+                run = []
+            else:
+                run.append(i)
+        out.append(self.base.decode_bytes(run) if run else b"")
+        return b"".join(out)
+
+    def token_bytes(self) -> np.ndarray:
+        """The base's byte lengths; the added tokens stand for no text (0)."""
+        return np.concatenate([self.base.token_bytes(), np.zeros(len(self.added), np.int64)])
+
+    def spec(self) -> dict[str, Any]:
+        return {**self.base.spec(), "added": list(self.added)}
+
+
+def special_ids(tokenizer: Any) -> dict[str, int]:
+    """The special tokens a tokenizer has, name -> id (a char vocabulary has none)."""
+    if isinstance(tokenizer, AddedTokens):
+        return special_ids(tokenizer.base) | tokenizer.added_ids()
+    if isinstance(tokenizer, TiktokenBPE):
+        return {t: tokenizer._enc.encode_single_token(t) for t in tokenizer._enc.special_tokens_set}
+    if isinstance(tokenizer, HFTokenizer):
+        found = {t: tokenizer._tok.token_to_id(t) for t in bpe_files.SPECIAL_TOKENS}
+        return {t: i for t, i in found.items() if i is not None}
+    return {}
+
+
+def with_special_tokens(tokenizer: Tokenizer, names: tuple[str, ...]) -> Tokenizer:
+    """`tokenizer` with those of `names` it lacks added after its vocabulary (itself when it
+    has them all, as a tokenizer `folio tokenizer train` wrote does)."""
+    have = special_ids(tokenizer)
+    missing = [t for t in names if t not in have]
+    if not missing:
+        return tokenizer
+    if isinstance(tokenizer, AddedTokens):
+        return AddedTokens(tokenizer.base, tokenizer.added + missing)
+    return AddedTokens(tokenizer, missing)
+
+
 TOKENIZER_CHOICES = "char, gpt2, tiktoken:NAME, hf:PATH or the DIR of a trained tokenizer"
 
 
@@ -366,6 +440,9 @@ def make_tokenizer(choice: str, chars: list[str] | None = None) -> Tokenizer:
 def tokenizer_from_spec(spec: Any) -> Tokenizer:
     """The tokenizer a meta.json / run.json `tokenizer` entry describes."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind is not None and "added" in spec:
+        base = {k: v for k, v in spec.items() if k != "added"}
+        return AddedTokens(tokenizer_from_spec(base), spec["added"])
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char" and isinstance(spec.get("chars"), list):

@@ -301,6 +301,33 @@ class GPT(nn.Module):
         """Hidden states (..., C) -> logits (..., V) over the real vocabulary, soft-capped."""
         return softcap(self.lm_head(x)[..., :self.config.vocab_size], self.config.logit_softcap)
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Make room for tokens added after the vocabulary (a chat template's roles): the
+        table and the output head grow to the new padded size, old rows kept as they are,
+        each new row the mean of the real rows (a token like an average one, so the first
+        logits of a new token are ordinary, not random)."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        self.config.vocab_size = vocab_size
+        rows = self.config.padded_vocab_size
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:  # (V_padded_old, C) -> (rows, C)
+            new = weight.new_zeros(rows, weight.size(1))
+            new[:old] = weight[:old]
+            new[old:vocab_size] = weight[:old].mean(dim=0)
+            return nn.Parameter(new)
+
+        self.transformer.wte.weight = grown(self.transformer.wte.weight)
+        self.transformer.wte.num_embeddings = rows
+        if self.config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = rows
+        self.loss.vocab_size = vocab_size
+
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. a 1024-token GPT-2 finetuned at 256 tokens)."""
         assert block_size <= self.config.block_size

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from folio.config import ExportConfig
+from folio.data import chat
 from folio.errors import ConfigError
 from folio.fsutil import atomic_dir, atomic_path
 from folio.model.gpt import GPT
@@ -43,14 +44,18 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False,
                           f"{', '.join(HF_DTYPES)} weights; {dtype} is a GGUF quantisation "
                           "(--format gguf)")
     check_target(out_dir, force)
-    model, tokenizer, _ = load_model(run_dir)
+    model, tokenizer, info = load_model(run_dir)
+    template = None
+    if info.chat_template is not None:
+        chat.check_record(info.chat_template, f"{run_dir}/run.json")
+        template = chat.JINJA
     hf_model = to_hf_model(model, tokenizer.eot_id)
     hf_model.to(getattr(torch, HF_DTYPES[dtype]))
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
         if hf_model.config.model_type in hf_rotary.CLASSES:
             hf_rotary.add_legacy_rope_keys(tmp / "config.json")
-        hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size)
+        hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size, template)
     return out_dir
 
 

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from folio.data.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer, gpt2_vocab_file
+from folio.data.tokenizer import (
+    GPT2_EOT,
+    AddedTokens,
+    CharTokenizer,
+    GPT2Tokenizer,
+    gpt2_vocab_file,
+)
 from folio.errors import ConfigError
 from folio.extras import need
 from folio.model.gpt import GPT, ROPE_BASE
@@ -53,6 +59,10 @@ def architecture(model: GPT) -> str:
 
 def check_tokenizer(tokenizer: Any) -> None:
     """Refuse (one line) a vocabulary folio cannot write as GGUF."""
+    if isinstance(tokenizer, AddedTokens):
+        raise ConfigError(f"cannot export a chat run's added tokens ({' '.join(tokenizer.added)})"
+                          " as GGUF yet; export it with --format hf (its chat_template "
+                          "included)")
     if not isinstance(tokenizer, CharTokenizer | GPT2Tokenizer):
         raise ConfigError(f"cannot export a {tokenizer.kind!r} tokenizer as GGUF: llama.cpp "
                           "picks a pre-tokenizer by name, and folio writes GGUF for char and "

@@ -99,6 +99,9 @@ class RunInfo:
     tuning: dict[str, Any] | None = None
     """The CPU fast path measured for the settings left on auto: {"choice", "knobs", "speedup"
     (over eager float32), "cached", "ms_per_step"}; None when nothing was measured."""
+    chat_template: dict[str, Any] | None = None
+    """The chat template the run was finetuned with (--task=chat; data/chat.py's record:
+    name, roles, special tokens, the Jinja form); None for a base model."""
     device: str | None = None
     """The device that wrote the run (cuda:0, mps, cpu)."""
     versions: dict[str, Any] = field(default_factory=dict)

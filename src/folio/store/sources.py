@@ -73,3 +73,26 @@ def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
     info = RunInfo(model=model.config.to_dict(), n_params=model.num_params(), tokenizer=spec,
                    source="hf", imported_from={"hf": str(path)})
     return model, tokenizer_from_spec(spec), info
+
+
+def load_for_training(path: str | Path, dropout: float) -> tuple[GPT, dict[str, Any] | None]:
+    """The weights a run finetunes (`--init_from`): a folio run dir's best weights, a Hugging
+    Face GPT-2 dir or model name, with `dropout`; and the tokenizer spec of a run dir (None
+    for the others: `tokenizer_of` finds theirs)."""
+    path = Path(path)
+    kind = kind_of(path) if path.is_dir() else "hf"
+    if kind == "hf":
+        return hf.load_pretrained(str(path), dropout=dropout), None
+    if kind == "nanogpt":
+        raise CheckpointError(f"--init_from={path} is a nanoGPT out dir; convert it first with "
+                              f"`folio import-nanogpt {path} RUN_DIR`, then --init_from=RUN_DIR")
+    info = rundir.read_run_info(path)
+    tensors, source = checkpoint.read_model_weights(path)
+    model = gpt_from_state(model_config(info, path, dropout=dropout), tensors, source)
+    return model, info.tokenizer
+
+
+def tokenizer_of(init_from: str, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer spec of a Hugging Face dir (folio's char note, or GPT-2's) or name."""
+    path = Path(init_from)
+    return hf.tokenizer_spec(path, vocab_size) if path.is_dir() else {"kind": "gpt2"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from folio.data.loader import Loader
+from folio.data.loader import make_loader
 from folio.data.tokenizer import tokenizer_from_spec
 from folio.machine import distributed
 
@@ -65,29 +65,33 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], eval_it
     with `token_bytes` (each id's byte length) the bytes its targets stand for.
 
     With `max_tokens`, batches are stacked into fewer, larger forward passes (the same batches,
-    the same mean up to float rounding): small matmuls waste most of a CPU's time. Every pass
-    scores the same number of targets (the loader yields no ignored ones), so the summed loss
-    is the mean of the passes' mean losses times the targets scored.
+    the same mean up to float rounding): small matmuls waste most of a CPU's time. Targets of
+    -1 (a chat dataset's tokens that are not the assistant's) are not scored: each pass's mean
+    loss counts as many times as it scored targets.
     """
     stack = batches_per_pass(eval_iters, batch_size, block_size, max_tokens)
     passes = eval_iters // stack
     model.eval()
     scores = {}
     for name, tokens in splits.items():
-        loader = Loader(tokens, batch_size * stack, block_size, EVAL_SEED + seed_offset, device,
-                        name)
+        loader = make_loader(tokens, batch_size * stack, block_size, EVAL_SEED + seed_offset,
+                             device, name)
         total = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), dtype=torch.int64, device=device)
         n_bytes = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(passes):
             x, y = loader.next_batch()  # (stack * B, T): the next `stack` batches
             with autocast():
                 loss = model(x, y)
-            total += loss.float()
+            scored = y != -1  # (stack * B, T)
+            count = scored.sum()
+            total += loss.float() * count
+            n_tokens += count
             if token_bytes is not None:
-                n_bytes += token_bytes[y].sum()
-        n_tokens = passes * stack * batch_size * block_size
-        nats = total.item() / passes * n_tokens  # one host sync per split (two with bytes)
-        scores[name] = Score(nats, n_tokens, None if token_bytes is None else n_bytes.item())
+                n_bytes += (token_bytes[y.clamp(min=0)] * scored).sum()
+        # host syncs: one per split for the loss, one for the count, one for the bytes
+        scores[name] = Score(total.item(), int(n_tokens.item()),
+                             None if token_bytes is None else n_bytes.item())
     model.train()
     return scores
 

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from folio.config import AUTO, TrainConfig, parse_duration
-from folio.data.loader import Loader, check_split_length, open_tokens
+from folio.data.loader import check_split_length, make_loader, open_split
 from folio.data.tokenizer import read_meta
 from folio.errors import CheckpointError, DataError, TrainingError
 from folio.machine import distributed
@@ -43,7 +43,7 @@ from folio.speed import autotune
 from folio.speed import kernels as speed_kernels
 from folio.speed import training as training_choice
 from folio.speed.kernels import Kernels
-from folio.store import checkpoint, guard, hf, rundir, sources
+from folio.store import checkpoint, guard, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
@@ -163,6 +163,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.dataset_dir = ensure_dataset(cfg, info)
         self.meta = read_meta(self.dataset_dir)
+        check_task(cfg, self.meta)
         self.progress = Progress()
         self.evals_done = 0  # tenths of a budgeted run's time already evaluated
         self.eval_iters = cfg.eval_iters  # a budgeted run may take fewer (check_budget_fits)
@@ -171,12 +172,17 @@ class Trainer:
             self.budget.spent_before = resumed.state.time_spent
         self.model = model = build_model(cfg, self.meta, resumed, self.master)
         block_size = model.config.block_size  # the model decides its shape
-        splits = {s: open_tokens(self.dataset_dir, s, self.meta) for s in ("train", "val")}
+        splits = {s: open_split(self.dataset_dir, s, self.meta) for s in ("train", "val")}
         self.eval_splits = splits
         self.token_bytes = self._token_bytes()
-        self.loader = Loader(splits["train"], cfg.batch_size, block_size,
-                             cfg.seed + info.rank, device, "train")
+        self.loader = make_loader(splits["train"], cfg.batch_size, block_size,
+                                  cfg.seed + info.rank, device, "train")
         check_split_length(splits["val"], block_size, "val")  # fail now, not at the eval
+        make_loader(splits["val"], 1, block_size, 0, device, "val")  # (chat) a val window
+        if self.loader.truncated and self.master:
+            print(f"folio: {self.loader.truncated:,} training conversation(s) are longer than "
+                  f"block_size+1={block_size + 1} tokens: each is trained on its first "
+                  f"{block_size + 1} tokens only", flush=True)
 
         self.dtype = resolve_dtype(cfg.dtype, device, training=True)
         self.tuning: autotune.Choice | None = None
@@ -256,8 +262,8 @@ class Trainer:
 
     def fixed_batches(self, n: int) -> list[Batch]:
         """n training batches from a loader of their own (the run's loader is untouched)."""
-        loader = Loader(self.eval_splits["train"], self.cfg.batch_size,
-                        self.model.config.block_size, self.cfg.seed, self.device, "train")
+        loader = make_loader(self.eval_splits["train"], self.cfg.batch_size,
+                             self.model.config.block_size, self.cfg.seed, self.device, "train")
         return [loader.next_batch() for _ in range(n)]
 
     def _token_bytes(self) -> torch.Tensor | None:
@@ -476,7 +482,7 @@ class Trainer:
             best_val_bpb=finite_or_none(p.best_val_bpb), best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
-            **rundir.provenance(self.device)))
+            chat_template=self.meta.get("chat_template"), **rundir.provenance(self.device)))
 
     def settings(self) -> dict[str, Any]:
         """The run's settings as recorded, with the model shape the model has (a resumed or
@@ -564,11 +570,7 @@ def build_model(cfg: TrainConfig, meta: dict, resumed: Resumed | None, master: b
         shape["tie_head"] = head_tied(cfg, meta["vocab_size"])
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout, **shape))
     else:
-        model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
-        if meta["vocab_size"] > model.config.vocab_size:
-            raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
-                            f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
-                            "--tokenizer gpt2")
+        model = pretrained_model(cfg, meta, master)
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     if master:
@@ -576,6 +578,46 @@ def build_model(cfg: TrainConfig, meta: dict, resumed: Resumed | None, master: b
               f"({model.num_params(non_embedding=False) / 1e6:.2f}M with position "
               "embeddings)", flush=True)
     return model
+
+
+def pretrained_model(cfg: TrainConfig, meta: dict, master: bool) -> GPT:
+    """The model a finetune starts from (--init_from: a folio run dir, a Hugging Face dir or
+    a GPT-2 name); for --task=chat its vocabulary grown by the special tokens the dataset's
+    tokenizer added."""
+    model, spec = sources.load_for_training(cfg.init_from, cfg.dropout)
+    if cfg.task != "chat":
+        if meta["vocab_size"] > model.config.vocab_size:
+            raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
+                            f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
+                            "--tokenizer gpt2")
+        return model
+    spec = spec or sources.tokenizer_of(cfg.init_from, model.config.vocab_size)
+    base = {k: v for k, v in meta["tokenizer"].items() if k != "added"}
+    own = {k: v for k, v in spec.items() if k != "added"}
+    if base != own or meta["vocab_size"] < model.config.vocab_size:
+        raise DataError(f"dataset {cfg.dataset!r} was not prepared with the vocabulary of "
+                        f"{cfg.init_from} ({own.get('kind')}, {model.config.vocab_size} tokens); "
+                        f"prepare it with `folio prepare CONV.jsonl --format=chat "
+                        f"--tokenizer={cfg.init_from}`")
+    if meta["vocab_size"] > model.config.vocab_size:
+        added = meta["vocab_size"] - model.config.vocab_size
+        if master:
+            print(f"folio: vocabulary {model.config.vocab_size} -> {meta['vocab_size']}: "
+                  f"{added} chat token(s) added, their rows the mean of the others", flush=True)
+        model.grow_vocab(meta["vocab_size"])
+    return model
+
+
+def check_task(cfg: TrainConfig, meta: dict) -> None:
+    """--task=chat trains on a chat dataset, and a chat dataset only with --task=chat."""
+    chat = meta.get("format") == "chat"
+    if cfg.task == "chat" and not chat:
+        raise DataError(f"--task=chat needs conversations: dataset {cfg.dataset!r} is text; "
+                        "prepare a .jsonl of messages with `folio prepare CONV.jsonl "
+                        "--format=chat --tokenizer=BASE_RUN`")
+    if chat and cfg.task != "chat":
+        raise DataError(f"dataset {cfg.dataset!r} holds conversations; train on it with "
+                        "--task=chat (the loss on the assistant's tokens only)")
 
 
 def ensure_dataset(cfg: TrainConfig, info: distributed.DistInfo) -> Path:

@@ -195,9 +195,9 @@ SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout
 
 def resumed_settings(cfg: TrainConfig, given: frozenset[str], saved: RunInfo
                      ) -> tuple[TrainConfig, frozenset[str]]:
-    """A resumed run goes on with the recipe and time budget it was trained with, where none
-    is given (its model shape: resume_shape)."""
-    keep = {k: saved.config[k] for k in ("recipe", "time") if k in saved.config
+    """A resumed run goes on with the recipe, time budget and task it was trained with, where
+    none is given (its model shape: resume_shape)."""
+    keep = {k: saved.config[k] for k in ("recipe", "time", "task") if k in saved.config
             and k not in given}
     if keep.get("time") and "max_iters" not in given:
         keep["max_iters"] = saved.config.get("max_iters")

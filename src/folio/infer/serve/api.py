@@ -1,6 +1,7 @@
 """The OpenAI-compatible request and response shapes: checking a request body field by field
-(every mistake is an `ApiError` with the status code and message OpenAI would give), joining
-chat turns into a prompt for a base model, and the completion / chunk objects.
+(every mistake is an `ApiError` with the status code and message OpenAI would give), a chat
+request's prompt (the run's chat template, ending at its end-of-turn token; for a base model
+the turns joined into a script), and the completion / chunk objects.
 """
 
 from __future__ import annotations
@@ -8,8 +9,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from folio.data import chat as template
+from folio.data.tokenizer import Tokenizer
+from folio.errors import FolioError
+from folio.infer.sample import encode_prompt
+from folio.store.rundir import RunInfo
 
 # Fields OpenAI clients may send that a small base model has no use for: accepted, ignored.
 IGNORED_FIELDS = {"user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -18,7 +26,7 @@ IGNORED_FIELDS = {"user", "presence_penalty", "frequency_penalty", "logit_bias",
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
                  "stream", "stream_options", "n"}
 ROLES = ("system", "developer", "user", "assistant")
-CHAT_STOP = "\n\n"  # a chat answer ends at the first blank line unless `stop` is given
+CHAT_STOP = "\n\n"  # a base model's chat answer ends at the first blank line unless `stop` is given
 MAX_STOP = 4
 
 
@@ -59,6 +67,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     n: int = 1
+    messages: list[dict[str, str]] | None = None  # chat: the checked turns
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -68,6 +77,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # nested deeper than the parser's recursion limit
+        raise ApiError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -85,7 +96,8 @@ def parse_request(body: dict[str, Any], chat: bool, limits: Limits) -> Completio
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: the name of a run from GET /v1/models",
                        param="model")
-    prompt = join_chat(body.get("messages")) if chat else _prompt(body.get("prompt"))
+    messages = chat_messages(body.get("messages")) if chat else None
+    prompt = join_chat(messages) if messages is not None else _prompt(body.get("prompt"))
     if len(prompt) > limits.max_prompt_chars:
         raise ApiError(400, f"the prompt has {len(prompt)} characters; this server accepts at "
                        f"most {limits.max_prompt_chars}", param="messages" if chat else "prompt",
@@ -107,22 +119,17 @@ def parse_request(body: dict[str, Any], chat: bool, limits: Limits) -> Completio
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=_int(body, "top_k", None, 1, None),
-        stop=stop if stop or not chat else [CHAT_STOP],
-        seed=_int(body, "seed", None, None, None), stream=stream,
+        stop=stop, seed=_int(body, "seed", None, None, None), stream=stream,
         include_usage=_bool(options, "include_usage", False),
-        n=_int(body, "n", 1, 1, limits.max_n))
+        n=_int(body, "n", 1, 1, limits.max_n), messages=messages)
 
 
-def join_chat(messages: Any) -> str:
-    """Chat turns as one plain prompt for a base model, in the layout of a play script:
-
-    each turn is `NAME:\\n<content>\\n\\n` (NAME is the message's `name`, else its role in
-    capitals), and the prompt ends with `ASSISTANT:\\n` for the model to continue.
-    """
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """The turns of a chat request, checked: {"role", "content" (text), "name"}."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects",
                        param="messages")
-    parts = []
+    out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -134,8 +141,56 @@ def join_chat(messages: Any) -> str:
         name = m.get("name") or m["role"].upper()
         if not isinstance(name, str):
             raise ApiError(400, f"{where}.name must be a string", param=f"{where}.name")
-        parts.append(f"{name}:\n{_content(m.get('content'), where)}\n\n")
-    return "".join(parts) + "ASSISTANT:\n"
+        out.append({"role": m["role"], "content": _content(m.get("content"), where),
+                    "name": name})
+    return out
+
+
+def join_chat(messages: list[dict[str, str]]) -> str:
+    """Checked chat turns as one plain prompt for a base model, in the layout of a play script:
+
+    each turn is `NAME:\n<content>\n\n` (NAME is the message's `name`, else its role in
+    capitals), and the prompt ends with `ASSISTANT:\n` for the model to continue.
+    """
+    return "".join(f"{m['name']}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
+
+
+def chat_prompt(req: CompletionRequest, tokenizer: Tokenizer, info: RunInfo, strict: bool
+                ) -> tuple[list[int], list[str]]:
+    """A chat request's prompt ids and stop strings for a run. With a chat template: the
+    turns rendered by it ("developer" counts as "system"), and the end-of-turn and role
+    tokens' texts as stops (each decodes to its text, so the answer ends there). For a base
+    model: the script of join_chat, ending at a blank line unless `stop` is given; or a 400
+    if `strict`.
+    """
+    assert req.messages is not None
+    if info.chat_template is None:
+        if strict:
+            raise ApiError(400, f"the model {req.model!r} has no chat template (a base model) "
+                           "and this server runs with --strict_template=True; use "
+                           "/v1/completions, or a run finetuned with --task=chat",
+                           param="model", code="no_chat_template")
+        return encode_or_400(lambda: _encode(tokenizer, req.prompt)), req.stop or [CHAT_STOP]
+    try:
+        template.check_record(info.chat_template, f"run {req.model!r}")
+    except FolioError as e:
+        raise ApiError(400, str(e), param="model", code="unknown_chat_template") from None
+    turns = [{"role": "system" if m["role"] == "developer" else m["role"],
+              "content": m["content"]} for m in req.messages]
+    ids = encode_or_400(lambda: template.prompt_ids(tokenizer, turns))
+    return ids, [*req.stop, *template.REPLY_STOPS[:-1]]  # (<|endoftext|> ends it anyway)
+
+
+def encode_or_400(encode: Callable[[], list[int]]) -> list[int]:
+    """encode(), or a 400 naming what the vocabulary cannot encode."""
+    try:
+        return encode()
+    except FolioError as e:
+        raise ApiError(400, str(e), param="messages", code="bad_prompt") from None
+
+
+def _encode(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    return encode_prompt(tokenizer, prompt)
 
 
 def _content(content: Any, where: str) -> str:

@@ -137,11 +137,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             message = str(e).replace(str(index.get(req.model)), req.model)
             raise ApiError(400, f"the model {req.model!r} cannot be loaded: {message}",
                            param="model", code="model_not_available") from None
-        try:
-            prompt_ids = encode_prompt(loaded.tokenizer, req.prompt)
-        except FolioError as e:
-            raise ApiError(400, str(e), param="messages" if chat else "prompt",
-                           code="bad_prompt") from None
+        if chat:  # the run's chat template, or a base model's script
+            prompt_ids, stop = api.chat_prompt(req, loaded.tokenizer, loaded.info,
+                                               cfg.strict_template)
+        else:
+            try:
+                prompt_ids, stop = encode_prompt(loaded.tokenizer, req.prompt), req.stop
+            except FolioError as e:
+                raise ApiError(400, str(e), param="prompt", code="bad_prompt") from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -152,7 +155,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 pass
 
         job = Job(loaded, prompt_ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
-                  req.stop, req.seed, req.n, emit)
+                  stop, req.seed, req.n, emit)
         if not engine.submit(job):
             raise busy
         if req.stream:

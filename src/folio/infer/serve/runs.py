@@ -121,6 +121,7 @@ def summarise(name: str, run_dir: Path) -> dict[str, Any]:
     if info is not None:
         config = info.config
         summary.update(model=info.model, dataset=info.dataset or config.get("dataset"),
+                       chat=info.chat_template is not None,
                        iter=info.iter_num, max_iters=config.get("max_iters"),
                        best_val_loss=info.best_val_loss, best_val_bpb=info.best_val_bpb,
                        config=config)

@@ -1,5 +1,6 @@
 // folio serve page: the runs table, live loss curves (from each run's metrics.jsonl, read
-// incrementally by byte offset) and a playground that streams from /v1/completions.
+// incrementally by byte offset) and a playground that streams from /v1/completions (a chat
+// run: /v1/chat/completions, the prompt as a user turn).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -243,12 +244,16 @@ async function generate() {
                  top_k: number("top_k"), top_p: number("top_p"), seed: number("seed"),
                  stream_options: { include_usage: true } };
   if (stop.length) body.stop = stop;
+  // a run finetuned with --task=chat answers the prompt as a user turn, in its chat template
+  const run = state.runs.find((r) => r.name === body.model);
+  const chat = Boolean(run && run.chat);
+  if (chat) { body.messages = [{ role: "user", content: body.prompt }]; delete body.prompt; }
   state.controller = new AbortController();
   $("generate").disabled = true; $("stopbtn").disabled = false;
   const t0 = performance.now();
   let first = null, chunks = 0, usage = null, ended = "";
   try {
-    const r = await fetch("/v1/completions", {
+    const r = await fetch(chat ? "/v1/chat/completions" : "/v1/completions", {
       method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
       headers: headers({ "Content-Type": "application/json" }) });
     if (!r.ok) {
@@ -272,9 +277,10 @@ async function generate() {
         if (msg.error) throw new Error(msg.error.message);
         if (msg.usage) usage = msg.usage;
         (msg.choices || []).forEach((c) => {
-          if (c.text) {
+          const piece = chat ? (c.delta && c.delta.content) : c.text;
+          if (piece) {
             if (first === null) first = performance.now() - t0;
-            out.textContent += c.text;
+            out.textContent += piece;
             output.dataset.chunks = String(++chunks);
           }
           if (c.finish_reason) ended = c.finish_reason;
