@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from folio.config import SampleConfig
 from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
-from folio.infer.decode import CachedDecoder, RecomputeDecoder
+from folio.infer.decode import CachedDecoder, RecomputeDecoder, slide
 from folio.machine.device import dtype_name, resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
 from folio.speed.decoding import for_decoding
@@ -25,11 +25,6 @@ from folio.store.rundir import RunInfo
 from folio.store.sources import load_model
 
 SEPARATOR = "\n---------------\n"  # between samples on stdout, as nanoGPT prints
-# When the window outgrows block_size, drop this fraction of it (at least one token) and
-# rebuild the cache from the rest: one batched prefill per block_size // 4 new tokens instead
-# of one per token (learned absolute positions make a one-token slide a full recompute).
-# Every token still sees at least 3/4 of block_size tokens of context once that many exist.
-SLIDE_FRACTION = 0.25
 
 
 # ---------------------------------------------------------------------------- loading
@@ -183,19 +178,17 @@ def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int,
     """New token ids after prompt_ids, one at a time.
 
     The context is the last block_size tokens; when it overflows, the oldest SLIDE_FRACTION
-    of the window is dropped. Cached and recomputed decoding see the same windows, so greedy
-    output is identical either way.
+    of the window is dropped (decode.py's `slide`). Cached and recomputed decoding see the
+    same windows, so greedy output is identical either way.
     """
     block = model.config.block_size
-    keep = max(1, block - max(1, int(block * SLIDE_FRACTION)))
     decode = CachedDecoder(model) if use_cache else RecomputeDecoder(model)
     window = list(prompt_ids[-block:])
     for _ in range(max_new_tokens):
         token = sample_token(decode(window), temperature, top_k, top_p, generator)
         yield token
         window.append(token)
-        if len(window) > block:
-            window = window[-keep:]
+        window = slide(window, block)
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,

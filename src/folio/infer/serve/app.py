@@ -39,7 +39,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     """The whole server for `cfg` (its engine thread starts now; `app.state.engine.close()`)."""
     index = RunIndex(cfg.run_dirs, cfg.runs_dir or ("" if cfg.run_dirs else "."))
     pool = ModelPool(index, cfg.max_models, cfg.device, cfg.dtype)
-    engine = Engine(cfg.max_active, cfg.queue_size)
+    engine = Engine(cfg.max_active, cfg.queue_size, cfg.batch)
     limits = api.Limits(cfg.max_tokens, cfg.max_prompt_chars, cfg.max_n)
 
     @contextlib.asynccontextmanager
