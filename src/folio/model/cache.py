@@ -81,8 +81,9 @@ class RowCache:
                                 device=device)
         self.values = torch.zeros_like(self.keys)
         self.lengths: list[int] = []  # positions filled in each row in use
-        # this forward pass's positions and mask, built once for all its layers
+        # this forward pass's positions, key slots and mask, built once for all its layers
         self._positions: torch.Tensor | None = None
+        self._where: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
     @property
@@ -136,6 +137,7 @@ class RowCache:
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
         """Positions (B, T) of T new tokens in each row: right after what the row holds."""
         if self._positions is None or self._positions.size(1) != T:
+            self._changed()
             starts = torch.tensor(self.lengths, dtype=torch.long, device=device)
             self._positions = starts[:, None] + torch.arange(T, device=device)  # (B, T)
         return self._positions
@@ -145,23 +147,34 @@ class RowCache:
         """Store block `layer`'s new keys and values (B, nh, T, hs) at each row's positions;
         return that block's keys and values of rows 0..B-1 up to the longest row, each
         (B, nh, S, hs) with S = length + T; positions past a row's end are masked."""
-        B, T = k.size(0), k.size(2)
+        B, T, hs = k.size(0), k.size(2), k.size(3)
         if B != self.rows:
             raise ValueError(f"a forward pass of {B} rows over a RowCache of {self.rows}")
-        pos = self.positions(T, k.device)  # (B, T)
-        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-        self.keys[layer][rows, :, pos] = k.transpose(1, 2)  # indexed: (B, T, nh, hs)
-        self.values[layer][rows, :, pos] = v.transpose(1, 2)
+        slots = self._slots(T, k.device)  # (B * nh * T,)
+        self.keys[layer].view(-1, hs).index_copy_(0, slots, k.reshape(-1, hs).to(self.keys))
+        self.values[layer].view(-1, hs).index_copy_(0, slots, v.reshape(-1, hs).to(self.keys))
         end = self.length + T
         return self.keys[layer, :B, :, :end], self.values[layer, :B, :, :end]
 
+    def _slots(self, T: int, device: torch.device) -> torch.Tensor:
+        """Where the new keys (B, nh, T) go, as rows of one layer's buffer seen as
+        (slots * nh * capacity, hs)."""
+        pos = self.positions(T, device)  # (B, T)
+        if self._where is None:
+            _, n_head, capacity, _ = self._shape
+            heads = torch.arange(self.rows * n_head, device=device) * capacity
+            self._where = (heads.view(self.rows, n_head, 1) + pos[:, None, :]).flatten()
+        return self._where
+
     def mask(self, T: int) -> torch.Tensor:
-        """Which keys each query sees (B, 1, T, S): row b's query t sees positions
-        0..lengths[b]+t, its own row's past and itself."""
+        """What attention adds to the scores (B, 1, T, S): 0 where row b's query t sees a key
+        (positions 0..lengths[b]+t: its own row's past and itself), -inf elsewhere."""
+        pos = self.positions(T, self.keys.device)  # (B, T)
         if self._mask is None:
-            pos = self.positions(T, self.keys.device)  # (B, T)
             keys = torch.arange(self.length + T, device=pos.device)  # (S,)
-            self._mask = (keys[None, None, None, :] <= pos[:, None, :, None])
+            hidden = keys[None, None, None, :] > pos[:, None, :, None]
+            self._mask = torch.zeros(hidden.shape, dtype=self.keys.dtype,
+                                     device=pos.device).masked_fill_(hidden, float("-inf"))
         return self._mask
 
     def advance(self, n: int) -> None:
@@ -171,7 +184,7 @@ class RowCache:
 
     def _changed(self) -> None:
         """The lengths changed: the next forward pass builds its positions and mask anew."""
-        self._mask = self._positions = None
+        self._mask = self._positions = self._where = None
 
 
 def positions(cache: KVCache | RowCache | None, T: int, device: torch.device

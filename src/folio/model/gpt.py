@@ -126,8 +126,8 @@ class CausalAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """T queries (B, nh, T, hs) at the last T of S positions, over keys and values
         (B, nh, S, hs) of every position so far -> (B, nh, T, hs). `mask` (B, 1, T, S), where
-        given (rows at positions of their own, model/cache.py's RowCache), says which keys
-        each query sees."""
+        given (rows at positions of their own, model/cache.py's RowCache), is added to the
+        scores: 0 where a query sees a key, -inf where it does not."""
         T, S = q.size(2), k.size(2)
         if mask is None and 1 < T < S:  # queries after cached positions: t sees 0..S-T+t
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)

@@ -6,9 +6,10 @@ choices (infer/decode.py's `BatchDecoder`: each row at its own position, the row
 arrived or slid prefilled first), then one token sampled per row with the row's own
 generator. A request that arrives during a step is prefilled and decoded in the next one:
 its first token comes within two steps plus its prefill. Each row decodes the windows, and
-samples with the generator, that it would alone, so its text is the one it gets alone (up to
-floating-point rounding of the batched matmuls: see docs/architecture.md). With
-`batch=False`, the old engine: requests take turns, one token each (kept to compare).
+samples with the generator, that it would alone, so its text is the one it gets alone; the
+logits agree to float rounding only (a matmul over 8 rows sums in another order than over
+one: ~1e-7 relative), so a token could differ only where two candidates are that close.
+With `batch=False`, the old engine: requests take turns, one token each (kept to compare).
 
 One thread owns every model call, so models are never run from two threads, and torch's own
 intra-op threads get all the cores instead of several request threads fighting for them.
@@ -145,7 +146,7 @@ class Engine:
         with self._cond:
             return {"active": len(self._active), "waiting": len(self._waiting),
                     "max_active": self.max_active, "capacity": self.capacity,
-                    "batch": self.batch}
+                    "batch": self.batch, "steps": self.steps}
 
     def close(self) -> None:
         with self._cond:
