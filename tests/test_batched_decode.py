@@ -12,7 +12,7 @@ import torch
 
 from folio.data.tokenizer import CharTokenizer
 from folio.infer.decode import BatchDecoder, slide
-from folio.infer.sample import generate_tokens
+from folio.infer.sample import generate_tokens, sample_token, sample_tokens
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import LoadedModel
 from folio.model.cache import RowCache
@@ -110,6 +110,19 @@ def test_rows_slide_as_generate_tokens_slides():
             decoder.push(row, token)
     assert got == want
     assert len(set(map(tuple, got))) == 3
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone():
+    logits = 3 * torch.randn(7, 300, generator=torch.Generator().manual_seed(0))
+    settings = [(0.0, None, 1.0), (1.0, None, 1.0), (0.8, 20, 1.0), (1.0, None, 0.9),
+                (0.8, 20, 1.0), (1.2, 50, 0.8), (0.8, 20, 1.0)]  # groups of 1 and 3 rows
+    for seed in range(0, 200, 7):
+        together = sample_tokens(logits, settings, [torch.Generator().manual_seed(seed + r)
+                                                    for r in range(7)])
+        alone = [sample_token(logits[r], *settings[r], torch.Generator().manual_seed(seed + r))
+                 for r in range(7)]
+        assert together == alone
+    assert len(set(together)) > 3
 
 
 # ---------------------------------------------------------------------------- the engine

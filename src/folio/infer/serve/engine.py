@@ -4,8 +4,9 @@ once; up to `queue_size` more wait; beyond that `submit` refuses at once.
 Batched (the default): each engine step is one forward pass over every active request's
 choices (infer/decode.py's `BatchDecoder`: each row at its own position, the rows that
 arrived or slid prefilled first), then one token sampled per row with the row's own
-generator. A request that arrives during a step is prefilled and decoded in the next one:
-its first token comes within two steps plus its prefill. Each row decodes the windows, and
+generator (sample.py's `sample_tokens`: top-k and softmax of rows alike in one call). A
+request that arrives during a step is prefilled and decoded in the next one: its first
+token comes within two steps plus its prefill. Each row decodes the windows, and
 samples with the generator, that it would alone, so its text is the one it gets alone; the
 logits agree to float rounding only (a matmul over 8 rows sums in another order than over
 one: ~1e-7 relative), so a token could differ only where two candidates are that close.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from folio.infer.decode import BatchDecoder
-from folio.infer.sample import TextStream, generate_tokens, sample_token
+from folio.infer.sample import TextStream, generate_tokens, sample_tokens
 from folio.infer.serve.runs import LoadedModel
 from folio.model.gpt import GPT
 
@@ -216,11 +217,11 @@ class Engine:
             return
         ended: list[int] = []
         try:
-            logits = decoder.step()  # (rows, V)
-            for row, choice in enumerate(decoder.owners):
-                job = choice.job
-                token = sample_token(logits[row], job.temperature, job.top_k, job.top_p,
-                                     choice.generator)
+            choices = decoder.owners
+            tokens = sample_tokens(decoder.step(),  # logits (rows, V)
+                                   [(c.job.temperature, c.job.top_k, c.job.top_p)
+                                    for c in choices], [c.generator for c in choices])
+            for row, (choice, token) in enumerate(zip(choices, tokens, strict=True)):
                 if choice.take(token):
                     ended.append(row)
                 else:
