@@ -90,6 +90,8 @@ def test_a_row_cache_writes_each_row_at_its_length_and_masks_the_rest():
     assert cache.lengths == [4, 2, 6]
     cache.remove_row(0)  # the last row moves into slot 0, its keys with it
     assert cache.lengths == [6, 2] and cache.keys[0, 0, 0, 5, 0] == 2
+    cache.filled(1, 2, 6)
+    assert cache.mask(1) is None  # rows of one length: the plain causal pattern, no mask
 
 
 def test_rows_slide_as_generate_tokens_slides():

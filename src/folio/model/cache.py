@@ -166,9 +166,12 @@ class RowCache:
             self._where = (heads.view(self.rows, n_head, 1) + pos[:, None, :]).flatten()
         return self._where
 
-    def mask(self, T: int) -> torch.Tensor:
+    def mask(self, T: int) -> torch.Tensor | None:
         """What attention adds to the scores (B, 1, T, S): 0 where row b's query t sees a key
-        (positions 0..lengths[b]+t: its own row's past and itself), -inf elsewhere."""
+        (positions 0..lengths[b]+t: its own row's past and itself), -inf elsewhere; None when
+        every row has one length (the plain causal pattern, as a `KVCache`'s)."""
+        if min(self.lengths) == max(self.lengths):
+            return None
         pos = self.positions(T, self.keys.device)  # (B, T)
         if self._mask is None:
             keys = torch.arange(self.length + T, device=pos.device)  # (S,)

@@ -56,6 +56,7 @@ class CpuAttention(CausalAttention):
             return causal_attention(q, k, v, dropout)  # no cache: training; tiles of matmuls
         if self.float32 and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
+                mask = None if mask is None else mask.float()
                 return super().forward(q.float(), k.float(), v.float(), mask).to(q.dtype)
         return super().forward(q, k, v, mask)
 
