@@ -189,11 +189,14 @@ def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[
                           "late_ttft_steps": round(late / step_s, 2),
                           "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
         summary[f"{engine}_{concurrent}_vs_1"] = round(aggregate / one_rate, 2)
+        summary[f"{engine}_1_stream_tokens_per_sec"] = round(one_rate, 1)
         summary[f"{engine}_{concurrent}_streams_tokens_per_sec"] = round(aggregate, 1)
-    if len(engines) == 2:
+    if len(engines) == 2:  # the batched engine's N streams against the old engine's 1 and N
+        batched = summary[f"batched_{concurrent}_streams_tokens_per_sec"]
+        summary[f"batched_{concurrent}_vs_in_turn_1"] = round(
+            batched / summary["in_turn_1_stream_tokens_per_sec"], 2)
         summary[f"batched_vs_in_turn_{concurrent}_streams"] = round(
-            summary[f"batched_{concurrent}_streams_tokens_per_sec"]
-            / summary[f"in_turn_{concurrent}_streams_tokens_per_sec"], 2)
+            batched / summary[f"in_turn_{concurrent}_streams_tokens_per_sec"], 2)
     print(json.dumps({**common, "case": "summary", **summary}), flush=True)
 
 
