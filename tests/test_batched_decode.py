@@ -136,6 +136,7 @@ class Collected:
     def __init__(self, engine: Engine, n: int) -> None:
         self.engine, self.texts, self.ends = engine, [""] * n, [None] * n
         self.first_step: int | None = None
+        self.error: str | None = None
         self.done = threading.Event()
 
     def __call__(self, event: tuple) -> None:
@@ -146,7 +147,8 @@ class Collected:
         elif event[0] == "end":
             self.ends[event[1]] = event[2:]
         else:
-            assert event[0] == "done", event
+            assert event[0] in ("done", "error"), event
+            self.error = event[1] if event[0] == "error" else None
             self.done.set()
 
 
@@ -254,5 +256,25 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on():
         assert short.done.wait(60) and short.ends == [("length", 20)]
         wait(lambda: engine.load()["active"] == 0)
         assert not long.done.is_set()  # a cancelled job emits nothing more
+    finally:
+        engine.close()
+
+
+def test_a_model_that_fails_fails_its_own_requests_only():
+    good, bad = loaded_tiny(), loaded_tiny()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    bad.model.hidden = broken  # its decoding copy (a shallow copy) keeps it
+    engine = Engine(max_active=4, queue_size=0)
+    fine, failed = Collected(engine, 1), Collected(engine, 2)
+    try:
+        assert engine.submit(job(good, ("ROMEO:", 30, 1.0, None, 1.0, [], 0, 1), fine))
+        assert engine.submit(job(bad, ("KING", 30, 1.0, None, 1.0, [], 0, 2), failed))
+        assert failed.done.wait(60) and fine.done.wait(60)
+        assert "RuntimeError: boom" in failed.error and failed.texts == ["", ""]
+        assert fine.error is None and fine.ends == [("length", 30)]
+        wait(lambda: engine.load()["active"] == 0)
     finally:
         engine.close()

@@ -185,7 +185,11 @@ class Engine:
         decoders: dict[GPT, BatchDecoder[Choice]] = {}  # one per model in use
         while not self._closed:
             for job in self._admit():
-                self._start(job, decoders)
+                try:
+                    self._start(job, decoders)
+                except Exception as e:  # e.g. a model that cannot decode: this job fails alone
+                    job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    self._finish([job])
             for model, decoder in list(decoders.items()):
                 self._step(decoder)
                 if not decoder.rows:
@@ -204,8 +208,8 @@ class Engine:
         decoder = decoders.get(model)
         if decoder is None:
             decoder = decoders[model] = BatchDecoder(model)
-        for index in range(job.n):
-            decoder.add(job.prompt_ids, Choice(job, index))
+        for choice in [Choice(job, index) for index in range(job.n)]:
+            decoder.add(job.prompt_ids, choice)
 
     def _step(self, decoder: BatchDecoder[Choice]) -> None:
         """One token for every row of `decoder`; rows whose job was cancelled or failed, or
