@@ -7,12 +7,13 @@ is; oneDNN's blocked layout, packed once, streams faster (on a Zen 5, a 1536 x 3
 weight: 160 -> 63 us; bfloat16: 55 -> 27 us). Each call also costs ~10 us of fixed overhead,
 so small matrices stay as they are. These are the kernels inductor uses for frozen CPU
 weights (`torch.ops.mkldnn._linear_pointwise`); whether a model gains is measured
-(decoding.py). Several rows at once (the server's batched steps) use a second packing, laid
-out for ROWS_HINT rows and made on first use: one row's layout read 8 rows 1.5-2x slower
-than this one, and for a 50k vocabulary MKL's matmul of 8 rows ran 1.6-2x slower than it
-(AMD EPYC, AVX2, one thread: 50,257 x 128 head, 8 rows: 3.7 ms against 6.0-7.7). A decoding
-copy is for inference only: no gradients, no dropout, and its packed weights are not in its
-state_dict.
+(decoding.py). The output head, given several rows at once (the server's batched steps),
+uses a second packing laid out for ROWS_HINT rows and made on first use: for a 50k
+vocabulary, one row's packing and MKL's matmul of 8 rows ran 1.6-2x slower than it (AMD
+EPYC, AVX2, one thread: 50,257 x 128 head, 8 rows: 3.7 ms against 6.0-7.7). Only the head:
+the blocks' layers also see a prefill's many rows, and a second packing of every layer
+would double a packed model's memory. A decoding copy is for inference only: no gradients,
+no dropout, and its packed weights are not in its state_dict.
 """
 
 from __future__ import annotations
@@ -63,19 +64,21 @@ class RowsPacking:
 class PackedLinear(nn.Module):
     """`linear`'s y = x W^T + b with W (out, in) reordered for oneDNN; x (..., in)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # plain attributes, not buffers: the packed layout is not a checkpoint format; the
-        # layout is tuned for one row at a time (batch size hint 1), another for several
-        self.weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+        # layout is tuned for one row at a time (batch size hint 1); with `rows`, another
+        # for several (the output head of batched steps)
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.rows = RowsPacking()
+        self.rows = RowsPacking() if rows else None
+        self.weight = weight if rows else None  # kept only to pack it for rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        if rows.size(0) > 1:
+        if rows.size(0) > 1 and self.rows is not None:
             y = self.rows(rows, self.weight, self.bias)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -111,7 +114,7 @@ def decoding_copy(model: GPT, pack: bool) -> GPT:
     real = nn.Linear(head.in_features, model.config.vocab_size, bias=False, device="meta")
     real.weight = nn.Parameter(head.weight.detach()[:model.config.vocab_size],
                                requires_grad=False)
-    twin.lm_head = (PackedLinear(real) if pack and worth_packing(real)
+    twin.lm_head = (PackedLinear(real, rows=True) if pack and worth_packing(real)
                     else DecodingHead(head.weight, model.config.vocab_size))
     twin.cache_dtype = torch.float32
     return twin
