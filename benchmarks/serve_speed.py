@@ -6,7 +6,7 @@ then a summary line per model: N streams' aggregate over one stream's tokens/s, 
 
 The N-stream case also times a late arrival: a stream started while N-1 others decode, its
 time to first token in milliseconds and in engine steps (ms per step from the engine's step
-count: /api/status).
+count: /api/status), and in steps beyond one stream's first token on an idle server.
 
 Models are a run dir you give (--run_dir) or random weights of a named shape saved as a run
 (speed does not depend on the weights):
@@ -187,6 +187,10 @@ def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[
                           "ms_per_step": round(step_s * 1000, 2),
                           "late_ttft_ms": round(late * 1000, 1),
                           "late_ttft_steps": round(late / step_s, 2),
+                          # what arriving under load adds to an idle server's first token
+                          # (HTTP, prefill, one step): the wait for the step in flight
+                          "late_ttft_over_idle_steps": round((late - one["ttft_s"]) / step_s,
+                                                             2),
                           "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
         summary[f"{engine}_{concurrent}_vs_1"] = round(aggregate / one_rate, 2)
         summary[f"{engine}_1_stream_tokens_per_sec"] = round(one_rate, 1)
