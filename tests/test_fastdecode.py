@@ -130,3 +130,20 @@ def test_folio_sample_counts_the_parameters_of_a_packed_model(char_data_dir, tmp
     err = capsys.readouterr().err
     assert "float32 + packed: set" in err
     assert f"{load(run, device='cpu')[0].num_params() / 1e6:.2f}M params" in err
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["head only", "packed"])
+def test_several_rows_at_once_decode_as_each_row_alone(pack):
+    """A batched step's rows go through weights packed for several rows (made on first use):
+    each row's output matches its own one-row output."""
+    twin = decoding_copy(wide_model(), pack=pack)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    layers = [twin.lm_head, twin.transformer.h[0].mlp.c_fc]
+    with torch.no_grad():
+        for layer in layers:
+            alone = torch.cat([layer(x[i:i + 1]) for i in range(5)])
+            torch.testing.assert_close(layer(x), alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer(x[:, None]), alone[:, None], atol=1e-5, rtol=1e-5)
+    assert twin.lm_head.rows.packed is not None  # the head's packing for rows, made now
+    c_fc = twin.transformer.h[0].mlp.c_fc  # the blocks' layers keep one packing
+    assert not isinstance(c_fc, PackedLinear) or c_fc.rows is None

@@ -435,3 +435,109 @@ def test_cors_is_off_unless_an_origin_is_given(tiny_run):
     cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, cors_origin="https://app.example")
     with background(cfg) as base:
         assert allowed(base) == "https://app.example"
+
+
+# ---------------------------------------------------------------------------- batched decoding
+
+def test_concurrent_requests_get_the_text_each_gets_alone(tiny_run):
+    """Eight streams at once, batched into one forward pass per step (float32): each one's
+    text is the text of the same request alone. tests/test_batched_decode.py compares with
+    the one-at-a-time engine too."""
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, dtype="float32", max_tokens=64)
+    bodies = [{"model": "tiny", "prompt": prompt, "max_tokens": 20 + 3 * i,
+               "temperature": 0.0 if i % 4 == 0 else 1.0, "seed": i, "stream": True}
+              for i, prompt in enumerate(["ROMEO:", "\n", "KING HENRY:\nNow", "a", "JULIET",
+                                          "First Citizen:\nWe are", "O", "What say you?"])]
+
+    def text(body: dict) -> str:
+        chunks = client.completions.create(**body)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with background(cfg) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        together: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: together.update({i: text(bodies[i])}))
+                   for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        alone = [text(body) for body in bodies]
+    assert [together.get(i) for i in range(len(bodies))] == alone
+    assert len(set(alone)) == len(bodies)
+
+
+# ---------------------------------------------------------------------------- pathological bodies
+
+DEEP = 100_000
+WITH = b'{"model": "tiny", "prompt": "x", '
+PATHOLOGICAL = {
+    "a field nested 100,000 levels deep": WITH + b'"metadata": ' + b"[" * DEEP + b"]" * DEEP
+    + b"}",
+    "a body nested 100,000 levels deep": b'{"a": ' * DEEP + b"1" + b"}" * DEEP,
+    "an array nested 100,000 levels deep": b"[" * DEEP + b"]" * DEEP,
+    "an integer of 5,000 digits": WITH + b'"max_tokens": ' + b"9" * 5000 + b"}",
+    "an exponent past float": WITH + b'"temperature": 1e99999}',
+    "NaN": WITH + b'"temperature": NaN}',
+    "Infinity": WITH + b'"top_p": Infinity}',
+    "-Infinity max_tokens": WITH + b'"max_tokens": -Infinity}',
+    "a seed past 64 bits": WITH + b'"seed": ' + str(10**30).encode() + b"}",
+    "a negative seed past 64 bits": WITH + b'"seed": ' + str(-10**30).encode() + b"}",
+    "a float seed past 64 bits": WITH + b'"seed": 1e300}',
+    "max_tokens 2**64": WITH + b'"max_tokens": 18446744073709551616}',
+    "max_tokens 1e18": WITH + b'"max_tokens": 1e18}',
+    "negative n": WITH + b'"n": -1}',
+    "negative top_k": WITH + b'"top_k": -3}',
+    "negative top_p": WITH + b'"top_p": -0.5}',
+    "a lone surrogate in the prompt": b'{"model": "tiny", "prompt": "\\ud800"}',
+    "a lone surrogate as a key": WITH + b'"\\udfff": 1}',
+    "a lone surrogate as the model": b'{"model": "\\udc00", "prompt": "x"}',
+    "a lone surrogate in a stop string": WITH + b'"stop": ["\\ud83d"]}',
+    "invalid UTF-8 in a string": b'{"model": "tiny", "prompt": "\xc3\x28"}',
+    "a UTF-8 BOM then garbage": b"\xef\xbb\xbf{oops",
+    "null": b"null",
+    "a string": b'"hello"',
+    "a number": b"42",
+    "true": b"true",
+    "an empty object": b"{}",
+    "the model an object": b'{"model": {"name": "tiny"}, "prompt": "x"}',
+    "the model a list": b'{"model": ["tiny"], "prompt": "x"}',
+    "the prompt an object": b'{"model": "tiny", "prompt": {"text": "x"}}',
+    "the prompt a list of numbers": b'{"model": "tiny", "prompt": [1, 2, 3]}',
+    "the prompt null, max_tokens a list": b'{"model": "tiny", "prompt": null, '
+                                          b'"max_tokens": [1]}',
+    "stop a list of lists": WITH + b'"stop": [["a"]]}',
+    "stream_options a list": WITH + b'"stream": true, "stream_options": [true]}',
+    "duplicate keys, the last one bad": WITH + b'"max_tokens": 2, "max_tokens": "many"}',
+}
+CHAT_PATHOLOGICAL = {
+    "messages an object": {"model": "tiny", "messages": {"role": "user", "content": "x"}},
+    "messages a string": {"model": "tiny", "messages": "hi"},
+    "a message a list": {"model": "tiny", "messages": [["user", "hi"]]},
+    "a message null": {"model": "tiny", "messages": [None]},
+    "a role a number": {"model": "tiny", "messages": [{"role": 1, "content": "x"}]},
+    "content parts of numbers": {"model": "tiny", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]},
+    "content nested deep": {"model": "tiny", "messages": [
+        {"role": "user", "content": [[[[[[["x"]]]]]]]}]},
+    "max_completion_tokens huge": {"model": "tiny", "messages": [
+        {"role": "user", "content": "x"}], "max_completion_tokens": 10**20},
+}
+
+
+@pytest.mark.parametrize("case", list(PATHOLOGICAL) + list(CHAT_PATHOLOGICAL))
+def test_every_pathological_body_is_a_4xx_never_a_500(url, case):
+    if case in PATHOLOGICAL:
+        got, answer = request(url, "POST", "/v1/completions", PATHOLOGICAL[case])
+    else:
+        got, answer = request(url, "POST", "/v1/chat/completions",
+                              json.dumps(CHAT_PATHOLOGICAL[case]).encode())
+    assert 400 <= got < 500, answer
+    assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
+
+
+def test_the_server_still_answers_after_pathological_bodies(url, client):
+    for body in PATHOLOGICAL.values():
+        request(url, "POST", "/v1/completions", body)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=3).choices[0].text

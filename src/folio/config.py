@@ -400,8 +400,10 @@ class ServeConfig:
     dtype: str = setting(AUTO, "compute dtype", choices=(AUTO, "float32", "bfloat16", "float16"))
     max_models: int = setting(2, "models kept loaded; the least recently used is unloaded",
                               min=1)
-    max_active: int = setting(8, "generations decoded at once (interleaved token by token)",
+    max_active: int = setting(8, "requests decoded at once (their choices side by side)",
                               min=1)
+    batch: bool = setting(True, "decode the active requests in one forward pass per step; "
+                          "false: one token per request in turn (slower, for comparison)")
     queue_size: int = setting(32, "generations waiting beyond max_active; more answer 429",
                               min=0)
     max_tokens: int = setting(1024, "largest max_tokens a request may ask for", min=1)

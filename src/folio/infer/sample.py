@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from folio.config import SampleConfig
 from folio.data.tokenizer import Tokenizer
 from folio.errors import ConfigError, DataError
-from folio.infer.decode import CachedDecoder, RecomputeDecoder
+from folio.infer.decode import CachedDecoder, RecomputeDecoder, slide
 from folio.machine.device import dtype_name, resolve_device, resolve_dtype, topk
 from folio.model.gpt import GPT
 from folio.speed.decoding import for_decoding
@@ -25,11 +25,6 @@ from folio.store.rundir import RunInfo
 from folio.store.sources import load_model
 
 SEPARATOR = "\n---------------\n"  # between samples on stdout, as nanoGPT prints
-# When the window outgrows block_size, drop this fraction of it (at least one token) and
-# rebuild the cache from the rest: one batched prefill per block_size // 4 new tokens instead
-# of one per token (learned absolute positions make a one-token slide a full recompute).
-# Every token still sees at least 3/4 of block_size tokens of context once that many exist.
-SLIDE_FRACTION = 0.25
 
 
 # ---------------------------------------------------------------------------- loading
@@ -71,7 +66,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float,
 
 
 def top_k_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest logits (V,) and their token ids, largest first (k > V keeps all)."""
+    """The k largest logits (..., V) and their token ids, largest first (k > V keeps all)."""
     return topk(logits, min(k, logits.size(-1)))
 
 
@@ -86,27 +81,59 @@ def top_p_candidates(values: torch.Tensor, ids: torch.Tensor, p: float
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
                  generator: torch.Generator | None) -> int:
-    """One token id from logits (V,): argmax at temperature 0, else a top-k/top-p draw.
+    """One token id from logits (V,): argmax at temperature 0, else a top-k/top-p draw."""
+    return sample_tokens(logits[None], [(temperature, top_k, top_p)], [generator])[0]
 
-    Drawing among the candidates only (not masking the whole vocabulary) keeps a GPT-2
-    step from softmaxing and sampling 50,257 entries.
+
+Settings = tuple[float, int | None, float]  # temperature, top_k, top_p
+
+
+def sample_tokens(logits: torch.Tensor, settings: Sequence[Settings],
+                  generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of logits (B, V), row b drawn with settings[b] and generators[b].
+
+    Rows with the same settings go through top-k and the softmax together (one call for all,
+    each row computed on its own: a row gets the token it gets alone); each row then draws
+    with its own generator. Drawing among the candidates only (not masking the whole
+    vocabulary) keeps a GPT-2 step from softmaxing and sampling 50,257 entries.
     """
+    groups: dict[Settings, list[int]] = {}
+    for row, knobs in enumerate(settings):
+        groups.setdefault(knobs, []).append(row)
+    tokens = [0] * len(settings)
+    for knobs, rows in groups.items():
+        part = logits if len(rows) == logits.size(0) else logits[rows]
+        drawn = _sample_rows(part, *knobs, [generators[row] for row in rows])
+        for row, token in zip(rows, drawn, strict=True):
+            tokens[row] = token
+    return tokens
+
+
+def _sample_rows(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """`sample_tokens` for rows (G, V) of one setting."""
     logits = logits.float()
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1).tolist()
     values, ids = logits, None  # ids None: values covers the whole vocabulary, in order
     if top_k is not None and top_k < values.size(-1):
         values, ids = top_k_candidates(values, top_k)  # scaling by 1/T keeps the order
     values = values / temperature
-    if top_p < 1.0:
+    if top_p < 1.0:  # each row keeps a prefix of its own length
         if ids is None:
             values, ids = torch.sort(values, descending=True)
-        values, ids = top_p_candidates(values, ids, top_p)
+        rows = [top_p_candidates(v, i, top_p) for v, i in zip(values, ids, strict=True)]
+        probs = [F.softmax(v, dim=-1).cpu() for v, _ in rows]
+        ids = [i for _, i in rows]
+    else:
+        probs = F.softmax(values, dim=-1).cpu()  # (G, n)
     # Draw on the CPU with a CPU generator: reproducible on every device, and the id is
     # needed on the host anyway to print it.
-    probs = F.softmax(values, dim=-1).cpu()
-    choice = int(torch.multinomial(probs, 1, generator=generator))
-    return choice if ids is None else int(ids[choice])
+    tokens = []
+    for g, generator in enumerate(generators):
+        choice = int(torch.multinomial(probs[g], 1, generator=generator))
+        tokens.append(choice if ids is None else int(ids[g][choice]))
+    return tokens
 
 
 # ---------------------------------------------------------------------------- text
@@ -183,19 +210,17 @@ def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int,
     """New token ids after prompt_ids, one at a time.
 
     The context is the last block_size tokens; when it overflows, the oldest SLIDE_FRACTION
-    of the window is dropped. Cached and recomputed decoding see the same windows, so greedy
-    output is identical either way.
+    of the window is dropped (decode.py's `slide`). Cached and recomputed decoding see the
+    same windows, so greedy output is identical either way.
     """
     block = model.config.block_size
-    keep = max(1, block - max(1, int(block * SLIDE_FRACTION)))
     decode = CachedDecoder(model) if use_cache else RecomputeDecoder(model)
     window = list(prompt_ids[-block:])
     for _ in range(max_new_tokens):
         token = sample_token(decode(window), temperature, top_k, top_p, generator)
         yield token
         window.append(token)
-        if len(window) > block:
-            window = window[-keep:]
+        window = slide(window, block)
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,

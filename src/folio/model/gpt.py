@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from folio.model.cache import KVCache, positions
+from folio.model.cache import KVCache, RowCache, positions
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
 
@@ -96,17 +96,20 @@ ROPE_BASE = 10000.0
 
 
 def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, hs/2) of rotary embeddings at positions pos (T,). Computed from the
-    positions alone, so a token's rotation is the same in a full pass and a cached one."""
+    """cos and sin (T, hs/2) of rotary embeddings at positions pos (T,), or (B, T, hs/2) at
+    each row's own positions (B, T). Computed from the positions alone, so a token's rotation
+    is the same in a full pass and a cached one."""
     inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device,
                                            dtype=torch.float32) / head_size)  # (hs/2,)
-    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    angles = pos.float()[..., None] * inv_freq  # (..., T, hs/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by their position's angles."""
-    cos, sin = (t.to(x.dtype) for t in rope)  # (T, hs/2)
+    cos, sin = (t.to(x.dtype) for t in rope)  # (T, hs/2) or (B, T, hs/2)
+    if cos.dim() == 3:  # each row at its own positions: the same angles for every head
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2)
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
@@ -119,12 +122,14 @@ class CausalAttention(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """T queries (B, nh, T, hs) at the last T of S positions, over keys and values
-        (B, nh, S, hs) of every position so far -> (B, nh, T, hs)."""
+        (B, nh, S, hs) of every position so far -> (B, nh, T, hs). `mask` (B, 1, T, S), where
+        given (rows at positions of their own, model/cache.py's RowCache), is added to the
+        scores: 0 where a query sees a key, -inf where it does not."""
         T, S = q.size(2), k.size(2)
-        mask = None
-        if 1 < T < S:  # new queries after cached positions: query t sees keys 0..S-T+t
+        if mask is None and 1 < T < S:  # queries after cached positions: t sees 0..S-T+t
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         dropout = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -143,10 +148,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cache: KVCache | RowCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, C) at positions cache.length.. (0.. without a cache) -> (B, T, C); rope:
-        the rotary cos/sin (T, hs/2) of those positions, or None."""
+        """x (B, T, C) at positions cache.length.. (0.. without a cache; a RowCache: each
+        row's own) -> (B, T, C); rope: the rotary cos/sin of those positions, or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         shape = (B, T, self.n_head, C // self.n_head)
@@ -155,9 +160,11 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # before the keys are cached: cached keys keep their rotation
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        mask = None
         if cache is not None:  # keys and values of every position so far (in the cache's dtype)
             k, v = cache.update(self.layer, k, v)  # (B, nh, length + T, hs)
-        y = self.attention(q.to(k.dtype), k, v).to(q.dtype)  # (B, nh, T, hs)
+            mask = cache.mask(T)  # None but for a RowCache
+        y = self.attention(q.to(k.dtype), k, v, mask).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
@@ -182,7 +189,7 @@ class Block(nn.Module):
         self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cache: KVCache | RowCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, rope)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
@@ -253,27 +260,34 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def new_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None,
+                  rows: bool = False) -> KVCache | RowCache:
         """An empty KV cache for `batch_size` sequences of up to block_size tokens, on the
-        model's device, in `dtype` (default: cache_dtype, else the model's)."""
+        model's device, in `dtype` (default: cache_dtype, else the model's); with `rows`, a
+        `RowCache` (rows of their own lengths, added as they come) instead."""
         cfg = self.config
         like = self.transformer.wte.weight
-        return KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size,
-                       batch_size, dtype or self.cache_dtype or like.dtype, like.device)
+        shape = (cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size)
+        dtype = dtype or self.cache_dtype or like.dtype
+        if rows:
+            return RowCache(*shape, dtype, like.device)
+        return KVCache(*shape, batch_size, dtype, like.device)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | RowCache | None = None
+               ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) for token ids idx (B, T), placed after what
-        `cache` holds (and then added to it), or at positions 0..T-1 without one."""
+        `cache` holds (and then added to it; a RowCache: each row after its own), or at
+        positions 0..T-1 without one."""
         T = idx.size(1)
         end = T + (0 if cache is None else cache.length)
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        pos = positions(cache, T, idx.device)  # (T,)
+        pos = positions(cache, T, idx.device)  # (T,), or (B, T) for a RowCache
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.rope:
-            rope = rotary(pos, self.config.n_embd // self.config.n_head)  # 2 x (T, hs/2)
+            rope = rotary(pos, self.config.n_embd // self.config.n_head)  # 2 x (.., T, hs/2)
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
@@ -284,7 +298,7 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | RowCache | None = None) -> torch.Tensor:
         """The model's one forward pass, for training, evaluation, prefill and decoding.
 
         idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy over the

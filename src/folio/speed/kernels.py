@@ -49,14 +49,16 @@ class CpuAttention(CausalAttention):
         super().__init__(dropout)
         self.fast_dropout, self.float32 = fast_dropout, float32
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if dropout and self.fast_dropout and q.size(2) == k.size(2):  # no cache: training
-            return causal_attention(q, k, v, dropout)  # tiles of matmuls, bf16 speeds them up
+        if dropout and self.fast_dropout and mask is None and q.size(2) == k.size(2):
+            return causal_attention(q, k, v, dropout)  # no cache: training; tiles of matmuls
         if self.float32 and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
-                return super().forward(q.float(), k.float(), v.float()).to(q.dtype)
-        return super().forward(q, k, v)
+                mask = None if mask is None else mask.float()
+                return super().forward(q.float(), k.float(), v.float(), mask).to(q.dtype)
+        return super().forward(q, k, v, mask)
 
 
 class FusedCrossEntropy(CrossEntropy):

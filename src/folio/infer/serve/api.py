@@ -28,6 +28,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop",
 ROLES = ("system", "developer", "user", "assistant")
 CHAT_STOP = "\n\n"  # a base model's chat answer ends at the first blank line unless `stop` is given
 MAX_STOP = 4
+SEED_LIMIT = 2**63  # seeds are 64-bit signed integers (torch.Generator takes seed + choice)
 
 
 class ApiError(Exception):
@@ -73,6 +74,7 @@ class CompletionRequest:
 # ---------------------------------------------------------------------------- parsing
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object of valid Unicode (any other body is a 400)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -81,7 +83,30 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if not _valid_unicode(body):
+        raise ApiError(400, "the request body has a string with an unpaired surrogate "
+                       "(\\ud800-\\udfff); send valid Unicode")
     return body
+
+
+def _valid_unicode(value: Any) -> bool:
+    """Whether every string (and key) in a parsed JSON value is encodable as UTF-8 (JSON's
+    \\u escapes can spell lone surrogates, which no tokenizer or response can take). A
+    walk without recursion: json.loads accepts nesting deeper than Python's stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def parse_request(body: dict[str, Any], chat: bool, limits: Limits) -> CompletionRequest:
@@ -119,7 +144,7 @@ def parse_request(body: dict[str, Any], chat: bool, limits: Limits) -> Completio
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=_int(body, "top_k", None, 1, None),
-        stop=stop, seed=_int(body, "seed", None, None, None), stream=stream,
+        stop=stop, seed=_int(body, "seed", None, -SEED_LIMIT, SEED_LIMIT - 1), stream=stream,
         include_usage=_bool(options, "include_usage", False),
         n=_int(body, "n", 1, 1, limits.max_n), messages=messages)
 
