@@ -82,7 +82,8 @@ class TrainConfig:
     rope: bool = setting(False, "rotary position embeddings instead of a learned position table")
     norm: str = setting("layernorm", "normalisation layers", choices=("layernorm", "rmsnorm"))
     qk_norm: bool = setting(False, "RMS-normalise queries and keys per head")
-    mlp: str = setting("gelu", "MLP activation", choices=("gelu", "relu2"))
+    mlp: str = setting("gelu", "MLP activation (swiglu: Llama's gated SiLU; xielu: Apertus')",
+                       choices=("gelu", "relu2", "swiglu", "xielu"))
     tie_head: bool | str = setting(AUTO, "share the output head's weights with the token "
                                    "embedding; auto: tied, except the modern recipe unties a "
                                    "head that does not outweigh the blocks")

@@ -1,5 +1,6 @@
 """Every place a model can come from, opened the same way: a folio run dir, a nanoGPT out dir
-(ckpt.pt), or a Hugging Face GPT-2 dir (config.json). All end in weights.gpt_from_state.
+(ckpt.pt), or a Hugging Face dir (config.json: GPT-2, Llama, Qwen3, Apertus, Arcee). All end in
+weights.gpt_from_state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from folio.data.tokenizer import tokenizer_from_spec
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import checkpoint, hf, nanogpt, rundir
+from folio.store import checkpoint, hf_import, nanogpt, rundir
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RUN_INFO, RunInfo
 from folio.store.weights import gpt_from_state
@@ -68,8 +69,8 @@ def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
 
 
 def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
-    model = hf.load_pretrained(str(path))
-    spec = hf.tokenizer_spec(path, model.config.vocab_size)
+    model = hf_import.load_pretrained(str(path))
+    spec = hf_import.tokenizer_spec(path, model.config.vocab_size)
     info = RunInfo(model=model.config.to_dict(), n_params=model.num_params(), tokenizer=spec,
                    source="hf", imported_from={"hf": str(path)})
     return model, tokenizer_from_spec(spec), info

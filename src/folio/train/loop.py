@@ -43,7 +43,7 @@ from folio.speed import autotune
 from folio.speed import kernels as speed_kernels
 from folio.speed import training as training_choice
 from folio.speed.kernels import Kernels
-from folio.store import checkpoint, guard, hf, rundir, sources
+from folio.store import checkpoint, guard, hf_import, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
@@ -564,11 +564,11 @@ def build_model(cfg: TrainConfig, meta: dict, resumed: Resumed | None, master: b
         shape["tie_head"] = head_tied(cfg, meta["vocab_size"])
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout, **shape))
     else:
-        model = hf.load_pretrained(cfg.init_from, dropout=cfg.dropout)
+        model = hf_import.load_pretrained(cfg.init_from, cfg.dropout, meta["tokenizer"])
         if meta["vocab_size"] > model.config.vocab_size:
             raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
                             f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
-                            "--tokenizer gpt2")
+                            "the model's tokenizer (--tokenizer gpt2 or hf:DIR)")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     if master:
