@@ -145,6 +145,7 @@ def test_cached_decoding_and_training_kernels_keep_the_logits(hf_dirs, name):
     assert abs(loss.item() - fast.item()) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_folio_sample_greedy_text_equals_transformers_generate(hf_dirs, name, capsys):
     path, hf_model = hf_dirs(name)
@@ -187,6 +188,7 @@ def eval_losses(out: Path) -> dict[int, float]:
     return {r["iter"]: r["val_loss"] for r in rows if r["kind"] == "eval"}
 
 
+@pytest.mark.slow
 def test_finetune_an_imported_model_then_resume(hf_dirs, tmp_path):
     path, _ = hf_dirs("llama")
     data_dir, out = tmp_path / "data", tmp_path / "run"
@@ -244,3 +246,22 @@ def test_an_uncached_hub_id_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     with pytest.raises(CheckpointError, match="huggingface-cli download HuggingFaceTB/Smol"):
         hf_import.load_pretrained("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_a_long_context_cache_grows_and_keeps_the_logits():
+    """An imported model's 8k-40k context is not preallocated: the cache starts at
+    KVCache.PREALLOCATED positions and grows, with the same logits as no cache."""
+    from folio.model.gpt import GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=4096, vocab_size=32, n_layer=1, n_head=2, n_embd=16,
+                          rope=True, norm="rmsnorm", n_kv_head=1, bias=False)).eval()
+    idx = torch.randint(0, 32, (1, 2060))
+    cache = model.new_cache()
+    assert cache.keys.size(3) == cache.PREALLOCATED < cache.capacity == 4096
+    with torch.no_grad():
+        model(idx[:, :2040], cache=cache)
+        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(2040, 2060)]
+        full = [model(idx[:, :t + 1]) for t in (2047, 2048, 2059)]
+    assert cache.keys.size(3) == 4096 and cache.length == 2060
+    for t, logits in zip((2047, 2048, 2059), full, strict=True):
+        assert (steps[t - 2040] - logits).abs().max().item() <= TOL

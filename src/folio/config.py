@@ -58,7 +58,10 @@ class TrainConfig:
     eval_iters: int = setting(200, "batches per split when estimating the loss", min=1)
     eval_only: bool = setting(False, "evaluate once and exit")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val improves")
-    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir")
+    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | a Hugging "
+                             "Face model dir (GPT-2, Llama/SmolLM2, Qwen3, Apertus, Arcee; "
+                             "prepare the data with --tokenizer=hf:DIR) | a hub id such as "
+                             "HuggingFaceTB/SmolLM2-135M (HF cache, else downloaded)")
     overwrite: bool = setting(False, "let a fresh run replace the run already saved in out_dir")
     seed: int = setting(1337, "random seed (each DDP rank adds its rank)", min=0)
     # logging
