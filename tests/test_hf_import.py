@@ -265,3 +265,12 @@ def test_a_long_context_cache_grows_and_keeps_the_logits():
     assert cache.keys.size(3) == 4096 and cache.length == 2060
     for t, logits in zip((2047, 2048, 2059), full, strict=True):
         assert (steps[t - 2040] - logits).abs().max().item() <= TOL
+
+
+def test_folio_serve_lists_and_loads_an_imported_dir(hf_dirs):
+    from folio.infer.serve.runs import ModelPool, RunIndex, summarise
+    path, _ = hf_dirs("qwen3")
+    assert summarise("qwen3", path)["error"] is None
+    loaded = ModelPool(RunIndex([str(path)]), capacity=1, device="cpu",
+                       dtype="float32").get(path.name)
+    assert loaded.tokenizer.kind == "hf" and loaded.model.config.qk_norm
