@@ -13,12 +13,12 @@ import transformers
 from conftest import SHAKESPEARE_TEXT
 
 from folio.cli import main
-from folio.errors import CheckpointError
+from folio.errors import CheckpointError, ConfigError
 from folio.infer.decode import CachedDecoder, RecomputeDecoder
 from folio.model.gpt import GPT
 from folio.speed import kernels
 from folio.speed.packed import decoding_copy
-from folio.store import hf_import, hf_rotary, sources
+from folio.store import gguf_export, hf_import, hf_rotary, sources
 from folio.store.hf_tokenizer import char_tokenizer
 
 TOL = 1e-4
@@ -114,6 +114,8 @@ def test_imported_model_exports_back_to_its_class(hf_dirs, name):
     model = hf_import.load_pretrained(str(path)).eval()
     back = hf_rotary.to_hf_model(model)
     assert type(back) is type(hf_model)
+    with pytest.raises(ConfigError, match="cannot export as GGUF: .*export --format hf"):
+        gguf_export.architecture(model)  # not llama.cpp's shapes of folio's own models
     idx = tokens(2)
     with torch.no_grad():
         diff = max_diff(back(idx).logits, hf_model(idx).logits, f"{name} HF -> folio -> HF")

@@ -15,7 +15,7 @@ same math, and machine.distributed wraps it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -82,7 +82,11 @@ class GPTConfig:
         return self.mlp_hidden or 4 * self.n_embd
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; those of imported models (IMPORTED_SHAPE) only where set, so a folio
+        run's run.json and autotune keys read as they did before those options existed."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in asdict(self).items()
+                if k not in IMPORTED_SHAPE or v != defaults[k]}
 
 
 # The fields only imported models set (no training setting names them; a checkpoint does).

@@ -81,7 +81,8 @@ def load_hf_model(name_or_path: str, classes: dict[str, str] | None = None):
         return _from_pretrained(transformers, str(path), True, classes)
     if name_or_path not in GPT2_NAMES:
         raise ConfigError(f"init_from={name_or_path!r} is neither a GPT-2 model "
-                          f"({', '.join(GPT2_NAMES)}) nor an existing directory")
+                          f"({', '.join(GPT2_NAMES)}), a Hugging Face hub id (owner/name) nor "
+                          "an existing directory")
     try:  # the cache first: no network round trip when the weights are already here
         return _from_pretrained(transformers, name_or_path, True, classes)
     except CheckpointError:
