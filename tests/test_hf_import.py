@@ -206,6 +206,15 @@ def test_finetune_an_imported_model_then_resume(hf_dirs, tmp_path):
     assert 30 in losses and losses[30] < losses[0]
     model, tokenizer, _ = sources.load_model(out)  # the finetuned run samples with its tokenizer
     assert model.config.block_size == 32 and tokenizer.kind == "hf"
+    exported = tmp_path / "hf-out"  # and goes back out as the class it came in as
+    assert main(["export", str(out), "--format=hf", str(exported)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)
+    assert type(back).__name__ == "LlamaForCausalLM"
+    idx = tokens(5)[:, :32]
+    with torch.no_grad():
+        assert max_diff(back.eval()(idx).logits, all_logits(model, idx), "finetuned") <= TOL
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    assert hf_tok(TEXT[:3000])["input_ids"] == tokenizer.encode(TEXT[:3000])
 
 
 def test_a_dataset_of_another_tokenizer_is_refused(hf_dirs, tmp_path, capsys, char_data_dir):
