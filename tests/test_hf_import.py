@@ -285,3 +285,23 @@ def test_folio_serve_lists_and_loads_an_imported_dir(hf_dirs):
     loaded = ModelPool(RunIndex([str(path)]), capacity=1, device="cpu",
                        dtype="float32").get(path.name)
     assert loaded.tokenizer.kind == "hf" and loaded.model.config.qk_norm
+
+
+@pytest.mark.parametrize("mlp, qk_norm, kind", [("swiglu", False, "llama"),
+                                                ("swiglu", True, "qwen3"),
+                                                ("xielu", True, "apertus")])
+def test_folio_models_with_the_imported_mlps_export_to_their_class(mlp, qk_norm, kind):
+    """A run trained with --mlp=swiglu or xielu (weightless norms, folio's epsilon)."""
+    from folio.model.gpt import GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32,
+                          bias=False, rope=True, norm="rmsnorm", qk_norm=qk_norm, mlp=mlp,
+                          tie_head=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    back = hf_rotary.to_hf_model(model)
+    assert back.config.model_type == kind
+    idx = tokens(6)
+    with torch.no_grad():
+        assert max_diff(back(idx).logits, all_logits(model, idx), f"folio {mlp}") <= TOL
