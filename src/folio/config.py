@@ -58,8 +58,11 @@ class TrainConfig:
     eval_iters: int = setting(200, "batches per split when estimating the loss", min=1)
     eval_only: bool = setting(False, "evaluate once and exit")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val improves")
-    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | HF dir | "
-                             "a folio run dir (finetune its weights)")
+    init_from: str = setting("scratch", "scratch | resume | gpt2[-medium|-large|-xl] | a Hugging "
+                             "Face model dir (GPT-2, Llama/SmolLM2, Qwen3, Apertus, Arcee; "
+                             "prepare the data with --tokenizer=hf:DIR) | a hub id such as "
+                             "HuggingFaceTB/SmolLM2-135M (HF cache, else downloaded) | a folio "
+                             "run dir (finetune its weights)")
     task: str = setting("lm", "lm: next-token loss on every token; chat: supervised "
                         "finetuning on a --format=chat dataset, the loss on the assistant's "
                         "tokens only", choices=("lm", "chat"))
@@ -86,7 +89,8 @@ class TrainConfig:
     rope: bool = setting(False, "rotary position embeddings instead of a learned position table")
     norm: str = setting("layernorm", "normalisation layers", choices=("layernorm", "rmsnorm"))
     qk_norm: bool = setting(False, "RMS-normalise queries and keys per head")
-    mlp: str = setting("gelu", "MLP activation", choices=("gelu", "relu2"))
+    mlp: str = setting("gelu", "MLP activation (swiglu: Llama's gated SiLU; xielu: Apertus')",
+                       choices=("gelu", "relu2", "swiglu", "xielu"))
     tie_head: bool | str = setting(AUTO, "share the output head's weights with the token "
                                    "embedding; auto: tied, except the modern recipe unties a "
                                    "head that does not outweigh the blocks")

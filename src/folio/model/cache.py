@@ -12,17 +12,23 @@ import torch
 
 
 class KVCache:
-    """Keys and values of every block for a batch of sequences, preallocated to `capacity`.
+    """Keys and values of every block for a batch of sequences, for up to `capacity` positions.
 
     Positions 0..length-1 are filled. A forward pass of T new tokens puts them at positions
-    length..length+T-1 and then advances `length` by T. Make one with `GPT.new_cache()`.
+    length..length+T-1 and then advances `length` by T. Make one with `GPT.new_cache()`. The
+    buffers are allocated once for up to PREALLOCATED positions; a longer capacity (an
+    imported model's 8k-40k context) starts there and doubles as positions arrive, so a short
+    sample of such a model does not hold gigabytes of cache.
     """
 
-    def __init__(self, n_layer: int, n_head: int, head_size: int, capacity: int,
+    PREALLOCATED = 2048
+
+    def __init__(self, n_layer: int, n_kv_head: int, head_size: int, capacity: int,
                  batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (n_layer, batch_size, n_head, capacity, head_size)
+        shape = (n_layer, batch_size, n_kv_head, min(capacity, self.PREALLOCATED), head_size)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
+        self.capacity = capacity
         self.length = 0  # positions filled so far
 
     @classmethod
@@ -31,11 +37,8 @@ class KVCache:
         view of some rows of a `RowCache`."""
         cache = cls.__new__(cls)
         cache.keys, cache.values, cache.length = keys, values, 0
+        cache.capacity = keys.size(3)
         return cache
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.size(3)
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
         """Positions (T,) of T new tokens, the same in every row."""
@@ -43,9 +46,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store block `layer`'s new keys and values (B, nh, T, hs) after the filled positions;
-        return all of that block's keys and values so far, each (B, nh, length + T, hs)."""
+        """Store block `layer`'s new keys and values (B, nkv, T, hs) after the filled
+        positions; return all of that block's keys and values so far, each
+        (B, nkv, length + T, hs)."""
         start, end = self.length, self.length + k.size(2)
+        if end > self.keys.size(3):
+            self._grow(end)
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -53,6 +59,15 @@ class KVCache:
     def mask(self, T: int) -> torch.Tensor | None:
         """None: T new queries at the end of every row, the plain causal pattern."""
         return None
+
+    def _grow(self, end: int) -> None:
+        """Room for at least `end` positions (at most capacity), the filled ones kept."""
+        size = min(self.capacity, max(end, 2 * self.keys.size(3)))
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], size, old.size(4)))
+            new[:, :, :, :old.size(3)] = old
+            setattr(self, name, new)
 
     def advance(self, n: int) -> None:
         """Count n more positions as filled (after every block has stored them)."""

@@ -1,6 +1,8 @@
 """The GPT-2 architecture (embeddings, pre-LayerNorm blocks, tied output head), with the
 modern small-GPT options as config fields (rotary positions, RMSNorm, QK-norm, ReLU², untied
-head, logit soft-cap, zero-initialised output projections); the defaults are GPT-2's.
+head, logit soft-cap, zero-initialised output projections) and those of the small models people
+finetune (Llama, SmolLM2, Qwen3: learned RMSNorm scales, SwiGLU, grouped-query attention,
+another rotary base or head width); the defaults are GPT-2's.
 
 One forward pass serves training, evaluation, prefill and cached decoding: `GPT.forward`
 takes an optional KV cache (cache.py) that the attention layers write into and read from.
@@ -13,7 +15,7 @@ same math, and machine.distributed wraps it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from folio.model.cache import KVCache, RowCache, positions
 
 VOCAB_MULTIPLE = 64  # the embedding table is padded to a multiple of this for fast matmuls
+ROPE_BASE = 10000.0  # the rotary base of folio's own models
 
 
 @dataclass
@@ -41,41 +44,89 @@ class GPTConfig:
     tie_head: bool = True  # the output head shares the token embedding's weights
     logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 leaves them as they are
     zero_init_proj: bool = False  # output projections (attention and MLP) start at zero
+    # The shapes of imported models (store/hf_import.py); each default keeps the model above.
+    n_kv_head: int = 0  # key/value heads, each shared by n_head / n_kv_head queries; 0: n_head
+    head_dim: int = 0  # width of one head; 0: n_embd // n_head
+    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 * n_embd
+    norm_weight: bool = False  # rmsnorm (and qk_norm) with a learned scale per channel
+    norm_eps: float = 0.0  # 0: LayerNorm's 1e-5, RMSNorm's float32 machine epsilon
+    rope_theta: float = ROPE_BASE  # the rotary base
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", ...} (Llama 3, Apertus); None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.mlp not in ACTIVATIONS:
             raise ValueError(f"norm={self.norm!r} / mlp={self.mlp!r}: expected norm in "
                              f"{sorted(NORMS)} and mlp in {sorted(ACTIVATIONS)}")
+        if self.n_head % self.kv_heads or (not self.head_dim and self.n_embd % self.n_head):
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head="
+                             f"{self.kv_heads} and, without head_dim, divide n_embd="
+                             f"{self.n_embd}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}: only rope_type 'llama3' "
+                             "is implemented")
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; those of imported models (IMPORTED_SHAPE) only where set, so a folio
+        run's run.json and autotune keys read as they did before those options existed."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in asdict(self).items()
+                if k not in IMPORTED_SHAPE or v != defaults[k]}
+
+
+# The fields only imported models set (no training setting names them; a checkpoint does).
+IMPORTED_SHAPE = ("n_kv_head", "head_dim", "mlp_hidden", "norm_weight", "norm_eps",
+                  "rope_theta", "rope_scaling")
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm over the last dimension (nanochat, modded-nanogpt)."""
+    """RMSNorm over the last dimension: parameter-free (nanochat, modded-nanogpt), or with a
+    learned scale (ndim,) as Llama has. eps None: float32's machine epsilon (F.rms_norm's)."""
+
+    def __init__(self, ndim: int = 0, weight: bool = False, eps: float | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim)) if weight else None
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),))
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-NORMS = {"layernorm": lambda config: LayerNorm(config.n_embd, bias=config.bias),
-         "rmsnorm": lambda config: RMSNorm()}
+def rms_norm(config: GPTConfig, ndim: int) -> RMSNorm:
+    return RMSNorm(ndim, config.norm_weight, config.norm_eps or None)
+
+
+NORMS = {"layernorm": lambda config: LayerNorm(config.n_embd, config.bias,
+                                               config.norm_eps or 1e-5),
+         "rmsnorm": lambda config: rms_norm(config, config.n_embd)}
 
 
 class ReLU2(nn.Module):
@@ -85,24 +136,59 @@ class ReLU2(nn.Module):
         return F.relu(x).square()
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLU2}
+class XIELU(nn.Module):
+    """xIELU (arXiv 2411.13010), Apertus' activation: alpha_p·x² + beta·x for x > 0, else
+    alpha_n·(expm1(min(x, eps)) - x) + beta·x, with alpha_p = softplus(a_p) and alpha_n =
+    beta + softplus(a_n) learned per layer (a_p, a_n stored raw, as transformers does)."""
+
+    BETA, EPS = 0.5, -1e-6
+
+    def __init__(self, alpha_p: float = 0.8, alpha_n: float = 0.8):
+        super().__init__()
+        raw = torch.tensor([alpha_p, alpha_n - self.BETA]).expm1().log()  # softplus⁻¹
+        self.alpha_p = nn.Parameter(raw[:1].clone())  # (1,)
+        self.alpha_n = nn.Parameter(raw[1:].clone())  # (1,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.BETA + F.softplus(self.alpha_n)
+        negative = (torch.expm1(x.clamp(max=self.EPS)) - x) * alpha_n
+        return torch.where(x > 0, alpha_p * x * x, negative) + self.BETA * x
+
+
+# mlp -> the activation; the gated ones (swiglu: silu(gate) * up) have two input projections
+ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLU2, "swiglu": nn.SiLU, "xielu": XIELU}
+GATED = frozenset({"swiglu"})
 
 
 def norm_layer(config: GPTConfig) -> nn.Module:
     return NORMS[config.norm](config)
 
 
-ROPE_BASE = 10000.0
-
-
-def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(pos: torch.Tensor, head_size: int, base: float = ROPE_BASE,
+           scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (T, hs/2) of rotary embeddings at positions pos (T,), or (B, T, hs/2) at
     each row's own positions (B, T). Computed from the positions alone, so a token's rotation
     is the same in a full pass and a cached one."""
-    inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device,
-                                           dtype=torch.float32) / head_size)  # (hs/2,)
+    inv_freq = base ** -(torch.arange(0, head_size, 2, device=pos.device,
+                                      dtype=torch.float32) / head_size)  # (hs/2,)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = pos.float()[..., None] * inv_freq  # (..., T, hs/2)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3's long-context rotary frequencies: wavelengths beyond the original context
+    divided by `factor`, short ones kept, those between blended smoothly."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq  # (hs/2,)
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -137,15 +223,20 @@ class CausalAttention(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention; with n_kv_head < n_head, grouped-query: each key/value head
+    serves n_head / n_kv_head consecutive query heads (the cache holds the kv heads only)."""
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.qk_norm = config.qk_norm
+        self.n_head, self.n_kv_head, hs = config.n_head, config.kv_heads, config.head_size
+        self.sizes = (self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs)  # q, k, v
         self.layer = layer  # this block's slot in a KVCache
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
+        if config.qk_norm:  # per head, over hs; parameter-free unless norm_weight
+            self.q_norm, self.k_norm = rms_norm(config, hs), rms_norm(config, hs)
+        self.qk_norm = config.qk_norm
         self.attention = CausalAttention(config.dropout)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowCache | None = None,
@@ -153,32 +244,46 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions cache.length.. (0.. without a cache; a RowCache: each
         row's own) -> (B, T, C); rope: the rotary cos/sin of those positions, or None."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        shape = (B, T, self.n_head, C // self.n_head)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, -1).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # before the keys are cached: cached keys keep their rotation
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         mask = None
         if cache is not None:  # keys and values of every position so far (in the cache's dtype)
-            k, v = cache.update(self.layer, k, v)  # (B, nh, length + T, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, length + T, hs)
             mask = cache.mask(T)  # None but for a RowCache
+        if self.n_kv_head != self.n_head:  # each kv head to its group of query heads
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         y = self.attention(q.to(k.dtype), k, v, mask).to(q.dtype)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged
+        y = y.transpose(1, 2).contiguous().view(B, T, self.sizes[0])  # heads merged
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
+    """act(x W_fc) W_proj; gated (swiglu): c_fc holds the gate's rows, then the up rows, and
+    act(gate) * up goes on."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gated = config.mlp in GATED
+        hidden = config.mlp_width
+        self.c_fc = nn.Linear(config.n_embd, (1 + self.gated) * hidden, bias=config.bias)
         self.act = ACTIVATIONS[config.mlp]()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, H), gated: (B, T, 2H)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -267,7 +372,7 @@ class GPT(nn.Module):
         `RowCache` (rows of their own lengths, added as they come) instead."""
         cfg = self.config
         like = self.transformer.wte.weight
-        shape = (cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size)
+        shape = (cfg.n_layer, cfg.kv_heads, cfg.head_size, cfg.block_size)
         dtype = dtype or self.cache_dtype or like.dtype
         if rows:
             return RowCache(*shape, dtype, like.device)
@@ -287,7 +392,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.rope:
-            rope = rotary(pos, self.config.n_embd // self.config.n_head)  # 2 x (.., T, hs/2)
+            cfg = self.config
+            rope = rotary(pos, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)  # 2 x (.., T, hs/2)
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
@@ -353,4 +459,4 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B."""
         cfg = self.config
         n = self.num_params()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len

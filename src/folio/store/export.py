@@ -1,10 +1,10 @@
 """`folio export`: a run (folio or nanoGPT) written for the tools people run models with.
 
 `--format hf`: a Hugging Face transformers directory with a standard class (GPT-2 for the
-nanoGPT recipe, Apertus or Arcee for rotary RMSNorm models) and the tokenizer. `--format gguf`:
-one GGUF file for llama.cpp and Ollama, an Ollama Modelfile beside it. Everything is checked
-before anything is written; the output is built beside the target and renamed into place, so
-a failed export leaves nothing half-written.
+nanoGPT recipe; Apertus, Arcee, Llama or Qwen3 for rotary RMSNorm models) and the tokenizer.
+`--format gguf`: one GGUF file for llama.cpp and Ollama, an Ollama Modelfile beside it.
+Everything is checked before anything is written; the output is built beside the target and
+renamed into place, so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ MODELFILE = "Modelfile"
 
 def to_hf_model(model: GPT, eot_id: int | None = None) -> Any:
     """The standard transformers model computing `model`'s logits: GPT-2 for the nanoGPT
-    recipe, Apertus/Arcee for rotary RMSNorm models; anything else is a one-line refusal."""
+    recipe, Apertus/Arcee/Llama/Qwen3 for rotary RMSNorm models; anything else is a one-line
+    refusal."""
     cfg = model.config
     if cfg.rope or cfg.norm == "rmsnorm":
         return hf_rotary.to_hf_model(model, eot_id)
@@ -54,7 +55,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
         if hf_model.config.model_type in hf_rotary.CLASSES:
-            hf_rotary.add_legacy_rope_keys(tmp / "config.json")
+            hf_rotary.add_legacy_rope_keys(tmp / "config.json", model.config)
         hf_tokenizer.write_tokenizer(tmp, tokenizer, model.config.block_size, template)
     return out_dir
 

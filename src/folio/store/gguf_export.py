@@ -33,13 +33,14 @@ from folio.data.tokenizer import (
 )
 from folio.errors import ConfigError
 from folio.extras import need
-from folio.model.gpt import GPT, ROPE_BASE
+from folio.model.gpt import GPT, IMPORTED_SHAPE, ROPE_BASE, GPTConfig
 from folio.store import hf, hf_rotary
 
 # xIELU's raw parameters that make it ReLU² after llama.cpp's softplus (see the docstring)
 RELU2_XIELU = {"alpha_p": math.log(math.e - 1), "alpha_n": -1e4, "beta": 0.0, "eps": -1e-6}
 GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
-SPM_SPACE = "\u2581"  # how a sentencepiece vocabulary spells a space
+SPM_SPACE = "\u2581"
+FOLIO_SHAPE = GPTConfig()  # how a sentencepiece vocabulary spells a space
 
 
 def architecture(model: GPT) -> str:
@@ -49,6 +50,11 @@ def architecture(model: GPT) -> str:
         hf.check_gpt2_exact(cfg)
         return "gpt2"
     kind = hf_rotary.model_type(cfg)
+    imported = [f"{k}={getattr(cfg, k)!r}" for k in IMPORTED_SHAPE
+                if getattr(cfg, k) != getattr(FOLIO_SHAPE, k)]
+    if imported:
+        raise ConfigError(f"cannot export as GGUF: {imported[0]}; folio writes GGUF for the "
+                          "shapes it trains (export --format hf instead)")
     if kind != "apertus" or cfg.mlp != "relu2":
         setting = "qk_norm=False" if kind != "apertus" else f"mlp={cfg.mlp!r}"
         raise ConfigError(f"cannot export as GGUF: {setting}; folio writes rotary models as "

@@ -18,10 +18,11 @@ import torch
 
 from folio.errors import CheckpointError, ConfigError
 from folio.extras import need
-from folio.model.gpt import GPT, GPTConfig
+from folio.model.gpt import GPT, IMPORTED_SHAPE, GPTConfig
 from folio.store.weights import BUFFERS, gpt_from_state
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_CLASSES = {"gpt2": "GPT2LMHeadModel"}  # model_type: transformers class
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_proj.weight")
 # Hugging Face GPT-2 uses the tanh GELU approximation; folio's MLP uses the exact GELU (as
@@ -43,11 +44,13 @@ def transformers_module():
 
 def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
     """A folio GPT holding GPT-2 weights: a model name (gpt2, gpt2-medium, ...) or a local dir."""
-    hf_model = _load_hf_model(name_or_path)
-    config = gpt_config_from_hf(hf_model.config, dropout, source=name_or_path)
-    state = from_hf_state_dict(hf_model.state_dict())
-    del hf_model
-    return gpt_from_state(config, state, source=name_or_path)
+    return gpt_from_hf(load_hf_model(name_or_path), dropout, source=name_or_path)
+
+
+def gpt_from_hf(hf_model: Any, dropout: float, source: str) -> GPT:
+    """A folio GPT holding a transformers GPT2LMHeadModel's weights."""
+    config = gpt_config_from_hf(hf_model.config, dropout, source=source)
+    return gpt_from_state(config, from_hf_state_dict(hf_model.state_dict()), source=source)
 
 
 def tokenizer_spec(directory: Path, vocab_size: int) -> dict[str, Any]:
@@ -65,26 +68,29 @@ def tokenizer_spec(directory: Path, vocab_size: int) -> dict[str, Any]:
     return {"kind": "gpt2"}
 
 
-def _load_hf_model(name_or_path: str):
-    """GPT2LMHeadModel from the HF cache (then the hub) for a name, or from a local dir."""
+def load_hf_model(name_or_path: str, classes: dict[str, str] | None = None):
+    """The transformers model of a local dir, or of a model name from the HF cache (then the
+    hub); `classes`: {model_type: class name} it may be (default: GPT-2's)."""
+    classes = classes or GPT2_CLASSES
     transformers = transformers_module()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; init_from=<dir> needs a Hugging "
-                                  "Face GPT-2 directory (config.json + model.safetensors)")
-        return _from_pretrained(transformers, str(path), local_files_only=True)
+                                  "Face model directory (config.json + model.safetensors)")
+        return _from_pretrained(transformers, str(path), True, classes)
     if name_or_path not in GPT2_NAMES:
         raise ConfigError(f"init_from={name_or_path!r} is neither a GPT-2 model "
-                          f"({', '.join(GPT2_NAMES)}) nor an existing directory")
+                          f"({', '.join(GPT2_NAMES)}), a Hugging Face hub id (owner/name) nor "
+                          "an existing directory")
     try:  # the cache first: no network round trip when the weights are already here
-        return _from_pretrained(transformers, name_or_path, local_files_only=True)
+        return _from_pretrained(transformers, name_or_path, True, classes)
     except CheckpointError:
         pass
     try:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise CheckpointError("offline")
-        return _from_pretrained(transformers, name_or_path, local_files_only=False)
+        return _from_pretrained(transformers, name_or_path, False, classes)
     except CheckpointError:
         raise CheckpointError(
             f"cannot load {name_or_path!r}: its weights are not in the Hugging Face cache and "
@@ -93,7 +99,7 @@ def _load_hf_model(name_or_path: str):
         ) from None
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """False when the hub's host name does not resolve (offline), instead of letting
     huggingface_hub retry for half a minute. Behind a proxy, assume it is reachable."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -108,18 +114,20 @@ def _hub_reachable() -> bool:
     return True
 
 
-def _from_pretrained(transformers, name_or_path: str, local_files_only: bool):
+def _from_pretrained(transformers, name_or_path: str, local_files_only: bool,
+                     classes: dict[str, str]):
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path,
                                                          local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the config of {name_or_path!r}: {e}") from None
-    if config.model_type != "gpt2":
-        raise CheckpointError(f"{name_or_path} is a {config.model_type!r} model; folio loads "
-                              "GPT-2 models only")
+    if config.model_type not in classes:
+        found = ", ".join(config.architectures or []) or config.model_type
+        raise CheckpointError(f"{name_or_path} is a {found} model; folio loads "
+                              f"{', '.join(classes.values())}")
     try:  # safetensors preferred; a .bin is read by transformers with weights_only=True
-        return transformers.GPT2LMHeadModel.from_pretrained(
-            name_or_path, local_files_only=local_files_only)
+        return getattr(transformers, classes[config.model_type]).from_pretrained(
+            name_or_path, local_files_only=local_files_only, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the weights of {name_or_path!r}: {e}") from None
 
@@ -162,11 +170,12 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def check_gpt2_exact(cfg: GPTConfig) -> None:
     """Refuse (one line, naming the setting) a model transformers' GPT-2 cannot compute exactly."""
     default = GPTConfig()
-    for key in ("rope", "norm", "qk_norm", "mlp", "logit_softcap"):
+    for key in ("rope", "norm", "qk_norm", "mlp", "logit_softcap", *IMPORTED_SHAPE):
         if getattr(cfg, key) != getattr(default, key):
             raise ConfigError(f"cannot export as Hugging Face GPT-2: {key}={getattr(cfg, key)!r} "
                               "has no exact transformers GPT-2 equivalent (GPT-2 takes the "
-                              "nanoGPT recipe; rotary RMSNorm models export as Apertus/Arcee)")
+                              "nanoGPT recipe; rotary RMSNorm models export as "
+                              "Llama/Qwen3/Apertus/Arcee)")
 
 
 def gpt2_tensors(model: GPT, conv1d: bool = True) -> dict[str, torch.Tensor]:

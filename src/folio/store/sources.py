@@ -1,5 +1,6 @@
 """Every place a model can come from, opened the same way: a folio run dir, a nanoGPT out dir
-(ckpt.pt), or a Hugging Face GPT-2 dir (config.json). All end in weights.gpt_from_state.
+(ckpt.pt), or a Hugging Face dir (config.json: GPT-2, Llama, Qwen3, Apertus, Arcee). All end in
+weights.gpt_from_state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from folio.data.tokenizer import tokenizer_from_spec
 from folio.errors import CheckpointError
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import checkpoint, hf, nanogpt, rundir
+from folio.store import checkpoint, hf_import, nanogpt, rundir
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RUN_INFO, RunInfo
 from folio.store.weights import gpt_from_state
@@ -68,21 +69,23 @@ def model_config(info: RunInfo, run_dir: Path, **changes: Any) -> GPTConfig:
 
 
 def _read_hf_dir(path: Path) -> tuple[GPT, Any, RunInfo]:
-    model = hf.load_pretrained(str(path))
-    spec = hf.tokenizer_spec(path, model.config.vocab_size)
+    model = hf_import.load_pretrained(str(path))
+    spec = hf_import.tokenizer_spec(path, model.config.vocab_size)
     info = RunInfo(model=model.config.to_dict(), n_params=model.num_params(), tokenizer=spec,
                    source="hf", imported_from={"hf": str(path)})
     return model, tokenizer_from_spec(spec), info
 
 
-def load_for_training(path: str | Path, dropout: float) -> tuple[GPT, dict[str, Any] | None]:
+def load_for_training(path: str | Path, dropout: float,
+                      dataset_tokenizer: dict[str, Any] | None = None
+                      ) -> tuple[GPT, dict[str, Any] | None]:
     """The weights a run finetunes (`--init_from`): a folio run dir's best weights, a Hugging
-    Face GPT-2 dir or model name, with `dropout`; and the tokenizer spec of a run dir (None
-    for the others: `tokenizer_of` finds theirs)."""
+    Face dir, hub id or GPT-2 name (a dataset of another tokenizer refused), with `dropout`;
+    and the tokenizer spec of a run dir (None for the others: `tokenizer_of` finds theirs)."""
     path = Path(path)
     kind = kind_of(path) if path.is_dir() else "hf"
     if kind == "hf":
-        return hf.load_pretrained(str(path), dropout=dropout), None
+        return hf_import.load_pretrained(str(path), dropout, dataset_tokenizer), None
     if kind == "nanogpt":
         raise CheckpointError(f"--init_from={path} is a nanoGPT out dir; convert it first with "
                               f"`folio import-nanogpt {path} RUN_DIR`, then --init_from=RUN_DIR")
@@ -95,4 +98,4 @@ def load_for_training(path: str | Path, dropout: float) -> tuple[GPT, dict[str, 
 def tokenizer_of(init_from: str, vocab_size: int) -> dict[str, Any]:
     """The tokenizer spec of a Hugging Face dir (folio's char note, or GPT-2's) or name."""
     path = Path(init_from)
-    return hf.tokenizer_spec(path, vocab_size) if path.is_dir() else {"kind": "gpt2"}
+    return hf_import.tokenizer_spec(path, vocab_size) if path.is_dir() else {"kind": "gpt2"}

@@ -584,12 +584,12 @@ def pretrained_model(cfg: TrainConfig, meta: dict, master: bool) -> GPT:
     """The model a finetune starts from (--init_from: a folio run dir, a Hugging Face dir or
     a GPT-2 name); for --task=chat its vocabulary grown by the special tokens the dataset's
     tokenizer added."""
-    model, spec = sources.load_for_training(cfg.init_from, cfg.dropout)
+    model, spec = sources.load_for_training(cfg.init_from, cfg.dropout, meta["tokenizer"])
     if cfg.task != "chat":
         if meta["vocab_size"] > model.config.vocab_size:
             raise DataError(f"dataset {cfg.dataset} has {meta['vocab_size']} tokens, more than "
                             f"{cfg.init_from}'s {model.config.vocab_size}; prepare it with "
-                            "--tokenizer gpt2")
+                            "the model's tokenizer (--tokenizer gpt2 or hf:DIR)")
         return model
     spec = spec or sources.tokenizer_of(cfg.init_from, model.config.vocab_size)
     base = {k: v for k, v in meta["tokenizer"].items() if k != "added"}

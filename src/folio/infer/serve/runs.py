@@ -31,6 +31,7 @@ from folio.store.rundir import (
     has_weights,
     read_run_info,
 )
+from folio.store.sources import kind_of
 from folio.watch.metrics import parse_row
 
 RECENT_S = 120.0  # metrics.jsonl written this recently: training (for trainers without .lock)
@@ -116,7 +117,7 @@ def summarise(name: str, run_dir: Path) -> dict[str, Any]:
     try:
         info = read_run_info(run_dir)
     except FolioError as e:
-        if not (run_dir / NANOGPT_CKPT).is_file():
+        if kind_of(run_dir) == "folio":  # nanoGPT and Hugging Face dirs have no run.json
             summary["error"] = str(e).replace(str(run_dir), name)
     if info is not None:
         config = info.config
