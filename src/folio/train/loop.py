@@ -150,6 +150,7 @@ class Trainer:
                  clock: Callable[[], float] = time.monotonic):
         self.cfg, self.info, self.device = cfg, info, device
         self.clock = clock  # a budget's clock (tests inject one)
+        self.started = clock() if started is None else started  # run.json's wall_s counts from it
         self.budget = (Budget(parse_duration(cfg.time), clock=clock, started=started)
                        if cfg.time else None)
         self.master = info.is_master
@@ -476,6 +477,9 @@ class Trainer:
             best_val_bpb=finite_or_none(p.best_val_bpb), best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
+            hardware=rundir.hardware(self.device), tokens_per_iter=self.tokens_per_iter,
+            flops_per_token=self.flops_per_iter / self.tokens_per_iter,
+            peak_flops=self.peak or None, wall_s=round(self.clock() - self.started, 3),
             **rundir.provenance(self.device)))
 
     def settings(self) -> dict[str, Any]:
