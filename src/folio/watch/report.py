@@ -283,17 +283,19 @@ def settings_rows(cards: list[Card]) -> tuple[list[str], list[list[str]]]:
     return ["setting", *[c.name for c in cards]], rows
 
 
-def render_report(cards: list[Card], x: str = "iter") -> str:
-    """The report card page of `cards` (one run, or several compared)."""
+def render_report(cards: list[Card], x: str = "iter", show_paths: bool = True) -> str:
+    """The report card page of `cards` (one run, or several compared); `show_paths` False
+    names runs by their names alone (a server does not show its disk)."""
     names = ", ".join(c.name for c in cards)
     all_facts = [facts(c) for c in cards]
     fact_rows = [[label, *[f[label] for f in all_facts]] for label in all_facts[0]]
     header, rows = settings_rows(cards)
     settings_title = ("Settings that differ from the defaults" if len(cards) == 1 else
                       "Settings that differ between the runs")
+    where = [str(c.run_dir) if show_paths else c.name for c in cards]
     parts = [f"<h1>folio report · {_e(names)}</h1>",
-             f'<p class="sub">written by folio {_e(__version__)} from '
-             f"{_e(', '.join(str(c.run_dir) for c in cards))}</p>",
+             f'<p class="sub">written by folio {_e(__version__)} from {_e(", ".join(where))}'
+             "</p>",
              "<section><h2>Run</h2>" + _table(["", *[c.name for c in cards]], fact_rows,
                                                "facts") + "</section>",
              f"<section><h2>{settings_title}</h2>"
@@ -303,20 +305,20 @@ def render_report(cards: list[Card], x: str = "iter") -> str:
     parts.append("<section><h2>Curves</h2>" + "".join(chart_block(chart, prefix)
                                                          for prefix, chart in chart_list)
                  + "</section>")
-    parts.append(_evals_html(cards))
-    parts.append(_samples_html(cards))
+    parts.append(_evals_html(cards, where))
+    parts.append(_samples_html(cards, where))
     script = CHART_SCRIPT + "".join(f'folioChart("{p}");\n' for p, _ in chart_list)
     return fill(PAGE, TITLE=_e(f"folio report · {names}"), STYLE=CHART_STYLE,
                 BODY="\n".join(parts), SCRIPT=script)
 
 
-def _evals_html(cards: list[Card]) -> str:
+def _evals_html(cards: list[Card], where: list[str]) -> str:
     out = ["<section><h2>Evaluations</h2>"]
-    for c in cards:
+    for c, run in zip(cards, where, strict=True):
         if len(cards) > 1:
             out.append(f"<h3>{_e(c.name)}</h3>")
         if not c.evals:
-            out.append(f'<p class="muted">none yet: <code>folio eval {_e(c.run_dir)}</code> '
+            out.append(f'<p class="muted">none yet: <code>folio eval {_e(run)}</code> '
                        "adds some</p>")
             continue
         header, rows = eval_table(c.evals)
@@ -324,14 +326,14 @@ def _evals_html(cards: list[Card]) -> str:
     return "".join(out) + "</section>"
 
 
-def _samples_html(cards: list[Card]) -> str:
+def _samples_html(cards: list[Card], where: list[str]) -> str:
     out = ["<section><h2>Samples</h2>"]
-    for c in cards:
+    for c, run in zip(cards, where, strict=True):
         if len(cards) > 1:
             out.append(f"<h3>{_e(c.name)}</h3>")
         s = c.samples
         if not s or not s.get("samples"):
-            out.append(f'<p class="muted">none: <code>folio report {_e(c.run_dir)}</code> '
+            out.append(f'<p class="muted">none: <code>folio report {_e(run)}</code> '
                        "generates them</p>")
             continue
         out.append(f'<p class="muted">{_e(samples_note(s))}</p>')

@@ -104,7 +104,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         try:
             page = await asyncio.to_thread(report_html, dirs, names, x)
         except FolioError as e:
-            raise ApiError(400, str(e), code="no_report") from None
+            message = str(e)
+            for d, n in zip(dirs, names, strict=True):
+                message = message.replace(str(d), n)
+            raise ApiError(400, message, code="no_report") from None
         return HTMLResponse(page)
 
     @app.get("/api/status")
@@ -216,7 +219,7 @@ def report_html(dirs: list, names: list[str], x: str) -> str:
     cards = load_cards(dirs)
     for card, name in zip(cards, names, strict=True):
         card.name = card.metrics.name = name
-    return render_report(cards, x)
+    return render_report(cards, x, show_paths=False)
 
 
 def error(exc: ApiError) -> JSONResponse:
