@@ -48,7 +48,8 @@ def fake_run(path: Path, lr: float = 1e-3, scale: float = 1.0, with_bpb: bool = 
         iter_num=40, best_val_loss=2.0 * scale, best_val_bpb=2.9 * scale if with_bpb else None,
         best_iter=40, dtype="float32", compile=False, device="cpu",
         tuning={"choice": "float32 fused", "knobs": {"dtype": "float32", "fused_loss": True},
-                "speedup": 1.234, "cached": False, "ms_per_step": 12.5},
+                "speedup": 1.234, "cached": False,
+                "ms_per_step": {"float32 fused": 12.5, "float32": 15.43}},
         hardware=HARDWARE, tokens_per_iter=384, flops_per_token=1e5, peak_flops=1e11,
         wall_s=75.0, versions={"python": "3.12.1", "torch": "2.13.0", "folio": "0.9"}))
     with MetricsLog(path, console=False, plot_every_eval=False) as log:
@@ -75,7 +76,8 @@ def test_one_run_page_has_hardware_settings_best_val_and_the_metrics_curves(tmp_
     page = render_report(load_cards([run]))
     assert "Test CPU 9000 (25/1/1) · avx2 fma · 3 threads · cpu" in page
     assert "python 3.12.1 · torch 2.13.0 · folio 0.9" in page
-    assert "float32 fused · dtype=float32, fused_loss=True · 1.23x eager float32" in page
+    assert ("float32 fused · dtype=float32, fused_loss=True · 1.23x eager float32 · "
+            "ms/step: float32 fused 12.5, float32 15.4 · measured at start") in page
     # settings that differ from the defaults: the learning rate and max_iters, not n_layer 12?
     assert changed_settings(read_run_info(run)) == {"learning_rate": 3e-3, "max_iters": 40,
                                                    "n_layer": 2}
@@ -111,7 +113,7 @@ def test_two_runs_overlay_on_the_chosen_axis_with_a_settings_diff(tmp_path):
     assert "<th>setting</th><th>a</th><th>b</th>" in diff
     assert "<td>learning_rate</td><td>0.001</td><td>0.002</td>" in diff
     assert "max_iters" not in diff  # the same in both
-    md = render_markdown(cards, x="time")
+    md = render_markdown(cards)
     assert "| learning_rate | 0.001 | 0.002 |" in md and "## Validation during training: b" in md
 
 
@@ -122,9 +124,9 @@ def test_eval_results_of_any_kind_show_with_their_intervals(tmp_path):
     append_eval(run, {"tasks": {"arc_easy": {"acc": 0.25, "acc_stderr": 0.01}}, "iter": 40})
     header, rows = eval_table(read_evals(run))
     assert header == ["data", "tokens", "loss", "bpb", "iter", "tasks.arc_easy.acc"]
-    assert rows[0][2] == "1.5 ± 0.02" and rows[1][5] == "0.25 ± 0.01"
+    assert rows[0][2] == "1.5000 ± 0.0200" and rows[1][5] == "0.2500 ± 0.0100"
     page = render_report(load_cards([run]))
-    assert "tasks.arc_easy.acc" in page and "1.5 ± 0.02" in page
+    assert "tasks.arc_easy.acc" in page and "1.5000 ± 0.0200" in page
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -138,10 +138,16 @@ def fast_path_line(info: RunInfo | None) -> str:
     if not t:
         return f"not measured ({info.dtype or 'default'} kernels)"
     knobs = ", ".join(f"{k}={v}" for k, v in (t.get("knobs") or {}).items())
-    speed = f"{t['speedup']:.2f}x eager float32" if t.get("speedup") else ""
-    step = f"{t['ms_per_step']:.1f} ms/step" if t.get("ms_per_step") else ""
+    speedup, steps = t.get("speedup"), t.get("ms_per_step")
+    speed = f"{speedup:.2f}x eager float32" if isinstance(speedup, (int, float)) else ""
+    if isinstance(steps, dict):  # each candidate's time
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in steps.items()
+                          if isinstance(v, (int, float)))
+        steps = f"ms/step: {steps}" if steps else ""
+    elif isinstance(steps, (int, float)):
+        steps = f"{steps:.1f} ms/step"
     how = "cached measurement" if t.get("cached") else "measured at start"
-    return " · ".join(p for p in (str(t.get("choice")), knobs, speed, step, how) if p)
+    return " · ".join(p for p in (str(t.get("choice")), knobs, speed, steps or "", how) if p)
 
 
 def facts(card: Card) -> dict[str, str]:
@@ -208,12 +214,19 @@ def eval_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in flat:
         cells = []
         for k in shown:
-            text = _cell(r.get(k))
+            text = _num(r.get(k))
             if k in errors and isinstance(r.get(errors[k]), (int, float)):
-                text += f" ± {_cell(r[errors[k]])}"
+                text += f" ± {_num(r[errors[k]])}"
             cells.append(text)
         table.append(cells)
     return shown, table
+
+
+def _num(v: Any) -> str:
+    """A measured number: 4 decimals (1 from 100 up); anything else as `_cell` shows it."""
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+    return _cell(v)
 
 
 def _cell(v: Any) -> str:
@@ -370,6 +383,8 @@ PAGE = """<!DOCTYPE html>
   th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eee;
            vertical-align: top; }
   table.facts td:first-child { color: #555; white-space: nowrap; width: 1%; }
+  table.settings { width: auto; min-width: 50%; }
+  table.settings td:first-child { padding-right: 32px; }
   .scroll { overflow-x: auto; }
   pre.sample { white-space: pre-wrap; background: #f4f4f4; padding: 8px 10px; margin: 6px 0;
                font: 13px/1.35 ui-monospace, monospace; border-radius: 4px; }
@@ -399,9 +414,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(cards: list[Card], x: str = "iter") -> str:
-    """The report's markdown twin: the same tables, each run's evaluations instead of the
-    curves, and the samples."""
+def render_markdown(cards: list[Card]) -> str:
+    """The report's markdown twin: the same tables, each run's evaluations during training
+    instead of the curves, and the samples."""
     all_facts = [facts(c) for c in cards]
     out = [f"# folio report · {', '.join(c.name for c in cards)}", "",
            _md_table(["", *[c.name for c in cards]],
@@ -410,14 +425,13 @@ def render_markdown(cards: list[Card], x: str = "iter") -> str:
     out += ["## Settings that differ from the defaults" if len(cards) == 1 else
             "## Settings that differ between the runs", "",
             _md_table(header, rows) if rows else "none: every setting is the default", ""]
-    key, label = X_AXES.get(x, X_AXES["iter"])
+    keys = ("iter", "tokens", "time_s", "train_loss", "val_loss", "train_bpb", "val_bpb")
     for c in cards:
         out += [f"## Validation during training: {c.name}", ""]
         evals = c.metrics.eval
-        out += [_md_table([label, "train loss", "val loss", "train bpb", "val bpb"],
-                          [[_cell(r.get(key)), *[_cell(r.get(k)) for k in
-                            ("train_loss", "val_loss", "train_bpb", "val_bpb")]]
-                           for r in evals]) if evals else "no evaluations", ""]
+        out += [_md_table(["iter", "tokens", "time (s)", "train loss", "val loss", "train bpb",
+                           "val bpb"], [[_num(r.get(k)) for k in keys] for r in evals])
+                if evals else "no evaluations", ""]
         if c.evals:
             out += [f"## Evaluations: {c.name}", "", _md_table(*eval_table(c.evals)), ""]
         if c.samples and c.samples.get("samples"):
@@ -454,7 +468,7 @@ def write_report(run_dirs: list[str | Path], out: str = "", x: str = "iter") -> 
     .md), atomically; bad run dirs and an unwritable path fail before anything is written."""
     path = check_target(run_dirs, out)
     cards = load_cards(run_dirs)
-    page, md = render_report(cards, x), render_markdown(cards, x)
+    page, md = render_report(cards, x), render_markdown(cards)
     fsutil.atomic_write_text(path, page)
     fsutil.atomic_write_text(path.with_suffix(".md"), md)
     return path
