@@ -102,7 +102,7 @@ CHART_SCRIPT = """function folioChart(P) {  // P: the prefix of the chart's elem
     if (a >= 1e9) return (v / 1e9).toPrecision(3) + "G";
     if (a >= 1e6) return (v / 1e6).toPrecision(3) + "M";
     if (a >= 1e4) return (v / 1e3).toPrecision(3) + "k";
-    return Number.isInteger(v) ? String(v) : v.toPrecision(4);
+    return Number.isInteger(v) ? String(v) : String(+v.toPrecision(4));  // 0.5, not 0.5000
   }
   function niceTicks(lo, hi, n) {
     const step0 = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
