@@ -22,6 +22,7 @@ from folio.store.rundir import (
     read_run_info,
     write_run_info,
 )
+from folio.train.budget import Budget, card_sample_seconds, card_seconds
 from folio.watch.metrics import MetricsLog
 from folio.watch.report import (
     changed_settings,
@@ -190,3 +191,12 @@ def test_folio_report_samples_a_trained_run_once(tiny_run, tmp_path, capsys):
     assert folio_main(["report", str(run), "--samples=False", "--x", "tokens"]) == 0
     assert (run / SAMPLES_FILE).stat().st_mtime_ns == mtime  # kept: the weights are the same
     assert data_of((run / REPORT_FILE).read_text(), "loss-")["xLabel"] == "tokens seen"
+
+
+def test_a_budgeted_run_keeps_time_for_its_card():
+    assert card_sample_seconds(None) == 1.5 and card_sample_seconds(600) == 1.5
+    assert card_sample_seconds(60) == pytest.approx(0.6)  # 1% of a one-minute budget
+    budget = Budget(60.0, clock=lambda: 0.0)
+    without = budget.finish_s()
+    budget.after_s = card_seconds(60.0)
+    assert budget.finish_s() == pytest.approx(without + 0.6 + 0.3)

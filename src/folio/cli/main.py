@@ -55,19 +55,14 @@ def run_train(resolved: Resolved) -> int:
     return code
 
 
-REPORT_SAMPLE_S = 1.5  # the most the samples of a finished run's report card may take
-REPORT_BUDGET_SHARE = 0.01  # ...and of a --time run, at most this share of its budget
-
-
 def report_after_training(cfg: config.TrainConfig) -> None:
     """The finished run's report card (rank 0 only); never fails the run that trained."""
     from folio.infer.card import write_card
     from folio.machine.distributed import from_env
+    from folio.train.budget import card_sample_seconds
     if not from_env().is_master:
         return
-    limit = REPORT_SAMPLE_S
-    if cfg.time:
-        limit = min(limit, REPORT_BUDGET_SHARE * config.parse_duration(cfg.time))
+    limit = card_sample_seconds(config.parse_duration(cfg.time) if cfg.time else None)
     try:
         path, notes = write_card([cfg.out_dir], max_seconds=limit)
     except Exception as e:  # noqa: BLE001 - the run is trained and saved: a card is a bonus

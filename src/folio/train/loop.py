@@ -47,7 +47,7 @@ from folio.store import checkpoint, guard, hf, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
-from folio.train.budget import Budget
+from folio.train.budget import Budget, card_seconds
 from folio.train.evaluate import (
     CPU_EVAL_TOKENS,
     all_reduce_scores,
@@ -153,6 +153,8 @@ class Trainer:
         self.started = clock() if started is None else started  # run.json's wall_s counts from it
         self.budget = (Budget(parse_duration(cfg.time), clock=clock, started=started)
                        if cfg.time else None)
+        if self.budget is not None and cfg.report:  # the card is written within the budget
+            self.budget.after_s = card_seconds(self.budget.seconds)
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
