@@ -19,8 +19,8 @@ SEED = 1337
 MAX_NEW_TOKENS = 64
 TEMPERATURE = 0.8
 TOP_K = 200
-SETTINGS = {"seed": SEED, "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
-            "top_k": TOP_K}
+SETTINGS = {"prompts": list(PROMPTS), "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS,
+            "temperature": TEMPERATURE, "top_k": TOP_K}  # samples.json made otherwise is redone
 
 
 def fresh_samples(run_dir: Path) -> dict[str, Any] | None:
