@@ -69,7 +69,9 @@ TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32"
 
 
 def tiny_args(data_dir: Path, out_dir: Path, **settings) -> list[str]:
-    """Command-line settings for a tiny, fast char model on tiny Shakespeare."""
+    """Command-line settings for a tiny, fast char model on tiny Shakespeare (without the
+    report card at the end unless `report=True`: tests/test_report.py tests it)."""
+    settings.setdefault("report", False)
     args = [*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
     return args + [f"--{k}={v}" for k, v in settings.items()]
 

@@ -76,7 +76,7 @@ def budgeted_trainer(data_dir, out_dir, clock, **settings) -> Trainer:
         device="cpu", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
         bias=False, compile="False", dtype="float32", time="20s", max_iters=None,
         eval_interval=0, eval_iters=2, log_interval=1, lr_schedule="wsd", warmup_iters=0,
-        min_lr=0.0, learning_rate=0.01), **settings})
+        min_lr=0.0, learning_rate=0.01, report=False), **settings})  # no card: no cli here
     return Trainer(cfg, DistInfo(), torch.device("cpu"), Kernels.for_device("cpu"),
                    clock=clock)
 

@@ -16,7 +16,7 @@ from folio.errors import ConfigError
 # the bare arguments each command needs before --print-config can resolve its settings
 NEEDED = {"plot": ["run"], "export": ["run", "hf-out"], "import-nanogpt": ["out", "run"],
           "tokenizer train": ["notes"], "tokenizer eval": ["tok", "notes"], "eval": ["run"],
-          "chat": ["run"]}
+          "chat": ["run"], "report": ["run"]}
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

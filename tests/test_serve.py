@@ -160,7 +160,8 @@ def test_api_key_is_required_on_every_api_route(tiny_run):
         assert good.completions.create(model="tiny", prompt="x", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        for path in ("/v1/models", "/api/runs", "/api/status", "/api/runs/tiny/metrics"):
+        for path in ("/v1/models", "/api/runs", "/api/status", "/api/runs/tiny/metrics",
+                     "/api/runs/tiny/report", "/api/report?run=tiny"):
             assert request(base, "GET", path)[0] == 401
         assert request(base, "GET", "/api/runs",
                        headers={"Authorization": "Bearer s3cret"})[0] == 200
@@ -366,6 +367,38 @@ def test_runs_show_status_and_broken_runs_never_break_the_server(tiny_run, tmp_p
         assert str(runs) not in answer["error"]["message"]
         code, _ = request(base, "POST", *post({**OK, "model": "done"})[1:])
         assert code == 200
+
+
+def get_page(url: str, path: str) -> tuple[int, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_each_run_has_a_report_card_and_ticked_runs_compare(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "a")
+    shutil.copytree(tiny_run, runs / "b")
+    info = json.loads((runs / "b" / "run.json").read_text())
+    info["config"]["learning_rate"] = 0.5
+    (runs / "b" / "run.json").write_text(json.dumps(info))
+    with background(ServeConfig(runs_dir=str(runs), port=0)) as base:
+        code, page = get_page(base, "/api/runs/a/report")
+        assert code == 200 and "<title>folio report · a</title>" in page
+        assert 'folioChart("loss-");' in page and str(runs) not in page
+        code, page = get_page(base, "/api/report?run=a&run=b&x=tokens")
+        assert code == 200 and "<title>folio report · a, b</title>" in page
+        diff = page.split("Settings that differ between the runs")[1].split("</section>")[0]
+        assert "<td>learning_rate</td>" in diff and "<td>0.5</td>" in diff
+        assert '"xLabel":"tokens seen"' in page
+        assert request(base, "GET", "/api/runs/nope/report")[0] == 404
+        assert request(base, "GET", "/api/report")[0] == 400
+        assert request(base, "GET", "/api/report?run=a&x=bogus")[0] == 400
 
 
 def test_metrics_are_read_incrementally_and_torn_lines_wait(tmp_path):

@@ -116,3 +116,42 @@ def test_page_shows_runs_live_curves_and_streams_an_answer(browser, runs, tmp_pa
         except Exception:
             browser.save_screenshot(str(tmp_path / "page.png"))
             raise
+
+
+def svg_paths(driver, prefix: str) -> list[str]:
+    """The `d` of every drawn line of a report chart (empty ones left out)."""
+    return [d for d in driver.execute_script(
+        f"return [...document.querySelectorAll('#{prefix}chart path')]"
+        ".map(p => p.getAttribute('d'))") if d]
+
+
+def test_report_cards_open_from_the_runs_table_and_draw_their_curves(browser, runs, tmp_path):
+    from folio.cli import main as folio_main
+
+    with background(ServeConfig(runs_dir=str(runs), port=0)) as url:
+        try:
+            browser.get(url)
+            wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "a.report")) == 3)
+            card = browser.find_element(By.CSS_SELECTOR, "#runs tr[data-run='tiny'] a.report")
+            assert card.get_attribute("href") == f"{url}/api/runs/tiny/report"
+            compare = browser.find_element(By.CSS_SELECTOR, "#compare a.report")
+            assert compare.text == "compare the 2 ticked runs"
+            browser.get(compare.get_attribute("href"))
+            wait(browser, lambda: len(svg_paths(browser, "loss-")) == 6)  # 3 lines per run
+            assert browser.find_element(By.ID, "loss-legend").text.split("\n")[0].startswith(
+                "live")
+            diff = browser.find_element(By.XPATH, "//section[h2[contains(., 'between')]]")
+            assert "max_iters" in diff.text and "1,000" in diff.text
+        except Exception:
+            browser.save_screenshot(str(tmp_path / "page.png"))
+            raise
+    # the page `folio report` writes, opened from disk: both charts drawn from the metrics
+    assert folio_main(["report", str(runs / "tiny")]) == 0
+    browser.get((runs / "tiny" / "report.html").as_uri())
+    wait(browser, lambda: len(svg_paths(browser, "bpb-")) >= 2)
+    rows = [json.loads(line) for line in (runs / "tiny" / "metrics.jsonl").open()]
+    train = [r for r in rows if r["kind"] == "train"]
+    raw = svg_paths(browser, "loss-")[0]  # the raw train loss: one point per log line
+    assert raw.count("L") + 1 == len(train)
+    assert browser.find_elements(By.CSS_SELECTOR, "pre.sample")
+    assert browser.get_screenshot_as_png()[:4] == b"\x89PNG"

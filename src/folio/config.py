@@ -73,6 +73,8 @@ class TrainConfig:
     wandb_project: str = setting("folio", "wandb project name")
     wandb_run_name: str = setting("run", "wandb run name")
     tensorboard: bool = setting(False, "write TensorBoard event files into out_dir")
+    report: bool = setting(True, "write the report card (report.html, report.md, with a few "
+                           "samples) into out_dir when training ends")
     # data
     dataset: str = setting("openwebtext", "prepared dataset name under data_dir")
     data_dir: str = setting("data", "where prepared datasets live")
@@ -245,6 +247,21 @@ class PlotConfig:
     logy: bool = setting(False, "log-scale loss axis")
     smooth: int | None = setting(None, "EMA span in log points for the smoothed train curve "
                                  "(None: about 1/30 of the curve; 1: no smoothing)", min=1)
+
+
+@settings
+class ReportConfig:
+    """Everything `folio report` reads: one self-contained HTML page (and a markdown twin)
+    for one run or several compared: machine, versions, settings, time, tokens, FLOPs,
+    throughput, fast path, curves, best val, evaluations and samples."""
+
+    run_dirs: list[str] = setting([], "run dirs written by `folio train`", positional="RUN_DIR",
+                                  required=True)
+    out: str = setting("", "HTML path (default: RUN_DIR/report.html for one run, else "
+                       "./report.html); the markdown goes beside it as .md", short="o")
+    x: str = setting("iter", "x axis of the curves", choices=("iter", "tokens", "time", "flops"))
+    samples: bool = setting(True, "sample the fixed prompts from each run's best weights when "
+                            "its samples.json is missing or older than them")
 
 
 # the 256 byte tokens and the special tokens (data/bpe_files.py's SPECIAL_TOKENS)

@@ -74,7 +74,37 @@ def run_eval(cfg: config.EvalConfig) -> int:
 
 def run_train(resolved: Resolved) -> int:
     from folio.train.loop import train
-    return train(resolved.settings, resolved.note, resolved.started)
+    code = train(resolved.settings, resolved.note, resolved.started)
+    if code == 0 and resolved.settings.report:
+        report_after_training(resolved.settings)
+    return code
+
+
+def report_after_training(cfg: config.TrainConfig) -> None:
+    """The finished run's report card (rank 0 only); never fails the run that trained."""
+    from folio.infer.card import write_card
+    from folio.machine.distributed import from_env
+    from folio.train.budget import card_sample_seconds
+    if not from_env().is_master:
+        return
+    limit = card_sample_seconds(config.parse_duration(cfg.time) if cfg.time else None)
+    try:
+        path, notes = write_card([cfg.out_dir], max_seconds=limit)
+    except Exception as e:  # noqa: BLE001 - the run is trained and saved: a card is a bonus
+        print(f"folio: no report card ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    for note in notes:
+        print(f"folio: {note}", file=sys.stderr)
+    print(f"folio: report card: {path}", flush=True)
+
+
+def run_report(cfg: config.ReportConfig) -> int:
+    from folio.infer.card import write_card
+    path, notes = write_card(cfg.run_dirs, cfg.out, cfg.x, cfg.samples)
+    for note in notes:
+        print(f"folio: {note}", file=sys.stderr)
+    print(f"folio: wrote {path} and {path.with_suffix('.md')}")
+    return 0
 
 
 def run_sample(cfg: config.SampleConfig) -> int:
@@ -209,6 +239,8 @@ COMMANDS: dict[str, Command] = {
                     "terminal", run_chat),
     "plot": Command(config.PlotConfig, "draw loss curves from runs or from a pasted nanoGPT log",
                     run_plot),
+    "report": Command(config.ReportConfig, "a report card (self-contained HTML + markdown) of "
+                      "one run, or several compared", run_report),
     "serve": Command(config.ServeConfig, "web page (runs, live loss curves, playground) and an "
                      "OpenAI-compatible API", run_serve),
     "bench": Command(config.BenchConfig, "measure training speed on this machine", run_bench,

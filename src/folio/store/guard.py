@@ -22,8 +22,11 @@ from folio.store.rundir import (
     EVALS_FILE,
     LOCK_FILE,
     MODEL_FILE,
+    REPORT_FILE,
+    REPORT_MD_FILE,
     RESUME_FILE,
     RUN_INFO,
+    SAMPLES_FILE,
     TEMP_FILES,
     WRITE_PROBE,
     has_weights,
@@ -173,7 +176,8 @@ def _prepare(run_dir: Path, clear: bool) -> None:
     for stale in run_dir.glob(TEMP_FILES):
         stale.unlink()
     if clear:  # --overwrite=True: the old run's files go (metrics.jsonl is truncated on open)
-        for name in (RUN_INFO, MODEL_FILE, RESUME_FILE, EVALS_FILE):
+        for name in (RUN_INFO, MODEL_FILE, RESUME_FILE, EVALS_FILE, SAMPLES_FILE, REPORT_FILE,
+                     REPORT_MD_FILE):
             (run_dir / name).unlink(missing_ok=True)
 
 

@@ -9,6 +9,8 @@ Layout of a run dir (docs/run-format.md describes each file):
   metrics.jsonl       one JSON object per log line and per eval (folio.watch.metrics)
   loss.png            the loss curves, redrawn at every eval (folio.watch.plot)
   evals.jsonl         one JSON object per `folio eval` of the run (folio.train.eval_run)
+  samples.json        the report's samples: fixed prompts at a fixed seed (folio.infer.card)
+  report.html         the run's report card, and report.md its markdown twin (folio.watch.report)
   .lock               held by the training process (folio.store.guard)
   tensorboard/        TensorBoard events, with --tensorboard=True (wandb writes wandb/ beside it)
 Every write is atomic (a hidden `.<name>.*.tmp` file renamed into place); nothing here
@@ -39,6 +41,9 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 LOCK_FILE = ".lock"
 EVALS_FILE = "evals.jsonl"
+SAMPLES_FILE = "samples.json"
+REPORT_FILE = "report.html"
+REPORT_MD_FILE = "report.md"
 WRITE_PROBE = ".folio-write-test"  # written and removed when a run dir is claimed
 TEMP_FILES = ".*.tmp"  # glob of atomic writes a kill left behind (fsutil.atomic_path)
 TENSORBOARD_DIR = "tensorboard"
@@ -104,6 +109,18 @@ class RunInfo:
     name, roles, special tokens, the Jinja form); None for a base model."""
     device: str | None = None
     """The device that wrote the run (cuda:0, mps, cpu)."""
+    hardware: dict[str, Any] | None = None
+    """The machine that trained: {"cpu", "cpu_flags", "capability", "threads", "gpu"}
+    (`hardware`); None for an import or a file written before it was recorded."""
+    tokens_per_iter: int | None = None
+    """Tokens one optimizer step trains on (all processes, all micro-batches)."""
+    flops_per_token: float | None = None
+    """Training FLOPs per token (forward and backward), as MFU counts them."""
+    peak_flops: float | None = None
+    """The device's peak FLOP/s that MFU divides by (None or 0 when unknown)."""
+    wall_s: float | None = None
+    """Seconds since the training process started (set-up, evaluations and saves included),
+    at the last save."""
     versions: dict[str, Any] = field(default_factory=dict)
     """What reproduces it: folio, torch, numpy, python, platform, device (and gpu name)."""
     git: str | None = None
@@ -144,6 +161,18 @@ def provenance(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         versions["gpu"] = torch.cuda.get_device_name(device)
     return {"device": str(device), "versions": versions, "git": git_hash()}
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    """RunInfo's hardware: the CPU (model, the instruction-set flags that choose kernels),
+    torch's threads, and the GPU's name on a GPU."""
+    import torch
+
+    from folio.speed.autotune import cpu_identity  # measured choices key on the same identity
+    cpu = cpu_identity()
+    return {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "capability": cpu["capability"],
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def git_hash() -> str | None:
@@ -205,3 +234,17 @@ def append_eval(run_dir: Path, row: dict[str, Any]) -> None:
     """Add one `folio eval` result to the run's evals.jsonl (rewritten atomically)."""
     rows = [*read_evals(run_dir), row]
     atomic_write_text(Path(run_dir) / EVALS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_samples(run_dir: Path) -> dict[str, Any] | None:
+    """The run's samples.json ({"iter", "seed", "max_new_tokens", "samples": [{"prompt",
+    "text"}], "complete"}), or None when missing or unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / SAMPLES_FILE).read_text("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("samples"), list) else None
+
+
+def write_samples(run_dir: Path, data: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / SAMPLES_FILE, data)

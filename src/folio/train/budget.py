@@ -18,6 +18,19 @@ STEP_EMA = 0.2  # weight of the newest step in the step-time estimate
 SAVE_GUESS_S = 0.5  # a save's time before one was measured
 MARGIN = 1.2  # the final evaluation and save are planned at this multiple of their measured time
 EXIT_S = 0.5  # and the process's exit after them (closing files, the interpreter's teardown)
+CARD_SAMPLE_S = 1.5  # the most the report card's samples take at the end of a run...
+CARD_SAMPLE_SHARE = 0.01  # ...and at most this share of a budget
+CARD_OVERHEAD_S = 0.3  # the card's other work: loading the best weights, writing the page
+
+
+def card_sample_seconds(budget_s: float | None) -> float:
+    """What the report card written when a run ends may spend sampling."""
+    return CARD_SAMPLE_S if not budget_s else min(CARD_SAMPLE_S, CARD_SAMPLE_SHARE * budget_s)
+
+
+def card_seconds(budget_s: float) -> float:
+    """What a budgeted run keeps for its report card after the final save."""
+    return card_sample_seconds(budget_s) + CARD_OVERHEAD_S
 
 
 @dataclass
@@ -32,6 +45,7 @@ class Budget:
     step_s: float = 0.0  # a step's time (exponential moving average of the measured ones)
     eval_s: float = 0.0  # the last evaluation's time
     save_s: float = SAVE_GUESS_S  # the last save's time
+    after_s: float = 0.0  # kept for what follows the final save (the report card)
 
     def __post_init__(self) -> None:
         if self.started is None:
@@ -42,9 +56,9 @@ class Budget:
         return self.spent_before + self.clock() - self.started
 
     def finish_s(self) -> float:
-        """What the end of the run needs: the final evaluation and save, with a margin, and
-        the process's exit."""
-        return MARGIN * (self.eval_s + self.save_s) + EXIT_S
+        """What the end of the run needs: the final evaluation and save, with a margin, what
+        follows them (the report card) and the process's exit."""
+        return MARGIN * (self.eval_s + self.save_s) + self.after_s + EXIT_S
 
     def progress(self) -> float:
         """The fraction of the training time spent, 0..1: the schedule's clock. Training time

@@ -47,7 +47,7 @@ from folio.store import checkpoint, guard, rundir, sources
 from folio.store.checkpoint import ResumeState
 from folio.store.rundir import RunInfo
 from folio.store.weights import gpt_from_state, model_state
-from folio.train.budget import Budget
+from folio.train.budget import Budget, card_seconds
 from folio.train.evaluate import (
     CPU_EVAL_TOKENS,
     all_reduce_scores,
@@ -150,8 +150,11 @@ class Trainer:
                  clock: Callable[[], float] = time.monotonic):
         self.cfg, self.info, self.device = cfg, info, device
         self.clock = clock  # a budget's clock (tests inject one)
+        self.started = clock() if started is None else started  # run.json's wall_s counts from it
         self.budget = (Budget(parse_duration(cfg.time), clock=clock, started=started)
                        if cfg.time else None)
+        if self.budget is not None and cfg.report:  # the card is written within the budget
+            self.budget.after_s = card_seconds(self.budget.seconds)
         self.master = info.is_master
         configure_threads(info.local_world_size if device.type == "cpu" else 1)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -482,7 +485,11 @@ class Trainer:
             best_val_bpb=finite_or_none(p.best_val_bpb), best_iter=p.best_iter, source="train",
             dtype=dtype_name(self.dtype), compile=self.compiled,
             world_size=self.info.world_size, tuning=self._tuning_record(),
-            chat_template=self.meta.get("chat_template"), **rundir.provenance(self.device)))
+            chat_template=self.meta.get("chat_template"),
+            hardware=rundir.hardware(self.device), tokens_per_iter=self.tokens_per_iter,
+            flops_per_token=self.flops_per_iter / self.tokens_per_iter,
+            peak_flops=self.peak or None, wall_s=round(self.clock() - self.started, 3),
+            **rundir.provenance(self.device)))
 
     def settings(self) -> dict[str, Any]:
         """The run's settings as recorded, with the model shape the model has (a resumed or

@@ -17,7 +17,7 @@ from folio.watch.metrics import Metrics
 
 # --x choice -> (row key, axis label)
 X_AXES = {"iter": ("iter", "iteration"), "tokens": ("tokens", "tokens seen"),
-          "time": ("time_s", "wall time")}
+          "time": ("time_s", "wall time"), "flops": ("flops", "training FLOPs")}
 # --metric choice -> (the word in legends, the y-axis label)
 METRICS = {"loss": ("loss", "loss (cross-entropy)"), "bpb": ("bpb", "bits per byte")}
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
@@ -122,6 +122,16 @@ def time_unit(runs: list[Metrics]) -> tuple[str, float]:
     return "s", 1.0
 
 
+def flops_unit(runs: list[Metrics]) -> tuple[str, float]:
+    """GFLOP, TFLOP, PFLOP or EFLOP: the largest that keeps the axis numbers above 1."""
+    most = max((r.get("flops") or 0.0 for m in runs for r in m.train + m.eval), default=0.0)
+    unit, scale = "GFLOP", 1e9
+    for name, s in (("TFLOP", 1e12), ("PFLOP", 1e15), ("EFLOP", 1e18)):
+        if most >= 10 * s:
+            unit, scale = name, s
+    return unit, scale
+
+
 def make_chart(runs: list[Metrics], x: str = "iter", *, logy: bool = False,
                smooth: int | None = None, metric: str = "loss") -> Chart:
     """Series, legend labels and title for `runs` (what they share goes in the title).
@@ -135,6 +145,9 @@ def make_chart(runs: list[Metrics], x: str = "iter", *, logy: bool = False,
     x_label, x_scale = X_AXES[x][1], 1.0
     if x == "time":
         unit, x_scale = time_unit(runs)
+        x_label = f"{x_label} ({unit})"
+    elif x == "flops":
+        unit, x_scale = flops_unit(runs)
         x_label = f"{x_label} ({unit})"
     descs = [describe(m.info) for m in runs]
     shared = {k: v for k, v in descs[0].items() if all(d.get(k) == v for d in descs)}

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -31,6 +31,7 @@ from folio.infer.serve import api
 from folio.infer.serve.api import ApiError, CompletionRequest
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import ModelPool, RunIndex, read_metrics_chunk, summarise
+from folio.watch.report import load_cards, render_report
 
 STATIC = resources.files("folio.infer.serve") / "static"
 
@@ -84,6 +85,30 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/api/runs/{name}/metrics")
     async def metrics(name: str, offset: int = 0) -> dict[str, Any]:
         return await asyncio.to_thread(read_metrics_chunk, run_dir(name), offset)
+
+    @app.get("/api/runs/{name}/report", include_in_schema=False)
+    async def run_report(name: str, x: str = "iter") -> Response:
+        return await report_page([name], x)
+
+    @app.get("/api/report", include_in_schema=False)
+    async def compare_report(request: Request, x: str = "iter") -> Response:
+        return await report_page(request.query_params.getlist("run"), x)
+
+    async def report_page(names: list[str], x: str) -> Response:
+        """The report card of the named runs (several: compared), from their files: the
+        samples are those `folio report` or the end of training wrote."""
+        if not names:
+            raise ApiError(400, "name at least one run: /api/report?run=NAME&run=OTHER",
+                           code="no_runs")
+        dirs = [run_dir(n) for n in names]
+        try:
+            page = await asyncio.to_thread(report_html, dirs, names, x)
+        except FolioError as e:
+            message = str(e)
+            for d, n in zip(dirs, names, strict=True):
+                message = message.replace(str(d), n)
+            raise ApiError(400, message, code="no_report") from None
+        return HTMLResponse(page)
 
     @app.get("/api/status")
     async def status() -> dict[str, Any]:
@@ -190,6 +215,14 @@ class RequireKey:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def report_html(dirs: list, names: list[str], x: str) -> str:
+    """The report page of run dirs `dirs`, shown under the server's `names` for them."""
+    cards = load_cards(dirs)
+    for card, name in zip(cards, names, strict=True):
+        card.name = card.metrics.name = name
+    return render_report(cards, x, show_paths=False)
 
 
 def error(exc: ApiError) -> JSONResponse:

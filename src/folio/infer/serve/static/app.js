@@ -58,10 +58,15 @@ function renderRuns() {
     box.checked = state.selected.has(run.name);
     box.addEventListener("change", () => {
       if (box.checked) state.selected.add(run.name); else state.selected.delete(run.name);
+      renderCompare();
       refreshMetrics();
     });
     const td0 = el("td"); td0.append(box); tr.append(td0);
     const name = el("td"); name.append(el("b", run.name));
+    if (!run.error) {
+      name.append(" ");
+      name.append(reportLink("card", [run.name]));
+    }
     if (run.error) { name.append(el("br")); name.append(el("span", run.error, "error")); }
     tr.append(name);
     const st = el("td"); st.append(el("span", run.status, "status " + run.status)); tr.append(st);
@@ -80,11 +85,40 @@ function renderRuns() {
     tr.append(cfg);
     body.append(tr);
   });
+  renderCompare();
   const select = $("model");
   const current = select.value;
   select.replaceChildren();
   state.runs.filter((r) => !r.error).forEach((r) => select.append(el("option", r.name)));
   if (current) select.value = current;
+}
+
+// The report card of some runs (several: compared), in a new tab; with an API key it is
+// fetched with the key and opened from memory.
+function reportUrl(names) {
+  if (names.length === 1) return `/api/runs/${encodeURIComponent(names[0])}/report`;
+  return "/api/report?" + names.map((n) => "run=" + encodeURIComponent(n)).join("&");
+}
+
+function reportLink(text, names) {
+  const a = el("a", text, "report");
+  a.href = reportUrl(names);
+  a.target = "_blank";
+  a.addEventListener("click", async (ev) => {
+    if (!localStorage.getItem("folio-key")) return;
+    ev.preventDefault();
+    const r = await fetch(a.href, { headers: headers() });
+    const page = await r.text();
+    window.open(URL.createObjectURL(new Blob([page], { type: r.ok ? "text/html" : "text/plain" })));
+  });
+  return a;
+}
+
+function renderCompare() {
+  const names = [...state.selected].filter((n) => state.runs.some((r) => r.name === n));
+  const box = $("compare");
+  box.replaceChildren();
+  if (names.length > 1) box.append(reportLink(`compare the ${names.length} ticked runs`, names));
 }
 
 async function refreshRuns() {
