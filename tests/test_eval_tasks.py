@@ -1,0 +1,170 @@
+"""`folio eval RUN --tasks=...`: lm-evaluation-harness on a run through its Hugging Face
+export, with a task read from tests/data (the hub is unreachable here). lm-eval's accuracy must
+equal the one computed from folio's own log-likelihoods of the same choices, and a trained
+char model must prefer the real endings of Shakespeare lines; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SHAKESPEARE_TEXT, tiny_args
+
+from folio.cli import main
+from folio.model.gpt import GPT, GPTConfig
+from folio.store import checkpoint, rundir
+from folio.store.rundir import read_evals
+from folio.store.sources import load_model
+
+TASK_DIR = REPO / "tests" / "data" / "lm_eval_tasks" / "shakespeare_lines"
+TASK = "folio_shakespeare_lines"
+DOCS = [json.loads(line) for line in (TASK_DIR / "lines.jsonl").read_text().splitlines()]
+CHARS = sorted(set(SHAKESPEARE_TEXT.read_text("utf-8")))
+
+
+def folio_choices(run: Path, docs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(choice with the highest summed log-likelihood, and per character) of each document,
+    from folio's model and tokenizer, scored as lm-eval scores a multiple-choice request: the
+    continuation " " + choice after the context, the window's last block_size + 1 tokens."""
+    model, tokenizer, _ = load_model(run)
+    T = model.config.block_size
+    best, best_norm = [], []
+    for doc in docs:
+        lls = []
+        for choice in doc["choices"]:
+            context = tokenizer.encode(doc["context"])
+            continuation = tokenizer.encode(doc["context"] + " " + choice)[len(context):]
+            seq = torch.tensor((context + continuation)[-(T + 1):])
+            with torch.no_grad():
+                logp = model.logits(model.hidden(seq[None, :-1]))[0].float().log_softmax(-1)
+            n = len(continuation)
+            lls.append(logp[-n:].gather(1, seq[-n:, None]).sum().item())
+        lls = np.array(lls)
+        best.append(int(np.argmax(lls)))
+        best_norm.append(int(np.argmax(lls / [len(c) for c in doc["choices"]])))
+    return np.array(best), np.array(best_norm)
+
+
+def expected_accuracy(run: Path, docs: list[dict]) -> tuple[float, float]:
+    gold = np.array([d["gold"] for d in docs])
+    best, best_norm = folio_choices(run, docs)
+    return float((best == gold).mean()), float((best_norm == gold).mean())
+
+
+def random_run(run_dir: Path, **changes) -> Path:
+    """A char run with random weights spread wide enough that the choices' scores differ (seed
+    2: right on 1 of the 24 documents, a score a scoring that differs is unlikely to hit)."""
+    torch.manual_seed(2)
+    config = GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32,
+                       **changes)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    run_dir.mkdir(parents=True)
+    checkpoint.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
+    rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), iter_num=7,
+                                                  tokenizer={"kind": "char", "chars": CHARS}))
+    return run_dir
+
+
+def test_lm_eval_accuracy_is_the_one_folio_computes_from_its_own_log_likelihoods(
+        tmp_path, capsys):
+    run = random_run(tmp_path / "random")
+    assert main(["eval", str(run), f"--tasks={TASK_DIR}", "--device=cpu", "--batch_size=5"]
+                ) == 0
+    out = capsys.readouterr().out
+    [row] = read_evals(run)
+    acc, acc_norm = expected_accuracy(run, DOCS)
+    assert acc == 1 / 24  # the random model: right on one document (chance: 8)
+    assert row["metrics"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm)}
+    stderr = (acc * (1 - acc) / (len(DOCS) - 1)) ** 0.5  # lm-eval's standard error of a mean
+    assert row["stderr"]["acc"] == pytest.approx(stderr)
+    assert (row["kind"], row["task"], row["samples"], row["docs"], row["limit"],
+            row["num_fewshot"], row["iter"]) == ("task", TASK, 24, 24, None, 0, 7)
+    assert row["lm_eval"] == __import__("lm_eval").__version__
+    assert f"lm-eval {row['lm_eval']} on {run} (iter 7)\n" in out
+    assert re.search(rf"^{TASK} +acc +{acc:.4f} +{stderr:.4f} +0 +24$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_limit_and_num_fewshot_reach_the_harness(tmp_path, capsys):
+    run = random_run(tmp_path / "random")
+    assert main(["eval", str(run), f"--tasks={TASK_DIR}", "--device=cpu", "--limit=5",
+                 "--num_fewshot=2"]) == 0
+    [row] = read_evals(run)
+    assert (row["samples"], row["docs"], row["limit"], row["num_fewshot"]) == (5, 24, 5, 2)
+
+
+def char_run(char_data_dir: Path, out: Path, **settings) -> Path:
+    assert main(["train", *tiny_args(char_data_dir, out, max_iters=60, eval_interval=60,
+                                     lr_decay_iters=60, **settings)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory) -> Path:
+    """A data dir with 60,000 characters of tiny Shakespeare in GPT-2 tokens."""
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "slice.txt").write_text(SHAKESPEARE_TEXT.read_text("utf-8")[:60_000])
+    assert main(["prepare", str(root / "slice.txt"), "--name=bpe", "--tokenizer=gpt2",
+                 f"--data_dir={root / 'data'}"]) == 0
+    return root / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, tokens", [("nanogpt", "char"), ("modern", "char"),
+                                            ("nanogpt", "gpt2"), ("modern", "gpt2")])
+def test_trained_runs_through_the_harness_score_what_folio_scores(
+        recipe, tokens, char_data_dir, tmp_path, capsys, request):
+    if tokens == "char":
+        run = char_run(char_data_dir, tmp_path / "run", recipe=recipe)
+        task = TASK_DIR
+    else:  # a GPT-2 BPE run; the task named by its YAML file
+        data = request.getfixturevalue("bpe_data")
+        run = char_run(data, tmp_path / "run", recipe=recipe, dataset="bpe")
+        task = TASK_DIR / "shakespeare_lines.yaml"
+    capsys.readouterr()
+    assert main(["eval", str(run), f"--tasks={task}", "--device=cpu", "--num_fewshot=0"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    [row] = read_evals(run)
+    acc, acc_norm = expected_accuracy(run, DOCS)
+    assert row["metrics"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm)}
+    assert row["samples"] == len(DOCS) and row["limit"] is None and row["iter"] == 60
+    if tokens == "char":  # chance is 1/3; an untrained char model scores about that
+        assert acc >= 0.75, out
+
+
+def test_eval_help_names_the_hub_tasks(capsys):
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--tasks" in out and "hellaswag" in out and "lm-eval ls tasks" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown", "unknown lm-eval task 'no_such_task'; `lm-eval ls tasks` lists the names"),
+    ("missing_path", "--tasks: nowhere/my_task does not exist"),
+    ("no_task", "defines no lm-eval task"),
+    ("no_lm_eval", "folio eval --tasks needs lm-eval: pip install 'folio[eval]'"),
+    ("softcap", "logit_softcap=15"),
+    ("no_weights", "model.safetensors"),
+])
+def test_bad_task_input_is_one_line(case, message, tmp_path, capsys, monkeypatch):
+    run = random_run(tmp_path / "run", **({"logit_softcap": 15.0, "rope": True,
+                                           "norm": "rmsnorm"} if case == "softcap" else {}))
+    tasks = {"unknown": "no_such_task", "missing_path": "nowhere/my_task",
+             "no_task": str(tmp_path)}.get(case, str(TASK_DIR))
+    if case == "no_lm_eval":
+        monkeypatch.setitem(sys.modules, "lm_eval", None)
+    if case == "no_weights":
+        (run / rundir.MODEL_FILE).unlink()
+    assert main(["eval", str(run), f"--tasks={tasks}", "--device=cpu"]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert read_evals(run) == []
