@@ -6,6 +6,7 @@ char model must prefer the real endings of Shakespeare lines; bad input is one l
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -22,38 +23,48 @@ from folio.store.rundir import read_evals
 from folio.store.sources import load_model
 
 TASK_DIR = REPO / "tests" / "data" / "lm_eval_tasks" / "shakespeare_lines"
-TASK = "folio_shakespeare_lines"
+LINES = "folio_shakespeare_lines"  # multiple choice
+ENDINGS = "folio_shakespeare_endings"  # loglikelihood
 DOCS = [json.loads(line) for line in (TASK_DIR / "lines.jsonl").read_text().splitlines()]
 CHARS = sorted(set(SHAKESPEARE_TEXT.read_text("utf-8")))
 
 
-def folio_choices(run: Path, docs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(choice with the highest summed log-likelihood, and per character) of each document,
-    from folio's model and tokenizer, scored as lm-eval scores a multiple-choice request: the
-    continuation " " + choice after the context, the window's last block_size + 1 tokens."""
-    model, tokenizer, _ = load_model(run)
+def loglikelihood(model: GPT, tokenizer, context: str, continuation: str
+                  ) -> tuple[float, bool]:
+    """(log-likelihood of `continuation` after `context`, whether each of its tokens is the
+    argmax) from folio's model and tokenizer, as lm-eval's HFLM scores a request: the pair's
+    tokens split where the context's end, the window's last block_size + 1 tokens."""
     T = model.config.block_size
-    best, best_norm = [], []
+    ctx = tokenizer.encode(context)
+    cont = tokenizer.encode(context + continuation)[len(ctx):]
+    seq = torch.tensor((ctx + cont)[-(T + 1):])
+    with torch.no_grad():
+        logp = model.logits(model.hidden(seq[None, :-1]))[0].float().log_softmax(-1)
+    n = len(cont)
+    ll = logp[-n:].gather(1, seq[-n:, None]).sum().item()
+    return ll, bool((logp[-n:].argmax(-1) == seq[-n:]).all())
+
+
+def expected_scores(run: Path, docs: list[dict]) -> dict[str, dict[str, float]]:
+    """What both local tasks should measure, computed with folio alone: the accuracy of the
+    multiple-choice task (the choice of highest log-likelihood, and per character), and the
+    perplexity and greedy accuracy of the real endings."""
+    model, tokenizer, _ = load_model(run)
+    hits, hits_norm, real, greedy = [], [], [], []
     for doc in docs:
-        lls = []
-        for choice in doc["choices"]:
-            context = tokenizer.encode(doc["context"])
-            continuation = tokenizer.encode(doc["context"] + " " + choice)[len(context):]
-            seq = torch.tensor((context + continuation)[-(T + 1):])
-            with torch.no_grad():
-                logp = model.logits(model.hidden(seq[None, :-1]))[0].float().log_softmax(-1)
-            n = len(continuation)
-            lls.append(logp[-n:].gather(1, seq[-n:, None]).sum().item())
-        lls = np.array(lls)
-        best.append(int(np.argmax(lls)))
-        best_norm.append(int(np.argmax(lls / [len(c) for c in doc["choices"]])))
-    return np.array(best), np.array(best_norm)
+        scored = [loglikelihood(model, tokenizer, doc["context"], " " + c)
+                  for c in doc["choices"]]
+        lls = np.array([ll for ll, _ in scored])
+        hits.append(np.argmax(lls) == doc["gold"])
+        hits_norm.append(np.argmax(lls / [len(c) for c in doc["choices"]]) == doc["gold"])
+        real.append(lls[doc["gold"]])
+        greedy.append(scored[doc["gold"]][1])
+    return {LINES: {"acc": np.mean(hits), "acc_norm": np.mean(hits_norm)},
+            ENDINGS: {"perplexity": math.exp(-np.mean(real)), "acc": np.mean(greedy)}}
 
 
-def expected_accuracy(run: Path, docs: list[dict]) -> tuple[float, float]:
-    gold = np.array([d["gold"] for d in docs])
-    best, best_norm = folio_choices(run, docs)
-    return float((best == gold).mean()), float((best_norm == gold).mean())
+def by_task(run: Path) -> dict[str, dict]:
+    return {row["task"]: row for row in read_evals(run)}
 
 
 def random_run(run_dir: Path, **changes) -> Path:
@@ -73,23 +84,26 @@ def random_run(run_dir: Path, **changes) -> Path:
     return run_dir
 
 
-def test_lm_eval_accuracy_is_the_one_folio_computes_from_its_own_log_likelihoods(
+@pytest.mark.slow
+def test_lm_eval_scores_are_the_ones_folio_computes_from_its_own_log_likelihoods(
         tmp_path, capsys):
     run = random_run(tmp_path / "random")
     assert main(["eval", str(run), f"--tasks={TASK_DIR}", "--device=cpu", "--batch_size=5"]
                 ) == 0
     out = capsys.readouterr().out
-    [row] = read_evals(run)
-    acc, acc_norm = expected_accuracy(run, DOCS)
-    assert acc == 1 / 24  # the random model: right on one document (chance: 8)
-    assert row["metrics"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm)}
+    rows, expected = by_task(run), expected_scores(run, DOCS)
+    assert expected[LINES]["acc"] == 1 / 24  # the random model: right once (chance: 8 times)
+    for task in (LINES, ENDINGS):
+        assert rows[task]["metrics"] == pytest.approx(expected[task], rel=1e-5)
+    acc = expected[LINES]["acc"]
     stderr = (acc * (1 - acc) / (len(DOCS) - 1)) ** 0.5  # lm-eval's standard error of a mean
-    assert row["stderr"]["acc"] == pytest.approx(stderr)
-    assert (row["kind"], row["task"], row["samples"], row["docs"], row["limit"],
-            row["num_fewshot"], row["iter"]) == ("task", TASK, 24, 24, None, 0, 7)
+    assert rows[LINES]["stderr"]["acc"] == pytest.approx(stderr)
+    row = rows[LINES]
+    assert (row["kind"], row["samples"], row["docs"], row["limit"], row["num_fewshot"],
+            row["iter"]) == ("task", 24, 24, None, 0, 7)
     assert row["lm_eval"] == __import__("lm_eval").__version__
     assert f"lm-eval {row['lm_eval']} on {run} (iter 7)\n" in out
-    assert re.search(rf"^{TASK} +acc +{acc:.4f} +{stderr:.4f} +0 +24$", out, re.M), out
+    assert re.search(rf"^{LINES} +acc +{acc:.4f} +{stderr:.4f} +0 +24$", out, re.M), out
 
 
 @pytest.mark.slow
@@ -97,7 +111,7 @@ def test_limit_and_num_fewshot_reach_the_harness(tmp_path, capsys):
     run = random_run(tmp_path / "random")
     assert main(["eval", str(run), f"--tasks={TASK_DIR}", "--device=cpu", "--limit=5",
                  "--num_fewshot=2"]) == 0
-    [row] = read_evals(run)
+    row = by_task(run)[LINES]
     assert (row["samples"], row["docs"], row["limit"], row["num_fewshot"]) == (5, 24, 5, 2)
 
 
@@ -125,20 +139,21 @@ def test_trained_runs_through_the_harness_score_what_folio_scores(
     if tokens == "char":
         run = char_run(char_data_dir, tmp_path / "run", recipe=recipe)
         task = TASK_DIR
-    else:  # a GPT-2 BPE run; the task named by its YAML file
+    else:  # a GPT-2 BPE run; the tasks named by their YAML files
         data = request.getfixturevalue("bpe_data")
         run = char_run(data, tmp_path / "run", recipe=recipe, dataset="bpe")
-        task = TASK_DIR / "shakespeare_lines.yaml"
+        task = f"{TASK_DIR / 'shakespeare_lines.yaml'},{TASK_DIR / 'shakespeare_endings.yaml'}"
     capsys.readouterr()
     assert main(["eval", str(run), f"--tasks={task}", "--device=cpu", "--num_fewshot=0"]) == 0
     out = capsys.readouterr().out
     print(out)
-    [row] = read_evals(run)
-    acc, acc_norm = expected_accuracy(run, DOCS)
-    assert row["metrics"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm)}
-    assert row["samples"] == len(DOCS) and row["limit"] is None and row["iter"] == 60
+    rows, expected = by_task(run), expected_scores(run, DOCS)
+    assert set(rows) == {LINES, ENDINGS}
+    for task, row in rows.items():
+        assert row["metrics"] == pytest.approx(expected[task], rel=1e-5)
+        assert row["samples"] == len(DOCS) and row["limit"] is None and row["iter"] == 60
     if tokens == "char":  # chance is 1/3; an untrained char model scores about that
-        assert acc >= 0.75, out
+        assert rows[LINES]["metrics"]["acc"] >= 0.75, out
 
 
 def test_eval_help_names_the_hub_tasks(capsys):
@@ -148,7 +163,8 @@ def test_eval_help_names_the_hub_tasks(capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown", "unknown lm-eval task 'no_such_task'; `lm-eval ls tasks` lists the names"),
+    pytest.param("unknown", "unknown lm-eval task 'no_such_task'; `lm-eval ls tasks` lists the "
+                 "names", marks=pytest.mark.slow),  # reads lm-eval's thousands of task files
     ("missing_path", "--tasks: nowhere/my_task does not exist"),
     ("no_task", "defines no lm-eval task"),
     ("no_lm_eval", "folio eval --tasks needs lm-eval: pip install 'folio[eval]'"),

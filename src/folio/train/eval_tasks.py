@@ -175,8 +175,13 @@ def format_table(rows: list[dict[str, Any]], run: str) -> str:
     for row in rows:
         for i, (metric, value) in enumerate(row["metrics"].items()):
             err = row["stderr"].get(metric)
-            lines.append(f"{row['task'] if i == 0 else '':<{width}}  {metric:<10} {value:>8.4f} "
-                         f"{'' if err is None else f'{err:.4f}':>9} "
+            lines.append(f"{row['task'] if i == 0 else '':<{width}}  {metric:<10} "
+                         f"{_fixed(value):>8} {'' if err is None else _fixed(err):>9} "
                          f"{row['num_fewshot'] if i == 0 else '':>7} "
                          f"{row['samples'] if i == 0 else '':>8}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _fixed(value: float) -> str:
+    """4 decimals, or 4 significant digits for a large value (a perplexity)."""
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
