@@ -67,6 +67,11 @@ def by_task(run: Path) -> dict[str, dict]:
     return {row["task"]: row for row in read_evals(run)}
 
 
+def scores(row: dict) -> dict[str, float]:
+    """A task row's metrics without their standard errors."""
+    return {k: v for k, v in row["metrics"].items() if not k.endswith("_stderr")}
+
+
 def random_run(run_dir: Path, **changes) -> Path:
     """A char run with random weights spread wide enough that the choices' scores differ (seed
     2: right on 1 of the 24 documents, a score a scoring that differs is unlikely to hit)."""
@@ -94,10 +99,12 @@ def test_lm_eval_scores_are_the_ones_folio_computes_from_its_own_log_likelihoods
     rows, expected = by_task(run), expected_scores(run, DOCS)
     assert expected[LINES]["acc"] == 1 / 24  # the random model: right once (chance: 8 times)
     for task in (LINES, ENDINGS):
-        assert rows[task]["metrics"] == pytest.approx(expected[task], rel=1e-5)
+        assert scores(rows[task]) == pytest.approx(expected[task], rel=1e-5)
     acc = expected[LINES]["acc"]
     stderr = (acc * (1 - acc) / (len(DOCS) - 1)) ** 0.5  # lm-eval's standard error of a mean
-    assert rows[LINES]["stderr"]["acc"] == pytest.approx(stderr)
+    assert rows[LINES]["metrics"]["acc_stderr"] == pytest.approx(stderr)
+    assert set(rows[ENDINGS]["metrics"]) == {"perplexity", "perplexity_stderr", "acc",
+                                             "acc_stderr"}
     row = rows[LINES]
     assert (row["kind"], row["samples"], row["docs"], row["limit"], row["num_fewshot"],
             row["iter"]) == ("task", 24, 24, None, 0, 7)
@@ -150,7 +157,7 @@ def test_trained_runs_through_the_harness_score_what_folio_scores(
     rows, expected = by_task(run), expected_scores(run, DOCS)
     assert set(rows) == {LINES, ENDINGS}
     for task, row in rows.items():
-        assert row["metrics"] == pytest.approx(expected[task], rel=1e-5)
+        assert scores(row) == pytest.approx(expected[task], rel=1e-5)
         assert row["samples"] == len(DOCS) and row["limit"] is None and row["iter"] == 60
     if tokens == "char":  # chance is 1/3; an untrained char model scores about that
         assert rows[LINES]["metrics"]["acc"] >= 0.75, out
@@ -184,3 +191,36 @@ def test_bad_task_input_is_one_line(case, message, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert read_evals(run) == []
+
+
+def test_lm_eval_results_become_rows_with_each_metric_beside_its_stderr():
+    from folio.train.eval_tasks import format_table, task_rows
+
+    results = {  # the shape of lm-eval 0.4's simple_evaluate results
+        "results": {
+            LINES: {"alias": LINES, "acc,none": 0.75, "acc_stderr,none": 0.0417,
+                    "acc_norm,none": 0.5, "acc_norm_stderr,none": "N/A", "sample_len": 24},
+            "gsm8k": {"exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.01,
+                      "exact_match,flexible-extract": 0.2,
+                      "exact_match_stderr,flexible-extract": 0.02}},
+        "groups": {"mmlu": {"acc,none": 0.3, "acc_stderr,none": 0.001}},
+        "n-samples": {LINES: {"original": 24, "effective": 20}},
+        "n-shot": {LINES: 0, "gsm8k": 5}, "versions": {LINES: 1.0}}
+    rows = task_rows(results, "0.4.13", 20, 60)
+    assert rows[0] == {"kind": "task", "task": LINES, "samples": 20, "docs": 24,
+                       "metrics": {"acc": 0.75, "acc_stderr": 0.0417, "acc_norm": 0.5,
+                                   "acc_norm_stderr": None},
+                       "num_fewshot": 0, "limit": 20, "task_version": 1.0, "lm_eval": "0.4.13",
+                       "iter": 60}
+    assert rows[1]["metrics"] == {"exact_match/strict-match": 0.1,
+                                  "exact_match/strict-match_stderr": 0.01,
+                                  "exact_match/flexible-extract": 0.2,
+                                  "exact_match/flexible-extract_stderr": 0.02}
+    assert (rows[2]["task"], rows[2]["metrics"], rows[2]["samples"]) == (
+        "mmlu", {"acc": 0.3, "acc_stderr": 0.001}, None)
+    table = format_table(rows, "out").splitlines()
+    assert table[0] == "lm-eval 0.4.13 on out (iter 60)"
+    assert table[2].split() == [LINES, "acc", "0.7500", "0.0417", "0", "20"]
+    assert table[3].split() == ["acc_norm", "0.5000"]
+    assert table[4].split() == ["gsm8k", "exact_match/strict-match", "0.1000", "0.0100", "5"]
+    assert len(table) == 7

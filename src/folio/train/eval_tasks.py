@@ -125,25 +125,25 @@ def prefix_token(tokenizer: Any) -> int:
 
 def task_rows(results: dict[str, Any], version: str, limit: int, iteration: int | None
               ) -> list[dict[str, Any]]:
-    """One evals.jsonl row per task of lm-eval's results: its metrics and their standard
-    errors (lm-eval's "acc,none" as "acc", another filter's as "acc (filter)"), examples
-    scored, few-shot count."""
+    """One evals.jsonl row per task (and group) of lm-eval's results: its metrics, each with
+    its standard error beside it as `<metric>_stderr` (None where lm-eval has none; lm-eval's
+    "acc,none" is "acc", another filter's "acc/filter"), the examples scored and the few-shot
+    count."""
     rows = []
-    for task, values in results["results"].items():
-        metrics: dict[str, float] = {}
-        stderr: dict[str, float | None] = {}
+    for task, values in {**results["results"], **results.get("groups", {})}.items():
+        found: dict[str, float | None] = {}
         for key, value in values.items():
             metric, comma, filt = key.partition(",")
-            if not comma:  # "alias", "sample_len": not metrics
-                continue
-            name = metric if filt == "none" else f"{metric} ({filt})"
-            if metric.endswith("_stderr"):
-                stderr[name.replace("_stderr", "", 1)] = _number(value)
-            elif _number(value) is not None:
-                metrics[name] = float(value)
+            if comma:  # not "alias" or "sample_len"
+                found[metric if filt == "none" else f"{metric}/{filt}"] = _number(value)
+        metrics: dict[str, float | None] = {}
+        for name, value in found.items():
+            if not name.partition("/")[0].endswith("_stderr") and value is not None:
+                metric, slash, filt = name.partition("/")
+                metrics[name] = value
+                metrics[f"{name}_stderr"] = found.get(f"{metric}_stderr{slash}{filt}")
         counts = results.get("n-samples", {}).get(task, {})
         rows.append({"kind": "task", "task": task, "metrics": metrics,
-                     "stderr": {m: stderr.get(m) for m in metrics},
                      "samples": counts.get("effective"), "docs": counts.get("original"),
                      "num_fewshot": results.get("n-shot", {}).get(task), "limit": limit or None,
                      "task_version": results.get("versions", {}).get(task),
@@ -164,22 +164,30 @@ def format_table(rows: list[dict[str, Any]], run: str) -> str:
     """The rows as a short table, one line per metric:
 
     lm-eval 0.4.13 on out (iter 40)
-    task                      metric    value  ± stderr  n-shot  samples
-    folio_shakespeare_lines   acc      0.9583    0.0417       0       24
+    task                     metric      value  ± stderr  n-shot  samples
+    folio_shakespeare_lines  acc        0.9583    0.0417       0       24
     """
     head = (f"lm-eval {rows[0]['lm_eval'] if rows else '?'} on {run}"
             + (f" (iter {rows[0]['iter']})" if rows and rows[0]["iter"] is not None else ""))
-    width = max([len("task"), *(len(r["task"]) for r in rows)])
-    lines = [head, f"{'task':<{width}}  {'metric':<10} {'value':>8} {'± stderr':>9} "
+    shown = {id(r): [m for m in r["metrics"] if f"{m}_stderr" in r["metrics"]] for r in rows}
+    tw = max([len("task"), *(len(r["task"]) for r in rows)])
+    mw = max([len("metric"), *(len(m) for names in shown.values() for m in names)])
+    lines = [head, f"{'task':<{tw}}  {'metric':<{mw}} {'value':>10} {'± stderr':>10} "
                    f"{'n-shot':>7} {'samples':>8}"]
     for row in rows:
-        for i, (metric, value) in enumerate(row["metrics"].items()):
-            err = row["stderr"].get(metric)
-            lines.append(f"{row['task'] if i == 0 else '':<{width}}  {metric:<10} "
-                         f"{_fixed(value):>8} {'' if err is None else _fixed(err):>9} "
-                         f"{row['num_fewshot'] if i == 0 else '':>7} "
-                         f"{row['samples'] if i == 0 else '':>8}")
+        for i, metric in enumerate(shown[id(row)]):
+            first = i == 0
+            err = row["metrics"][f"{metric}_stderr"]
+            lines.append(f"{row['task'] if first else '':<{tw}}  {metric:<{mw}} "
+                         f"{_fixed(row['metrics'][metric]):>10} "
+                         f"{'' if err is None else _fixed(err):>10} "
+                         f"{_blank(row['num_fewshot'] if first else None):>7} "
+                         f"{_blank(row['samples'] if first else None):>8}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def _fixed(value: float) -> str:
