@@ -111,6 +111,14 @@ def test_lm_eval_scores_are_the_ones_folio_computes_from_its_own_log_likelihoods
     assert row["lm_eval"] == __import__("lm_eval").__version__
     assert f"lm-eval {row['lm_eval']} on {run} (iter 7)\n" in out
     assert re.search(rf"^{LINES} +acc +{acc:.4f} +{stderr:.4f} +0 +24$", out, re.M), out
+    # each request longer than block_size + 1 tokens is counted once (the loglikelihood task's
+    # requests are the multiple-choice task's right answers: lm-eval scores them once)
+    tokenizer = load_model(run)[1]
+    longer = sum(len(tokenizer.encode(f"{d['context']} {c}")) > 33
+                 for d in DOCS for c in d["choices"])
+    assert longer > 0
+    assert (f"note: {longer:,} request(s) were longer than the model's context (32 tokens)"
+            in out)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ limit, lm-eval's version) are printed as a table and appended to the run's evals
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -92,6 +93,9 @@ def run_tasks(cfg: EvalConfig) -> list[dict[str, Any]]:
         model = HFLM(pretrained=str(model_dir), tokenizer=tokenizer, device=str(device),
                      batch_size=cfg.batch_size, dtype=cfg.dtype,
                      prefix_token_id=prefix_token(tokenizer))
+        truncated = TruncationCount()
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        hf_log.addFilter(truncated)
         try:
             results = lm.simple_evaluate(
                 model=model, tasks=names, task_manager=manager,
@@ -101,6 +105,11 @@ def run_tasks(cfg: EvalConfig) -> list[dict[str, Any]]:
             raise DataError(f"--tasks: a task's dataset could not be downloaded ({e}); hub "
                             "tasks need the internet once (then HF_DATASETS_OFFLINE=1 reads "
                             "the cache)") from None
+        finally:
+            hf_log.removeFilter(truncated)
+    if truncated.count:
+        print(f"note: {truncated.count:,} request(s) were longer than the model's context "
+              f"({model.max_length:,} tokens); lm-eval kept their last tokens", flush=True)
     run = Path(cfg.run_dir)
     iteration = (rundir.read_run_info(run).iter_num if (run / rundir.RUN_INFO).is_file()
                  else None)
@@ -110,6 +119,21 @@ def run_tasks(cfg: EvalConfig) -> list[dict[str, Any]]:
         for row in rows:
             rundir.append_eval(run, row)
     return rows
+
+
+class TruncationCount(logging.Filter):
+    """Counts lm-eval's one warning per request cut to the model's context, and drops it (a
+    char model on hellaswag would print one per request); folio prints the count once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exceeds model's maximum length" in record.getMessage():
+            self.count += 1
+            return False
+        return True
 
 
 def prefix_token(tokenizer: Any) -> int:
