@@ -327,6 +327,13 @@ class EvalConfig:
     text_field: str = setting("text", "the text's field in .jsonl / .parquet / hub records")
     include: list[str] = setting([], "read only a folder's files matching this glob (repeatable)")
     exclude: list[str] = setting([], "leave out a folder's files matching this glob (repeatable)")
+    tasks: str = setting("", "lm-evaluation-harness tasks instead of the bits per byte "
+                         "(also those with --data): comma-separated names (hellaswag, "
+                         "arc_easy, ...; `lm-eval ls tasks`) or task dirs / YAML files")
+    limit: int = setting(0, "--tasks: examples per task (0: all)", min=0)
+    num_fewshot: int = setting(-1, "--tasks: few-shot examples in each prompt (-1: each task's "
+                               "own)", min=-1)
+    batch_size: int = setting(8, "--tasks: requests per forward pass", min=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -1,7 +1,8 @@
 """Optional packages: import one, or stop with one line naming the extra that installs it.
 
 The core install (requirements.txt) runs prepare, train, sample and plot; everything else is an
-extra of pyproject.toml (`hf`, `gguf`, `wandb`, `tensorboard`, `serve`, `datasets`, `tokenizer`).
+extra of pyproject.toml (`hf`, `gguf`, `wandb`, `tensorboard`, `serve`, `datasets`, `tokenizer`,
+`eval`).
 """
 
 from __future__ import annotations

@@ -67,8 +67,12 @@ def run_tokenizer_eval(cfg: config.TokenizerEvalConfig) -> int:
 
 
 def run_eval(cfg: config.EvalConfig) -> int:
-    from folio.train.eval_run import evaluate_run
-    evaluate_run(cfg)
+    if cfg.tasks:
+        from folio.train.eval_tasks import run_tasks
+        run_tasks(cfg)
+    if cfg.data or not cfg.tasks:
+        from folio.train.eval_run import evaluate_run
+        evaluate_run(cfg)
     return 0
 
 
@@ -208,6 +212,18 @@ def bench_note() -> str:
     return f"cases:\n{describe_cases()}"
 
 
+def eval_note() -> str:
+    return ("lm-evaluation-harness tasks (pip install 'folio[eval]'), on the run's Hugging "
+            "Face export:\n"
+            "  folio eval out --tasks=hellaswag,arc_easy,arc_challenge,piqa,winogrande "
+            "--limit=500\n"
+            "  folio eval out --tasks=path/to/my_task/ --num_fewshot=0\n"
+            "Hub tasks download their dataset from the Hugging Face hub once (internet needed; "
+            "then\nHF_DATASETS_OFFLINE=1 reads the cache); `lm-eval ls tasks` lists the names. A "
+            "local task is a\ndirectory (or YAML file) of lm-eval task configs. Results are "
+            "appended to RUN/evals.jsonl.")
+
+
 @dataclass(frozen=True)
 class Command:
     """One `folio` command: the settings class its line parses into, and what runs them."""
@@ -232,7 +248,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(config.TrainConfig, "train a GPT (accepts nanoGPT's train.py settings)",
                      run_train, config_file=True, note=presets_note, resolve=resolve_train),
     "eval": Command(config.EvalConfig, "loss and bits per byte of a run on a fixed number of "
-                    "tokens of any text, with confidence intervals", run_eval),
+                    "tokens of any text, with confidence intervals; lm-eval tasks",
+                    run_eval, note=eval_note),
     "sample": Command(config.SampleConfig, "generate text from a trained run (accepts "
                       "nanoGPT's sample.py settings)", run_sample),
     "chat": Command(config.ChatConfig, "talk to a run finetuned with --task=chat in the "
