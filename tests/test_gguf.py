@@ -175,10 +175,17 @@ def cl100k(monkeypatch) -> None:
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
 
 
-def hf_tokenizer_dir(root: Path, change) -> dict:
-    """An hf:PATH tokenizer: GPT-2's tokenizer.json as transformers saves it, changed."""
+@pytest.fixture(scope="module")
+def gpt2_tokenizer_json(tmp_path_factory) -> str:
+    """GPT-2's tokenizer.json as transformers saves it."""
+    root = tmp_path_factory.mktemp("gpt2-tokenizer")
     write_gpt2_tokenizer(root, 64)
-    data = json.loads((root / "tokenizer.json").read_text())
+    return (root / "tokenizer.json").read_text()
+
+
+def hf_tokenizer_dir(root: Path, source: str, change) -> dict:
+    """An hf:PATH tokenizer: `source` (a tokenizer.json) changed."""
+    data = json.loads(source)
     change(data)
     (root / "tokenizer.json").write_text(json.dumps(data))
     return {"kind": "hf", "path": str(root)}
@@ -210,13 +217,15 @@ HF_CHANGES = {
     *[("nanogpt", {}, name, words) for name, (_, words) in HF_CHANGES.items()],
 ])
 def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path, capsys, monkeypatch, recipe,
-                                                      changes, tokenizer, words):
+                                                      changes, tokenizer, words,
+                                                      gpt2_tokenizer_json):
     if tokenizer == "cl100k":  # a tiktoken run, without downloading its encoding
         cl100k(monkeypatch)
         spec = {"kind": "tiktoken", "name": "cl100k_base"}
     elif tokenizer:
         (tmp_path / "tok").mkdir()
-        spec = hf_tokenizer_dir(tmp_path / "tok", HF_CHANGES[tokenizer][0])
+        spec = hf_tokenizer_dir(tmp_path / "tok", gpt2_tokenizer_json,
+                                HF_CHANGES[tokenizer][0])
     if tokenizer:
         config = GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=32,
                            **RECIPES[recipe])

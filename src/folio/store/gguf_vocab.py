@@ -120,6 +120,7 @@ def tiktoken_vocab(tokenizer: TiktokenBPE) -> Vocab:
     ranks: dict[bytes, int] = enc._mergeable_ranks
     what = f"the {tokenizer.kind} tokenizer" + (f" {tokenizer.name}"
                                                  if getattr(tokenizer, "name", None) else "")
+    pre_tokenizer(enc._pat_str, what, None)  # an unknown pattern is refused before the work
     pairs, whole_only = rank_merges(ranks)
     if not pairs:
         raise ConfigError(f"cannot export {what} as GGUF: it has no merges, and llama.cpp "
