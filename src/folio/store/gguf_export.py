@@ -56,12 +56,12 @@ def check(model: GPT, tokenizer: Any) -> Vocab:
     return gguf_vocab.vocabulary(tokenizer, model.config.vocab_size)
 
 
-def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) -> None:
-    """One GGUF file at `path`: metadata, vocabulary and the weights in `dtype`."""
+def write_gguf(model: GPT, vocab: Vocab, path: Path, dtype: str, name: str) -> None:
+    """One GGUF file at `path`: metadata, the vocabulary (`check`'s) and the weights in
+    `dtype`."""
     gguf = need("gguf", "gguf", "GGUF export")
     arch = architecture(model)
     cfg = model.config
-    vocab = gguf_vocab.vocabulary(tokenizer, cfg.vocab_size)
     head_size = cfg.n_embd // cfg.n_head
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
