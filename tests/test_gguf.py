@@ -1,7 +1,8 @@
 """`folio export --format gguf`: one file for llama.cpp and Ollama. transformers' GGUF reader
 gives folio's logits for the nanoGPT recipe (llama.cpp's gpt2 architecture); the modern
 recipe's file (llama.cpp's apertus) is read back tensor by tensor, as transformers has no
-apertus GGUF reader. llama.cpp itself is not in the test environment (docs/export.md)."""
+apertus GGUF reader; what cannot be written exactly is refused in one line. llama.cpp itself
+runs the files in test_gguf_llama_cpp.py."""
 
 from __future__ import annotations
 
