@@ -267,3 +267,21 @@ def test_architecture_names_the_refused_setting():
                                                **RECIPES["modern"], logit_softcap=15.0)})()
     with pytest.raises(Exception, match="logit_softcap=15"):
         gguf_export.architecture(model)
+
+
+def test_a_modern_run_without_qk_norm_is_llama_cpps_arcee_with_adjacent_rotary_pairs(tmp_path):
+    """llama.cpp's arcee turns adjacent rows (its "norm" rotation): each head's query rows are
+    the Hugging Face halves interleaved (x_0, x_hs/2, x_1, ...); llama.cpp itself checks the
+    logits' consequence (test_gguf_llama_cpp.py)."""
+    model = run_of(tmp_path, "modern", "char", tie=True, qk_norm=False)
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "arcee" and not any("xielu" in k for k in meta)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+               for t in reader.tensors}
+    q = hf_rotary.to_hf_state_dict(model)["model.layers.0.self_attn.q_proj.weight"]
+    hs = 16
+    order = [h * hs + i // 2 + (i % 2) * hs // 2 for h in range(2) for i in range(hs)]
+    assert torch.equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q[order])
+    assert "output.weight" in tensors
