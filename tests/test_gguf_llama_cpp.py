@@ -24,7 +24,8 @@ from folio.store import gguf_vocab
 from folio.store.hf_tokenizer import write_gpt2_tokenizer
 
 PROMPT = "ROMEO:\nBut soft"
-ODD_TEXT = "café 🙂\u00a0x\r\n\t  \n\n 12345 'll 'S  ...\u200b e ﬁ THE End."
+ODD_TEXT = ("café 🙂\u00a0x\r\n\t  \n\n 12345 'll 'S  ...\u200b e ﬁ THE End. e\u0301cole "
+            "Ελληνικά Русский हिन्दी 日本語のテキスト ǅemal ʰa THEY'LL\n\n  ")
 SLICE = SHAKESPEARE[:20_000]
 pytestmark = pytest.mark.slow  # a llama.cpp model per test and 100 decoding steps: seconds
 
