@@ -167,7 +167,7 @@ EXPORT_FORMATS = """formats (what each keeps; what it refuses in one line, writi
         Refuses what hf refuses, mlp=gelu, bias=True on arcee, a split pattern llama.cpp has
         no exact name for (cl100k_base), normalizers, a char vocabulary holding U+2581.
 run it:
-  folio export RUN model.gguf --format gguf
+  folio export RUN model.gguf --format=gguf
   llama-cli -m model.gguf -p "ROMEO:" -n 100 --temp 0     (llama.cpp)
   ollama create NAME -f Modelfile && ollama run NAME      (Ollama)"""
 
