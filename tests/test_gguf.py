@@ -1,14 +1,17 @@
 """`folio export --format gguf`: one file for llama.cpp and Ollama. transformers' GGUF reader
 gives folio's logits for the nanoGPT recipe (llama.cpp's gpt2 architecture); the modern
 recipe's file (llama.cpp's apertus) is read back tensor by tensor, as transformers has no
-apertus GGUF reader. llama.cpp itself is not in the test environment (docs/export.md)."""
+apertus GGUF reader; what cannot be written exactly is refused in one line. llama.cpp itself
+runs the files in test_gguf_llama_cpp.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
 import pytest
+import tiktoken
 import torch
 import transformers
 from test_export import (
@@ -21,9 +24,10 @@ from test_export import (
 )
 
 from folio.cli import main
-from folio.data.tokenizer import GPT2Tokenizer
+from folio.data.tokenizer import GPT2Tokenizer, gpt2_encoding
 from folio.model.gpt import GPTConfig
-from folio.store import gguf_export, hf_rotary
+from folio.store import gguf_export, gguf_vocab, hf_rotary
+from folio.store.hf_tokenizer import write_gpt2_tokenizer
 
 TOL = 1e-4
 
@@ -164,23 +168,78 @@ def test_bad_export_settings_are_one_line_writing_nothing(tmp_path, capsys, args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def cl100k(monkeypatch) -> None:
+    """tiktoken:cl100k_base offline: GPT-2's ranks under cl100k's split pattern."""
+    enc = tiktoken.Encoding("cl100k_base", pat_str=gguf_vocab.CL100K_PATTERN,
+                            mergeable_ranks=gpt2_encoding()._mergeable_ranks,
+                            special_tokens={"<|endoftext|>": 50256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer_json(tmp_path_factory) -> str:
+    """GPT-2's tokenizer.json as transformers saves it."""
+    root = tmp_path_factory.mktemp("gpt2-tokenizer")
+    write_gpt2_tokenizer(root, 64)
+    return (root / "tokenizer.json").read_text()
+
+
+def hf_tokenizer_dir(root: Path, source: str, change) -> dict:
+    """An hf:PATH tokenizer: `source` (a tokenizer.json) changed."""
+    data = json.loads(source)
+    change(data)
+    (root / "tokenizer.json").write_text(json.dumps(data))
+    return {"kind": "hf", "path": str(root)}
+
+
+def split(pattern: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+
+
+HF_CHANGES = {
+    "normalizer": (lambda d: d.update(normalizer={"type": "NFC"}), ["no normalizer"]),
+    "pattern": (lambda d: d.update(pre_tokenizer=split(r"\p{L}+|\s+|.")),
+                ["none it knows is exactly", "needs a llama.cpp pre-tokenizer"]),
+    "ignore_merges": (lambda d: d["model"].update(ignore_merges=True),
+                      ["looks whole pieces up", "gpt-2"]),
+    "prefix_space": (lambda d: d["pre_tokenizer"].update(add_prefix_space=True),
+                     ["GPT-2's ByteLevel or one regex Split"]),
+    "byte_fallback": (lambda d: d["model"].update(byte_fallback=True), ["no byte fallback"]),
+}
+
+
 @pytest.mark.parametrize("recipe, changes, tokenizer, words", [
-    ("modern", {"qk_norm": False}, None, ["qk_norm=False", "apertus"]),
-    ("modern", {"mlp": "gelu"}, None, ["mlp='gelu'"]),
-    ("nanogpt", {}, {"kind": "tiktoken", "name": "cl100k_base"}, ["'tiktoken'"]),
+    ("modern", {"qk_norm": False, "bias": True}, None, ["bias=True", "arcee"]),
+    ("modern", {"mlp": "gelu"}, None, ["mlp='gelu'", "ReLU²"]),
+    ("nanogpt", {}, "cl100k", ["cl100k", "llama-bpe", "\\s++$"]),
+    *[("nanogpt", {}, name, words) for name, (_, words) in HF_CHANGES.items()],
 ])
 def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path, capsys, monkeypatch, recipe,
-                                                      changes, tokenizer, words):
-    run_of(tmp_path, recipe, "char", **changes)
-    if tokenizer:  # a tiktoken run, without downloading its encoding
-        monkeypatch.setattr("folio.store.sources.tokenizer_from_spec",
-                            lambda spec: type("T", (), {"kind": "tiktoken", "eot_id": 0})())
+                                                      changes, tokenizer, words,
+                                                      gpt2_tokenizer_json):
+    if tokenizer == "cl100k":  # a tiktoken run, without downloading its encoding
+        cl100k(monkeypatch)
+        spec = {"kind": "tiktoken", "name": "cl100k_base"}
+    elif tokenizer:
+        (tmp_path / "tok").mkdir()
+        spec = hf_tokenizer_dir(tmp_path / "tok", gpt2_tokenizer_json,
+                                HF_CHANGES[tokenizer][0])
+    if tokenizer:
+        config = GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=32,
+                           **RECIPES[recipe])
+        make_run(tmp_path / "run", config, spec)
+    else:
+        run_of(tmp_path, recipe, "char", **changes)
+    before = sorted(p.name for p in tmp_path.iterdir())
     assert export(tmp_path, str(tmp_path / "out" / "m.gguf")) == 2
     err = capsys.readouterr().err
     assert err.startswith("folio: error:") and len(err.strip().splitlines()) == 1
     for word in words:
         assert word in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_character_vocabulary_holding_the_sentencepiece_space_is_refused(tmp_path, capsys):
@@ -208,3 +267,21 @@ def test_architecture_names_the_refused_setting():
                                                **RECIPES["modern"], logit_softcap=15.0)})()
     with pytest.raises(Exception, match="logit_softcap=15"):
         gguf_export.architecture(model)
+
+
+def test_a_modern_run_without_qk_norm_is_llama_cpps_arcee_with_adjacent_rotary_pairs(tmp_path):
+    """llama.cpp's arcee turns adjacent rows (its "norm" rotation): each head's query rows are
+    the Hugging Face halves interleaved (x_0, x_hs/2, x_1, ...); llama.cpp itself checks the
+    logits' consequence (test_gguf_llama_cpp.py)."""
+    model = run_of(tmp_path, "modern", "char", tie=True, qk_norm=False)
+    assert export(tmp_path, str(tmp_path / "m.gguf")) == 0
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "arcee" and not any("xielu" in k for k in meta)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+               for t in reader.tensors}
+    q = hf_rotary.to_hf_state_dict(model)["model.layers.0.self_attn.q_proj.weight"]
+    hs = 16
+    order = [h * hs + i // 2 + (i % 2) * hs // 2 for h in range(2) for i in range(hs)]
+    assert torch.equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q[order])
+    assert "output.weight" in tensors

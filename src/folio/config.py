@@ -368,7 +368,7 @@ class ExportConfig:
                            "Ollama Modelfile goes beside it)", positional="OUT_DIR", required=True)
     format: str = setting("hf", "hf: a transformers dir (GPT-2 for the nanoGPT recipe, "
                           "Apertus/Arcee for rotary RMSNorm models) with tokenizer.json; gguf: "
-                          "one file for llama.cpp/Ollama (gpt2 or apertus, char or gpt2 vocab)",
+                          "one file for llama.cpp/Ollama (gpt2, apertus or arcee: formats above)",
                           choices=("hf", "gguf"))
     dtype: str = setting("f32", "weights: f32, f16 or bf16 (hf and gguf), q8_0 (gguf)",
                          choices=("f32", "f16", "bf16", "q8_0"))

@@ -224,6 +224,31 @@ def eval_note() -> str:
             "appended to RUN/evals.jsonl.")
 
 
+EXPORT_FORMATS = """formats (what each keeps; what it refuses in one line, writing nothing):
+  hf    a transformers dir: GPT2LMHeadModel (nanoGPT recipe), ApertusForCausalLM (rotary,
+        RMSNorm, QK-norm; ReLU2 or GELU MLP), ArceeForCausalLM (the same without QK-norm),
+        LlamaForCausalLM / Qwen3ForCausalLM (SwiGLU: imported Llama, SmolLM2, Qwen3 models);
+        f32/f16/bf16 weights, biases, tied or untied head, the real vocabulary; tokenizer.json
+        for char, gpt2, tiktoken:NAME, hf:PATH and trained tokenizers.
+        Refuses --logit_softcap, bias=True with QK-norm, modern pieces on a GPT-2 model, q8_0.
+  gguf  one FILE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile beside it:
+        llama.cpp gpt2 (nanoGPT recipe), apertus (QK-norm, ReLU2), arcee (no QK-norm, ReLU2);
+        f32/f16/bf16/q8_0 matrices (vectors f32); char vocabularies as sentencepiece pieces,
+        byte-level BPE (gpt2, tiktoken:NAME, trained, hf:PATH) with the llama.cpp
+        pre-tokenizer of the same split regex (gpt-2, llama-bpe, gpt-4o).
+        Refuses what hf refuses, mlp=gelu, imported shapes (SwiGLU, grouped-query heads),
+        a chat run's added tokens, bias=True on arcee, a split pattern llama.cpp has
+        no exact name for (cl100k_base), normalizers, a char vocabulary holding U+2581.
+run it:
+  folio export RUN model.gguf --format=gguf
+  llama-cli -m model.gguf -p "ROMEO:" -n 100 --temp 0     (llama.cpp)
+  ollama create NAME -f Modelfile && ollama run NAME      (Ollama)"""
+
+
+def export_note() -> str:
+    return EXPORT_FORMATS
+
+
 @dataclass(frozen=True)
 class Command:
     """One `folio` command: the settings class its line parses into, and what runs them."""
@@ -263,7 +288,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(config.BenchConfig, "measure training speed on this machine", run_bench,
                      note=bench_note),
     "export": Command(config.ExportConfig, "write a run as a Hugging Face transformers model "
-                      "with its tokenizer", run_export),
+                      "with its tokenizer, or as GGUF for llama.cpp and Ollama", run_export,
+                      note=export_note),
     "import-nanogpt": Command(config.ImportNanoGPTConfig, "convert a nanoGPT out dir (ckpt.pt) "
                               "into a folio run dir", run_import_nanogpt),
 }

@@ -66,15 +66,26 @@ def byte_to_char() -> dict[int, str]:
 def merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The merge that makes each multi-byte token, in rank order: the two parts its bytes
     become when merged with the lower ranks only (how tiktoken's ranks map to merges)."""
-    out = []
+    out, whole_only = rank_merges(ranks)
+    if whole_only:
+        token = whole_only[0]
+        raise ValueError(f"token {token!r} (rank {ranks[token]}) is not one merge of lower ranks")
+    return out
+
+
+def rank_merges(ranks: dict[bytes, int]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """(the merges of `merges`, the multi-byte tokens no merge of lower ranks makes): tiktoken
+    reaches the latter only when a whole pre-tokenized piece is one of them."""
+    out, whole_only = [], []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) < 2:
             continue
         parts = bpe_parts(ranks, token, rank)
-        if len(parts) != 2:
-            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of lower ranks")
-        out.append((parts[0], parts[1]))
-    return out
+        if len(parts) == 2:
+            out.append((parts[0], parts[1]))
+        else:
+            whole_only.append(token)
+    return out, whole_only
 
 
 def bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:

@@ -75,12 +75,11 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, force: bool = False,
             raise ConfigError(f"export target {path} exists; pass --force to replace it or "
                               "choose another file name")
     model, tokenizer, _ = load_model(run_dir)
-    gguf_export.architecture(model)  # the refusals, before anything is written
-    gguf_export.check_tokenizer(tokenizer)
+    vocab = gguf_export.check(model, tokenizer)  # the refusals, before anything is written
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(modelfile) as tmp_modelfile, atomic_path(out_file) as tmp_gguf:
-        gguf_export.write_gguf(model, tokenizer, Path(tmp_gguf), dtype, Path(run_dir).name)
-        text = gguf_export.modelfile(out_file.name, tokenizer, model.config.block_size)
+        gguf_export.write_gguf(model, vocab, Path(tmp_gguf), dtype, Path(run_dir).name)
+        text = gguf_export.modelfile(out_file.name, vocab, model.config.block_size)
         Path(tmp_modelfile).write_text(text, encoding="utf-8")
     return out_file
 

@@ -3,15 +3,13 @@ with an Ollama Modelfile beside it.
 
 The weights are the Hugging Face export's (store/hf.py, store/hf_rotary.py) under llama.cpp's
 tensor names (gguf's own name map): the nanoGPT recipe as llama.cpp's `gpt2` architecture,
-the modern recipe as `apertus`. Apertus's MLP activation is xIELU, which with alpha_p = 1,
-alpha_n = 0 and beta = 0 is exactly ReLU² (x > 0: alpha_p x² + beta x; else
-alpha_n (expm1(min(x, eps)) - x) + beta x); llama.cpp passes alpha_p and alpha_n through
-softplus, so the file holds softplus's inverses: log(e - 1) for 1, and -1e4 for 0.
-
-GPT-2's vocabulary is its byte-level BPE (`tokenizer.ggml.model = gpt2`); a character
-vocabulary is a sentencepiece one (`llama`): one piece per character, a space spelled U+2581, no
-space prefix, which llama.cpp tokenizes per character for any Unicode text (a byte-level BPE
-without merges is not loadable there, and gguf writes no empty merge list).
+the modern recipe as `apertus` (QK-norm) or `arcee` (no QK-norm). Apertus's MLP activation is
+xIELU, which with alpha_p = 1, alpha_n = 0 and beta = 0 is exactly ReLU² (x > 0: alpha_p x² +
+beta x; else alpha_n (expm1(min(x, eps)) - x) + beta x); llama.cpp passes alpha_p and alpha_n
+through softplus, so the file holds softplus's inverses: log(e - 1) for 1, and -1e4 for 0.
+Arcee's MLP is ReLU² itself; its rotary pairs are adjacent rows (llama.cpp's "norm" rope, as
+for Llama), so its query and key rows are interleaved from the Hugging Face halves, as
+llama.cpp's convert_hf_to_gguf.py does. The vocabulary: store/gguf_vocab.py.
 """
 
 from __future__ import annotations
@@ -24,27 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from folio.data.tokenizer import (
-    GPT2_EOT,
-    AddedTokens,
-    CharTokenizer,
-    GPT2Tokenizer,
-    gpt2_vocab_file,
-)
+from folio.data.tokenizer import AddedTokens
 from folio.errors import ConfigError
 from folio.extras import need
 from folio.model.gpt import GPT, IMPORTED_SHAPE, ROPE_BASE, GPTConfig
-from folio.store import hf, hf_rotary
+from folio.store import gguf_vocab, hf, hf_rotary
+from folio.store.gguf_vocab import Vocab
 
 # xIELU's raw parameters that make it ReLU² after llama.cpp's softplus (see the docstring)
 RELU2_XIELU = {"alpha_p": math.log(math.e - 1), "alpha_n": -1e4, "beta": 0.0, "eps": -1e-6}
-GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
-SPM_SPACE = "\u2581"
-FOLIO_SHAPE = GPTConfig()  # how a sentencepiece vocabulary spells a space
+FOLIO_SHAPE = GPTConfig()  # the shape options of folio's own models (imported ones differ)
 
 
 def architecture(model: GPT) -> str:
-    """llama.cpp's architecture computing `model` (gpt2 or apertus), or a one-line refusal."""
+    """llama.cpp's architecture computing `model` (gpt2, apertus or arcee), or a one-line
+    refusal."""
     cfg = model.config
     if not (cfg.rope or cfg.norm == "rmsnorm"):
         hf.check_gpt2_exact(cfg)
@@ -55,36 +47,33 @@ def architecture(model: GPT) -> str:
     if imported:
         raise ConfigError(f"cannot export as GGUF: {imported[0]}; folio writes GGUF for the "
                           "shapes it trains (export --format hf instead)")
-    if kind != "apertus" or cfg.mlp != "relu2":
-        setting = "qk_norm=False" if kind != "apertus" else f"mlp={cfg.mlp!r}"
-        raise ConfigError(f"cannot export as GGUF: {setting}; folio writes rotary models as "
-                          "llama.cpp's apertus architecture, which needs qk_norm=True and "
-                          "mlp='relu2' (export --format hf instead)")
-    return "apertus"
+    if cfg.mlp != "relu2":
+        raise ConfigError(f"cannot export as GGUF: mlp={cfg.mlp!r}; folio writes rotary models "
+                          "as llama.cpp's apertus or arcee architectures, whose MLPs compute "
+                          "ReLU² only (export --format hf instead)")
+    if kind == "arcee" and cfg.bias:
+        raise ConfigError("cannot export as GGUF: bias=True without qk_norm; llama.cpp's arcee "
+                          "architecture has no biases (export --format hf instead)")
+    return kind
 
 
-def check_tokenizer(tokenizer: Any) -> None:
-    """Refuse (one line) a vocabulary folio cannot write as GGUF."""
+def check(model: GPT, tokenizer: Any) -> Vocab:
+    """Every refusal, before anything is written: the vocabulary llama.cpp will read."""
+    architecture(model)
     if isinstance(tokenizer, AddedTokens):
         raise ConfigError(f"cannot export a chat run's added tokens ({' '.join(tokenizer.added)})"
                           " as GGUF yet; export it with --format hf (its chat_template "
                           "included)")
-    if not isinstance(tokenizer, CharTokenizer | GPT2Tokenizer):
-        raise ConfigError(f"cannot export a {tokenizer.kind!r} tokenizer as GGUF: llama.cpp "
-                          "picks a pre-tokenizer by name, and folio writes GGUF for char and "
-                          "gpt2 vocabularies only (export --format hf instead)")
-    if isinstance(tokenizer, CharTokenizer) and SPM_SPACE in tokenizer.chars:
-        raise ConfigError("cannot export this character vocabulary as GGUF: it holds "
-                          f"{SPM_SPACE!r} (U+2581), which llama.cpp's sentencepiece vocabulary "
-                          "reads as a space")
+    return gguf_vocab.vocabulary(tokenizer, model.config.vocab_size)
 
 
-def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) -> None:
-    """One GGUF file at `path`: metadata, vocabulary and the weights in `dtype`."""
+def write_gguf(model: GPT, vocab: Vocab, path: Path, dtype: str, name: str) -> None:
+    """One GGUF file at `path`: metadata, the vocabulary (`check`'s) and the weights in
+    `dtype`."""
     gguf = need("gguf", "gguf", "GGUF export")
     arch = architecture(model)
-    check_tokenizer(tokenizer)
     cfg = model.config
+    head_size = cfg.n_embd // cfg.n_head
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     writer.add_context_length(cfg.block_size)
@@ -102,15 +91,19 @@ def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) ->
     else:
         writer.add_layer_norm_rms_eps(hf_rotary.RMS_EPS)
         writer.add_rope_freq_base(ROPE_BASE)
-        writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
-        writer.add_key_length(cfg.n_embd // cfg.n_head)
-        writer.add_value_length(cfg.n_embd // cfg.n_head)
-        for key, value in RELU2_XIELU.items():
-            getattr(writer, f"add_xielu_{key}")([value] * cfg.n_layer)
+        writer.add_rope_dimension_count(head_size)
+        writer.add_key_length(head_size)
+        writer.add_value_length(head_size)
         state = hf_rotary.to_hf_state_dict(model)
-        # llama.cpp's apertus needs output.weight even when it is the embedding
+        if arch == "apertus":
+            for key, value in RELU2_XIELU.items():
+                getattr(writer, f"add_xielu_{key}")([value] * cfg.n_layer)
+        else:
+            state = {k: interleave_rotary(k, v, cfg.n_head) for k, v in state.items()}
+        # llama.cpp's apertus needs output.weight even when it is the embedding (arcee too,
+        # in older llama.cpp)
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    add_vocabulary(writer, gguf, tokenizer)
+    add_vocabulary(writer, gguf, vocab)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.n_layer)
     for key, tensor in state.items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -122,6 +115,17 @@ def write_gguf(model: GPT, tokenizer: Any, path: Path, dtype: str, name: str) ->
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def interleave_rotary(key: str, tensor: torch.Tensor, n_head: int) -> torch.Tensor:
+    """A Hugging Face query or key projection with each head's rows (x_i, x_{i+hs/2}) made
+    adjacent, the pairs llama.cpp's "norm" rope turns (convert_hf_to_gguf.py's permute);
+    other tensors as they are."""
+    if not key.endswith(("q_proj.weight", "k_proj.weight")):
+        return tensor
+    rows = tensor.shape[0]
+    return (tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:])
+            .transpose(1, 2).reshape(tensor.shape).contiguous())
 
 
 FILE_TYPES = {  # llama.cpp's file type for each --dtype (the 1-D tensors stay float32)
@@ -145,39 +149,32 @@ def encode(gguf: Any, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def add_vocabulary(writer: Any, gguf: Any, tokenizer: Any) -> None:
-    """GPT-2's byte-level BPE (tokens, merges, `<|endoftext|>`), or a character vocabulary as a
-    sentencepiece one: one piece per character, a space spelled as U+2581, no space prefix."""
-    types = gguf.TokenType
-    if isinstance(tokenizer, GPT2Tokenizer):
-        vocab = json.loads(gpt2_vocab_file("encoder.json"))
-        tokens = sorted(vocab, key=vocab.get)
-        token_types = [types.NORMAL] * len(tokens)
-        token_types[tokenizer.eot_id] = types.CONTROL
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GPT2_PRE)
-        writer.add_token_list(tokens)
-        writer.add_token_merges(gpt2_vocab_file("vocab.bpe").decode("utf-8").split("\n")[1:-1])
-        writer.add_bos_token_id(tokenizer.eot_id)
-        writer.add_eos_token_id(tokenizer.eot_id)
-    else:
-        tokens = [SPM_SPACE if c == " " else c for c in tokenizer.chars]
-        token_types = [types.NORMAL] * len(tokens)
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores([0.0] * len(tokens))
+def add_vocabulary(writer: Any, gguf: Any, vocab: Vocab) -> None:
+    """The vocabulary's keys: tokenizer model, tokens and their types, the pre-tokenizer and
+    merges of a byte-level BPE; nothing added around the text (folio adds no BOS)."""
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types([getattr(gguf.TokenType, t) for t in vocab.types])
+    if vocab.model == "llama":
+        writer.add_token_scores([0.0] * len(vocab.tokens))
         writer.add_add_space_prefix(False)
-    writer.add_token_types(token_types)
+    else:
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_merges(vocab.merges)
+    if vocab.eot_id is not None:
+        writer.add_bos_token_id(vocab.eot_id)
+        writer.add_eos_token_id(vocab.eot_id)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
 
 
-def modelfile(gguf_name: str, tokenizer: Any, block_size: int) -> str:
+def modelfile(gguf_name: str, vocab: Vocab, block_size: int) -> str:
     """An Ollama Modelfile for the file `gguf_name` beside it: a base model, so the prompt is
     passed as it is; folio sample's defaults; the end-of-text token as the stop word."""
     lines = [f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""',
              "PARAMETER temperature 0.8", "PARAMETER top_k 200", f"PARAMETER num_ctx {block_size}",
              "PARAMETER num_predict 500"]
-    if tokenizer.eot_id is not None:
-        lines.append(f'PARAMETER stop "{GPT2_EOT}"')
+    stop = gguf_vocab.eot_text(vocab)
+    if stop is not None:
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from folio.data.bpe_files import TOKENIZER_FILE, bpe_parts, byte_to_char
+from folio.data.bpe_files import TOKENIZER_FILE, byte_to_char, rank_merges
 from folio.data.tokenizer import (
     GPT2_VOCAB_SIZE,
     AddedTokens,
@@ -125,11 +125,9 @@ def tiktoken_tokenizer(tokenizers: Any, enc: Any) -> Any:
     ranks: dict[bytes, int] = enc._mergeable_ranks
     to_str = byte_to_char()
     vocab = {"".join(to_str[b] for b in token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        parts = bpe_parts(ranks, token, rank) if len(token) > 1 else []
-        if len(parts) == 2:  # else tiktoken never reaches it by merging (whole words only)
-            merges.append(tuple("".join(to_str[b] for b in p) for p in parts))
+    # a token no merge makes is reached by whole-word lookup only (ignore_merges), as tiktoken
+    merges = [tuple("".join(to_str[b] for b in p) for p in pair)
+              for pair in rank_merges(ranks)[0]]
     specials = dict(enc._special_tokens)
     vocab.update(specials)
     model = tokenizers.models.BPE(vocab=vocab, merges=merges, ignore_merges=True)
