@@ -38,15 +38,23 @@ def folio(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def exact_match(model, tokenizer, held_out: list[dict]) -> tuple[float, list[dict]]:
-    """The share of held-out prompts whose greedy reply equals the answer; a few examples."""
+def exact_match(model, tokenizer, held_out: list[dict]) -> tuple[dict, list[dict]]:
+    """The share of held-out prompts whose greedy reply equals the answer, in all and by kind
+    of prompt; a few examples (one of each kind)."""
     import folio as api
     replies = [api.reply(model, tokenizer, row["messages"], max_new_tokens=64)
                for row in held_out]
     hits = [r == row["answer"] for r, row in zip(replies, held_out, strict=True)]
-    examples = [{"prompt": row["messages"][-1]["content"], "reply": r, "answer": row["answer"]}
-                for r, row in list(zip(replies, held_out, strict=True))[:3]]
-    return sum(hits) / len(hits), examples
+    kinds = sorted({row["kind"] for row in held_out})
+    scores = {"all": round(sum(hits) / len(hits), 4)}
+    for kind in kinds:
+        mine = [h for h, row in zip(hits, held_out, strict=True) if row["kind"] == kind]
+        scores[kind] = round(sum(mine) / len(mine), 4)
+    examples = [next({"kind": kind, "prompt": row["messages"][-1]["content"], "reply": r,
+                      "answer": row["answer"]}
+                     for r, row in zip(replies, held_out, strict=True) if row["kind"] == kind)
+                for kind in kinds]
+    return scores, examples
 
 
 def starting_point(base: Path, meta: dict):
@@ -99,7 +107,7 @@ def main() -> int:
                     "masked_val_loss": info["best_val_loss"]},
             "train_conversations": sum(1 for _ in train_file.open()),
             "held_out_prompts": len(held_out),
-            "exact_match_before": round(before, 4), "exact_match_after": round(after, 4),
+            "exact_match_before": before, "exact_match_after": after,
             "training_minutes": round((base_s + sft_s) / 60, 2),
             "examples_before": examples_before, "examples_after": examples_after}),
             flush=True)

@@ -2,10 +2,11 @@
 
 The model learns eight facts about itself ("what is your name?" -> "I am Folio, a small
 model.") from many phrasings of each question. Held-out prompts are phrasings never seen in
-training: known question cores with greetings and endings they were never paired with, and two
-greetings that appear only in the held-out set. A reply counts when it equals the fact's answer
-exactly, so a base model scores 0 and a model that only memorised the training lines does not
-reach 100%.
+training, of three kinds: "pairing" (a known question with a greeting and ending it was never
+paired with), "greeting" (two greetings that appear only in held-out prompts) and "question"
+(the last question of each fact, never seen in training at all: the hardest). A reply counts
+when it equals the fact's answer exactly, so a base model scores 0 and a model that only
+memorised the training lines does not reach 100%.
 
 Every character is one tiny Shakespeare has, so a character-level Shakespeare model can learn it.
 
@@ -58,20 +59,29 @@ def question(greeting: str, core: str, ending: str) -> str:
     return text[0].upper() + text[1:]
 
 
+NEW_QUESTIONS = 6  # held-out prompts per fact asking its unseen question
+
+
+def prompt(text: str, answer: str, kind: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}], "answer": answer, "kind": kind}
+
+
 def conversations(seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train conversations, held-out prompts); each held-out row is {"messages": [user],
-    "answer": expected reply}. The same seed gives the same split."""
+    "answer": expected reply, "kind": pairing | greeting | question}. The same seed gives the
+    same split."""
     rng = random.Random(seed)
     train, held_out = [], []
-    for answer, cores in FACTS.values():
+    for answer, questions in FACTS.values():
+        cores, unseen = questions[:-1], questions[-1]
         asked = [(g, c, e) for g in GREETINGS for c in cores for e in ENDINGS]
         rng.shuffle(asked)
         n_held = round(len(asked) * HELD_OUT_SHARE)
-        held_out += [{"messages": [{"role": "user", "content": question(*q)}], "answer": answer}
-                     for q in asked[:n_held]]
-        held_out += [{"messages": [{"role": "user", "content": question(g, rng.choice(cores),
-                                                                         rng.choice(ENDINGS))}],
-                      "answer": answer} for g in HELD_OUT_GREETINGS]
+        held_out += [prompt(question(*q), answer, "pairing") for q in asked[:n_held]]
+        held_out += [prompt(question(g, rng.choice(cores), rng.choice(ENDINGS)), answer,
+                            "greeting") for g in HELD_OUT_GREETINGS]
+        held_out += [prompt(question(rng.choice(GREETINGS), unseen, rng.choice(ENDINGS)),
+                            answer, "question") for _ in range(NEW_QUESTIONS)]
         train += [[{"role": "user", "content": question(*q)},
                    {"role": "assistant", "content": answer}] for q in asked[n_held:]]
     rng.shuffle(train)

@@ -447,3 +447,54 @@ def test_chat_finetune_from_a_hugging_face_dir(tiny_run, tmp_path):
                  "--eval_interval=2", "--block_size=32"]) == 0
     info = json.loads((out / "run.json").read_text("utf-8"))
     assert info["model"]["vocab_size"] == 65 + 5 and info["chat_template"] is not None
+
+
+# ---------------------------------------------------------------------------- a skill, held out
+
+def skill_split(tmp: Path) -> tuple[Path, list[dict]]:
+    """scripts/chat_skill.py's persona set: its train file and held-out prompts."""
+    import runpy
+    skill = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" /
+                               "chat_skill.py"))
+    train, held_out = skill["write"](tmp / "skill")
+    return train, [json.loads(line) for line in held_out.read_text().splitlines()]
+
+
+def user_and_assistant_loss(model: GPT, tok, messages: list[dict]) -> tuple[float, float]:
+    """The model's mean loss on the user's content tokens and on the assistant's."""
+    ids, mask = chat.encode(tok, messages)
+    specials = set(special_ids(tok).values())
+    x = torch.tensor([ids[:-1]])
+    with torch.no_grad():
+        logits = torch.cat([model(x[:, :t + 1])[0][None] for t in range(x.size(1))])
+    losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+    user = [i for i in range(len(ids) - 1) if not mask[i + 1] and ids[i + 1] not in specials]
+    assistant = [i for i in range(len(ids) - 1) if mask[i + 1]]
+    return losses[user].mean().item(), losses[assistant].mean().item()
+
+
+@pytest.mark.slow
+def test_sft_answers_held_out_questions_and_learns_only_the_assistant(tmp_path):
+    # a chat model trained from scratch on the persona set: held-out phrasings answered
+    # exactly, and the loss only on the assistant's tokens: the questions are as predictable
+    # as the answers (templates), yet the model must not have learnt them (a mask that is off
+    # fails here)
+    train, held_out = skill_split(tmp_path)
+    assert main(["prepare", str(train), "--format=chat", f"--data_dir={tmp_path / 'data'}",
+                 "--name=persona"]) == 0
+    out = tmp_path / "persona"
+    assert main(["train", *CHAT_TINY, f"--data_dir={tmp_path / 'data'}", "--dataset=persona",
+                 "--task=chat", f"--out_dir={out}", "--max_iters=300", "--eval_interval=300",
+                 "--n_layer=2", "--n_embd=64", "--block_size=128", "--batch_size=16",
+                 "--learning_rate=1e-2"]) == 0
+    import folio
+    from folio.infer.chat import reply
+    model, tok = folio.load(out, device="cpu")
+    seen_questions = [row for row in held_out if row["kind"] != "question"]
+    right = sum(reply(model, tok, row["messages"], max_new_tokens=40) == row["answer"]
+                for row in seen_questions)
+    assert right >= 0.8 * len(seen_questions), f"{right}/{len(seen_questions)}"
+    row = seen_questions[0]
+    user, assistant = user_and_assistant_loss(
+        model, tok, row["messages"] + [{"role": "assistant", "content": row["answer"]}])
+    assert assistant < 0.1 and user > 1.0, (user, assistant)
