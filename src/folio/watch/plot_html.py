@@ -49,8 +49,8 @@ def chart_block(chart: Chart, prefix: str = "") -> str:
 
 def render_html(chart: Chart) -> str:
     """The `folio plot --html` page: one chart."""
-    return fill(PAGE, TITLE=html.escape(chart.title), STYLE=CHART_STYLE,
-                BLOCK=chart_block(chart), SCRIPT=CHART_SCRIPT)
+    return page(chart.title, PLOT_STYLE + CHART_STYLE, chart_block(chart),
+                CHART_SCRIPT + 'folioChart("");\n')
 
 
 CHART_STYLE = """  .folio-chart h1 { font-size: 17px; font-weight: 600; margin: 0 0 8px; }
@@ -260,6 +260,8 @@ CHART_SCRIPT = """function folioChart(P) {  // P: the prefix of the chart's elem
 }
 """
 
+PLOT_STYLE = "  body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }\n"
+
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -267,15 +269,18 @@ PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>%TITLE%</title>
 <style>
-  body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }
 %STYLE%</style>
 </head>
 <body>
-%BLOCK%
+%BODY%
 <script>
 "use strict";
-%SCRIPT%folioChart("");
-</script>
+%SCRIPT%</script>
 </body>
 </html>
 """
+
+
+def page(title: str, style: str, body: str, script: str) -> str:
+    """A self-contained HTML page (no network): `folio plot --html`'s and the report card's."""
+    return fill(PAGE, TITLE=html.escape(title), STYLE=style, BODY=body, SCRIPT=script)

@@ -26,7 +26,7 @@ from folio.store.rundir import (
 )
 from folio.watch.chart import X_AXES, Chart, describe, make_chart
 from folio.watch.metrics import Metrics, format_duration, read_metrics
-from folio.watch.plot_html import CHART_SCRIPT, CHART_STYLE, chart_block, fill
+from folio.watch.plot_html import CHART_SCRIPT, CHART_STYLE, chart_block, page
 
 
 @dataclass
@@ -321,8 +321,8 @@ def render_report(cards: list[Card], x: str = "iter", show_paths: bool = True) -
     parts.append(_evals_html(cards, where))
     parts.append(_samples_html(cards, where))
     script = CHART_SCRIPT + "".join(f'folioChart("{p}");\n' for p, _ in chart_list)
-    return fill(PAGE, TITLE=_e(f"folio report · {names}"), STYLE=CHART_STYLE,
-                BODY="\n".join(parts), SCRIPT=script)
+    return page(f"folio report · {names}", REPORT_STYLE + CHART_STYLE, "\n".join(parts),
+                script)
 
 
 def _evals_html(cards: list[Card], where: list[str]) -> str:
@@ -363,14 +363,7 @@ def samples_note(s: dict[str, Any]) -> str:
     return note + ("" if s.get("complete", True) else "; cut short by the time limit")
 
 
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>%TITLE%</title>
-<style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px;
+REPORT_STYLE = """  body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px;
          padding: 0 16px 24px; color: #222; background: #fafafa; }
   h1 { font-size: 22px; margin: 16px 0 2px; }
   h2 { font-size: 16px; margin: 12px 0 8px; }
@@ -390,15 +383,6 @@ PAGE = """<!DOCTYPE html>
                font: 13px/1.35 ui-monospace, monospace; border-radius: 4px; }
   .prompt { color: #888; }
   .folio-chart { margin-bottom: 14px; }
-%STYLE%</style>
-</head>
-<body>
-%BODY%
-<script>
-"use strict";
-%SCRIPT%</script>
-</body>
-</html>
 """
 
 
