@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, SHAKESPEARE_TEXT, tiny_args
+from test_export import make_run
 
 from folio.cli import main
 from folio.model.gpt import GPT, GPTConfig
-from folio.store import checkpoint, rundir
+from folio.store import rundir
 from folio.store.rundir import read_evals
 from folio.store.sources import load_model
 
@@ -75,17 +76,9 @@ def scores(row: dict) -> dict[str, float]:
 def random_run(run_dir: Path, **changes) -> Path:
     """A char run with random weights spread wide enough that the choices' scores differ (seed
     2: right on 1 of the 24 documents, a score a scoring that differs is unlikely to hit)."""
-    torch.manual_seed(2)
     config = GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32,
                        **changes)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    run_dir.mkdir(parents=True)
-    checkpoint.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
-    rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), iter_num=7,
-                                                  tokenizer={"kind": "char", "chars": CHARS}))
+    make_run(run_dir, config, {"kind": "char", "chars": CHARS}, seed=2, iter_num=7)
     return run_dir
 
 

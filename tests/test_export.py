@@ -32,7 +32,8 @@ TOKENIZERS = {"char": {"kind": "char", "chars": CHARS}, "gpt2": {"kind": "gpt2"}
 HF_CLASS = {"nanogpt": "GPT2LMHeadModel", "modern": "ApertusForCausalLM"}
 
 
-def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -> GPT:
+def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0,
+             iter_num: int = 0) -> GPT:
     """A run dir holding random weights large enough that logits spread (not GPT-2's 0.02
     init, whose near-uniform logits would make any comparison easy to pass)."""
     torch.manual_seed(seed)
@@ -42,7 +43,8 @@ def make_run(run_dir: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -
             p.add_(torch.randn_like(p) * 0.3)
     run_dir.mkdir(parents=True)
     checkpoint.save_model_weights(run_dir / rundir.MODEL_FILE, model, {"iter_num": 0})
-    rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), tokenizer=tokenizer))
+    rundir.write_run_info(run_dir, rundir.RunInfo(model=config.to_dict(), tokenizer=tokenizer,
+                                                  iter_num=iter_num))
     return model
 
 
