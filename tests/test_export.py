@@ -226,7 +226,7 @@ def test_a_run_without_weights_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_an_untied_gpt2_export_imports_back_untied(exported):
-    from folio.store.hf import load_pretrained
+    from folio.store.hf_import import load_pretrained
 
     model, out = exported("nanogpt", False, "gpt2")
     back = load_pretrained(str(out), dropout=0.0)

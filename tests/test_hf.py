@@ -17,7 +17,7 @@ from folio.data.tokenizer import GPT2Tokenizer  # noqa: E402
 from folio.errors import CheckpointError, ConfigError  # noqa: E402
 from folio.model.gpt import GPT, GPTConfig  # noqa: E402
 from folio.store import checkpoint, rundir, sources  # noqa: E402
-from folio.store.hf import load_pretrained  # noqa: E402
+from folio.store.hf_import import load_pretrained  # noqa: E402
 
 TOL = 1e-4
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. café 🙂"
@@ -101,7 +101,8 @@ def test_unknown_model_name_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_gpt2_without_cached_weights_offline_is_one_line_error(tmp_path):
     # A fresh process so HF_HOME (an empty cache) and HF_HUB_OFFLINE take effect at import.
-    code = ("from folio.store.hf import load_pretrained\nfrom folio.errors import CheckpointError\n"
+    code = ("from folio.store.hf_import import load_pretrained\n"
+            "from folio.errors import CheckpointError\n"
             "try:\n    load_pretrained('gpt2-medium', dropout=0.0)\n"
             "except CheckpointError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

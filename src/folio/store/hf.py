@@ -1,4 +1,5 @@
-"""GPT-2 weights from and to Hugging Face transformers (`init_from=gpt2*`, `folio export`).
+"""GPT-2 weights from and to Hugging Face transformers (hf_import's GPT-2 case, `folio
+export`), and the transformers model of a dir, the HF cache or the hub (any class hf_import takes).
 
 Hugging Face GPT-2 stores its Linear layers as Conv1D (weight shaped (in, out)); folio and
 nanoGPT use nn.Linear ((out, in)), so those four weights are transposed on the way in and out.
@@ -42,11 +43,6 @@ def transformers_module():
 
 # ---------------------------------------------------------------------------- import
 
-def load_pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
-    """A folio GPT holding GPT-2 weights: a model name (gpt2, gpt2-medium, ...) or a local dir."""
-    return gpt_from_hf(load_hf_model(name_or_path), dropout, source=name_or_path)
-
-
 def gpt_from_hf(hf_model: Any, dropout: float, source: str) -> GPT:
     """A folio GPT holding a transformers GPT2LMHeadModel's weights."""
     config = gpt_config_from_hf(hf_model.config, dropout, source=source)
@@ -68,10 +64,9 @@ def tokenizer_spec(directory: Path, vocab_size: int) -> dict[str, Any]:
     return {"kind": "gpt2"}
 
 
-def load_hf_model(name_or_path: str, classes: dict[str, str] | None = None):
+def load_hf_model(name_or_path: str, classes: dict[str, str]):
     """The transformers model of a local dir, or of a model name from the HF cache (then the
-    hub); `classes`: {model_type: class name} it may be (default: GPT-2's)."""
-    classes = classes or GPT2_CLASSES
+    hub); `classes`: {model_type: class name} it may be."""
     transformers = transformers_module()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
