@@ -8,7 +8,7 @@ import pytest
 
 from folio.cli import main
 from folio.cli.args import format_config, parse_args, parse_python_config
-from folio.config import PrepareConfig, SampleConfig, TrainConfig
+from folio.config import ChatConfig, PrepareConfig, SampleConfig, SamplingSettings, TrainConfig
 from folio.errors import ConfigError
 from folio.train.recipes import MODEL_SHAPE_KEYS, preset_names, resolve
 
@@ -110,6 +110,18 @@ def test_numbers_accept_nanogpt_spellings():
     cfg = train("--learning_rate=6e-4", "--max_iters=5e3", "--seed", "7")
     assert (cfg.learning_rate, cfg.max_iters, cfg.seed) == (6e-4, 5000, 7)
     assert parse_args(SampleConfig, ["--top_k=None"]).config.top_k is None
+
+
+def test_sample_and_chat_list_the_shared_sampling_settings_after_their_own():
+    names = [f.name for f in dataclasses.fields(SamplingSettings)]
+    assert [f.name for f in dataclasses.fields(SampleConfig)] == [
+        "out_dir", "start", "num_samples", *names, "compile", "stop", "stream"]
+    assert [f.name for f in dataclasses.fields(ChatConfig)] == ["run_dir", "system", *names]
+    sample, chat = SampleConfig(), ChatConfig(run_dir="run")
+    assert [getattr(sample, k) for k in names[:4]] == [500, 0.8, 200, 1.0]
+    assert [getattr(chat, k) for k in names[:4]] == [256, 0.7, 50, 1.0]
+    with pytest.raises(ConfigError, match="device='gpu'"):
+        ChatConfig(run_dir="run", device="gpu")
 
 
 def test_repeatable_list_setting():

@@ -36,10 +36,17 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, min: float
     return field(default=default, metadata=meta)
 
 
+def changed(cls: type, name: str, default: Any, help: str = "") -> Any:
+    """The setting `name` of the settings class `cls`, with another default (and help text):
+    a class built on `cls` redeclares it so (it keeps its place in --help)."""
+    meta = cls.__dataclass_fields__[name].metadata
+    return setting(default, **{**meta, "help": help or meta["help"]})
+
+
 def settings(cls: type) -> type:
     """`@dataclass` whose fields are validated on construction (`validate_fields`, unless the
-    class has its own `__post_init__`)."""
-    if "__post_init__" not in cls.__dict__:
+    class has or inherits a `__post_init__`)."""
+    if not hasattr(cls, "__post_init__"):
         cls.__post_init__ = lambda self: validate_fields(self)  # defined further down
     return dataclass(cls)
 
@@ -165,13 +172,11 @@ class TrainConfig:
 
 
 @settings
-class SampleConfig:
-    """Everything `folio sample` reads. Names and meanings follow nanoGPT's sample.py."""
+class SamplingSettings:
+    """The settings `folio sample` and `folio chat` share, with sample's defaults. A command's
+    class lists these after its own leading settings by naming this class before the class of
+    those (a dataclass takes its bases' fields from the last base to the first)."""
 
-    out_dir: str = setting("out", "run directory to sample from (folio or nanoGPT)",
-                           positional="RUN_DIR")
-    start: str = setting("\n", "prompt text, or FILE:path to read it from a file")
-    num_samples: int = setting(10, "number of samples", min=1)
     max_new_tokens: int = setting(500, "tokens generated per sample", min=1)
     temperature: float = setting(0.8, "softmax temperature; 0 is greedy", min=0.0)
     top_k: int | None = setting(200, "keep the k most likely tokens; None keeps all", min=1)
@@ -180,13 +185,29 @@ class SampleConfig:
     seed: int = setting(1337, "random seed", min=0)
     device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
     dtype: str = setting(AUTO, "compute dtype", choices=(AUTO, "float32", "bfloat16", "float16"))
-    compile: bool = setting(False, "torch.compile the model")
-    stop: list[str] = setting([], "stop a sample at this string (repeatable)")
-    stream: bool = setting(True, "print tokens as they are generated")
 
     def __post_init__(self) -> None:
         validate_fields(self)
         check_device_name(self.device)
+
+
+@settings
+class SampleLead:
+    """The settings `folio sample` lists before SamplingSettings."""
+
+    out_dir: str = setting("out", "run directory to sample from (folio or nanoGPT)",
+                           positional="RUN_DIR")
+    start: str = setting("\n", "prompt text, or FILE:path to read it from a file")
+    num_samples: int = setting(10, "number of samples", min=1)
+
+
+@settings
+class SampleConfig(SamplingSettings, SampleLead):
+    """Everything `folio sample` reads. Names and meanings follow nanoGPT's sample.py."""
+
+    compile: bool = setting(False, "torch.compile the model")
+    stop: list[str] = setting([], "stop a sample at this string (repeatable)")
+    stream: bool = setting(True, "print tokens as they are generated")
 
 
 @settings
@@ -390,26 +411,24 @@ class ImportNanoGPTConfig:
 
 
 @settings
-class ChatConfig:
-    """Everything `folio chat` reads: a terminal chat with a run finetuned with --task=chat
-    (its chat template); /reset starts over, /system TEXT sets the system message, /quit or
-    end of input leaves."""
+class ChatLead:
+    """The settings `folio chat` lists before SamplingSettings."""
 
     run_dir: str = setting("", "run directory of a chat model", positional="RUN_DIR",
                            required=True)
     system: str = setting("", "system message the conversation starts with")
-    max_new_tokens: int = setting(256, "longest reply in tokens", min=1)
-    temperature: float = setting(0.7, "softmax temperature; 0 is greedy", min=0.0)
-    top_k: int | None = setting(50, "keep the k most likely tokens; None keeps all", min=1)
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set with this mass",
-                           above=0.0, max=1.0)
-    seed: int = setting(1337, "random seed", min=0)
-    device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = setting(AUTO, "compute dtype", choices=(AUTO, "float32", "bfloat16", "float16"))
 
-    def __post_init__(self) -> None:
-        validate_fields(self)
-        check_device_name(self.device)
+
+@settings
+class ChatConfig(SamplingSettings, ChatLead):
+    """Everything `folio chat` reads: a terminal chat with a run finetuned with --task=chat
+    (its chat template); /reset starts over, /system TEXT sets the system message, /quit or
+    end of input leaves."""
+
+    max_new_tokens: int = changed(SamplingSettings, "max_new_tokens", 256,
+                                  "longest reply in tokens")
+    temperature: float = changed(SamplingSettings, "temperature", 0.7)
+    top_k: int | None = changed(SamplingSettings, "top_k", 50)
 
 
 @settings
