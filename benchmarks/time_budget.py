@@ -11,7 +11,9 @@ One after another, alone on the machine:
 - nanoGPT's GPU config (`shakespeare_char`: 6 x 384, block 256, batch 64, 5,000 iterations,
   val 1.4697 on an A100 in its README): the time it would take on this CPU, from its
   measured step time (`--gpu_steps` steps after one warm-up).
-Both evaluate val loss on 20 batches (nanoGPT README's CPU eval_iters). JSON lines, the CPU
+Both evaluate val loss on 20 batches (nanoGPT README's CPU eval_iters). Since folio's char
+model reads 256 tokens of context and nanoGPT's CPU model 64, each run's best model is also
+scored on the same 1,600 val windows of 64 tokens (`..._at_block_64`). JSON lines, the CPU
 named:
 
     python benchmarks/time_budget.py --budgets 60,180,600
@@ -48,6 +50,28 @@ def folio_train(args: list[str], out_dir: Path, data_dir: Path) -> tuple[float, 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((out_dir / "run.json").read_text())
     return wall, [r for r in rows if r["kind"] == "eval"], info, proc.stdout.splitlines()[0]
+
+
+def val_loss_at_block(run_dir: Path, data_dir: Path, block: int, batches: int = 100,
+                      batch: int = 16) -> float:
+    """The run's best model's mean val loss on windows of `block` tokens (nanoGPT README CPU's
+    context is 64; a longer context lowers a model's mean loss, so this compares like with
+    like). Fixed windows: the same for every run."""
+    import numpy as np
+    import torch
+
+    import folio as api
+    model, _ = api.load(str(run_dir), device="cpu", dtype="float32")
+    val = np.memmap(data_dir / "shakespeare_char" / "val.bin", dtype=np.uint16, mode="r")
+    starts = torch.randint(len(val) - block - 1, (batches, batch),
+                           generator=torch.Generator().manual_seed(0))
+    losses = []
+    with torch.no_grad():
+        for row in starts:
+            xy = torch.stack([torch.from_numpy(val[i:i + block + 1].astype(np.int64))
+                              for i in row.tolist()])
+            losses.append(model(xy[:, :-1], xy[:, 1:]).item())
+    return round(sum(losses) / len(losses), 4)
 
 
 def gpu_config_seconds(data_dir: Path, steps: int) -> dict:
@@ -106,6 +130,7 @@ def main() -> int:
         print(json.dumps({"run": "nanogpt_readme_cpu", "wall_s": round(nano_wall, 1),
                           "final_val_loss": nano_evals[-1]["val_loss"],
                           "iters": nano_evals[-1]["iter"]}), flush=True)
+        nano_at_64 = val_loss_at_block(Path(tmp) / "nanogpt", data_dir, 64)
         for budget in budgets:
             wall, evals, info, first = folio_train(
                 [f"--time={budget}s", "--device=cpu"], Path(tmp) / f"folio-{budget}", data_dir)
@@ -119,7 +144,10 @@ def main() -> int:
                         k: info["model"][k] for k in ("n_layer", "n_head", "n_embd",
                                                       "block_size")},
                     "folio_first_line": first, "nanogpt_best_val_within": nano_best,
-                    "gap": round(nano_best - info["best_val_loss"], 4) if nano_best else None}
+                    "gap": round(nano_best - info["best_val_loss"], 4) if nano_best else None,
+                    "folio_val_loss_at_block_64": val_loss_at_block(
+                        Path(tmp) / f"folio-{budget}", data_dir, 64),
+                    "nanogpt_final_val_loss_at_block_64": nano_at_64}
             print(json.dumps(line), flush=True)
         print(json.dumps(gpu_config_seconds(data_dir, args.gpu_steps)), flush=True)
     return 0

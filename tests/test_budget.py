@@ -15,6 +15,7 @@ from folio.config import TrainConfig, parse_duration
 from folio.machine.distributed import DistInfo
 from folio.speed.kernels import Kernels
 from folio.store import checkpoint
+from folio.train import sizing
 from folio.train.budget import Budget
 from folio.train.loop import Trainer
 from folio.train.optim import lr_at, muon_momentum_at
@@ -154,6 +155,19 @@ def test_a_budget_with_no_shape_is_sized_and_says_why():
     given = parse_args(TrainConfig, ["--time=2m", "--n_layer=3"])
     mine, _ = resolve(given.config, given.given, "cpu", machine=lambda cfg: fast)
     assert mine.n_layer == 3  # a shape setting given wins
+
+
+def test_a_budget_that_sees_its_data_many_times_gets_weight_decay_unless_given():
+    many_epochs = Machine(peak_flops=5e12, train_tokens=1_003_854, vocab_size=65)
+    parsed = parse_args(TrainConfig, ["--time=10m"])
+    cfg, note = resolve(parsed.config, parsed.given, "cpu", machine=lambda cfg: many_epochs)
+    assert cfg.weight_decay == sizing.WEIGHT_DECAY > 0 and "weight decay" in note
+    mine = parse_args(TrainConfig, ["--time=10m", "--weight_decay=0.01"])
+    assert resolve(mine.config, mine.given, "cpu",
+                   machine=lambda cfg: many_epochs)[0].weight_decay == 0.01
+    big_corpus = Machine(peak_flops=50e9, train_tokens=10**10, vocab_size=65)
+    once, _ = resolve(parsed.config, parsed.given, "cpu", machine=lambda cfg: big_corpus)
+    assert once.weight_decay == 0.0  # the modern recipe's: the data is not repeated
 
 
 # ---------------------------------------------------------------------------- bad budgets

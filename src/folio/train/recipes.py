@@ -121,8 +121,9 @@ def resolve(cfg: TrainConfig, given: frozenset[str], device_type: str,
     if "recipe" not in given:
         cfg = apply(TrainConfig, {"recipe": default_recipe(cfg, bare, source)}, cfg)
     if cfg.time:
-        cfg, why = budgeted(cfg, given, device_type, machine)
+        cfg, why, sized = budgeted(cfg, given, device_type, machine)
         notes.append(why)
+        given = given | sized  # the size's weight decay wins over the recipe's
     if cfg.recipe == "modern":
         filled = [f"{k}={v}" for k, v in MODERN_RECIPE.items() if k not in given]
         if "tie_head" not in given:
@@ -171,9 +172,10 @@ BUDGET_DEFAULTS: dict[str, Any] = {"max_iters": None, "lr_decay_iters": None, "e
 
 def budgeted(cfg: TrainConfig, given: frozenset[str], device_type: str,
              machine: Callable[[TrainConfig], Machine | None] | None
-             ) -> tuple[TrainConfig, str]:
+             ) -> tuple[TrainConfig, str, frozenset[str]]:
     """A --time run's settings: BUDGET_DEFAULTS and, with no shape setting given, the size
-    sizing.choose picks; and the note that says which and why."""
+    sizing.choose picks (for the settings not given); the note that says which and why; and
+    the names of the settings the size filled."""
     cfg = fill(cfg, BUDGET_DEFAULTS, given)
     limit = "" if cfg.max_iters is None else f" or {cfg.max_iters} iters, whichever ends first"
     note = f"time budget {cfg.time}{limit}"
@@ -181,13 +183,13 @@ def budgeted(cfg: TrainConfig, given: frozenset[str], device_type: str,
     if not given & frozenset(SIZE_KEYS) and machine is not None and cfg.init_from == "scratch":
         found = machine(cfg)
     if found is None:
-        return cfg, note
+        return cfg, note, frozenset()
     size, why = sizing.choose(parse_duration(cfg.time), found.peak_flops, found.train_tokens,
                               found.vocab_size)
-    cfg = apply(TrainConfig, size.settings(), cfg)
-    return cfg, (f"{note}; size for the budget on {device_type}: {size.n_layer} layers, "
-                 f"{size.n_embd} wide, block {size.block_size}, batch {size.batch_size} "
-                 f"({why})")
+    sized = {k: v for k, v in size.settings().items() if k not in given}
+    note += (f"; size for the budget on {device_type}: {size.n_layer} layers, {size.n_embd} "
+             f"wide, block {size.block_size}, batch {size.batch_size} ({why})")
+    return apply(TrainConfig, sized, cfg), note, frozenset(sized)
 
 
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout")

@@ -4,12 +4,14 @@ One dial, as in nanochat: depth d gives a model of d layers, 32·d wide, heads o
 nanoGPT README's CPU model). The budget buys FLOPs: its seconds times this device's measured
 matmul peak times a typical utilisation. The chosen depth is the largest whose training tokens
 in the budget reach TOKENS_PER_PARAM per parameter, the ratio benchmarks/size_sweep.py found
-best on tiny Shakespeare (docs/size_sweep.png); a run that would see its data more than
-EPOCHS_BEFORE_DROPOUT times gets dropout, since a small corpus overfits.
+best on tiny Shakespeare (docs/size_sweep.png). A small corpus seen many times overfits: a run
+that sees its data more than EPOCHS_BEFORE_DECAY times gets weight decay, one past
+EPOCHS_BEFORE_DROPOUT times dropout too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 DEPTHS = range(2, 13)
@@ -21,7 +23,11 @@ TOKENS_PER_PARAM = 8.0  # benchmarks/size_sweep.py on tiny Shakespeare, char, a 
 EPOCHS_BEFORE_DROPOUT = 20.0  # nanoGPT's GPU char config: dropout 0.2 for ~80 epochs; the sweep
 # (no dropout) never saw a run past 5 epochs overfit
 DROPOUT = 0.1
-BLOCK_SIZE = {"char": 128, "bpe": 64}  # context: tokens per sequence
+EPOCHS_BEFORE_DECAY = 2.0
+WEIGHT_DECAY = 0.1  # benchmarks/time_budget sweep at 10 minutes (3 x 96, 12 epochs): decay 0.05
+# and 0.2 both took val from 1.544 to 1.506, dropout 0.1 made it worse (1.585)
+BLOCK_SIZE = {"char": 256, "bpe": 64}  # context: tokens per sequence (char: 256 took the 2-minute
+# run from 1.618 to 1.587 and the 10-minute one from 1.544 to 1.469 against 128, 2 x 64 and 3 x 96)
 BATCH_SIZE = 16
 
 
@@ -33,11 +39,10 @@ class Size:
     block_size: int
     batch_size: int
     dropout: float
+    weight_decay: float
 
     def settings(self) -> dict[str, int | float]:
-        return dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                    block_size=self.block_size, batch_size=self.batch_size,
-                    dropout=self.dropout)
+        return dataclasses.asdict(self)
 
 
 def params(depth: int, vocab: int) -> int:
@@ -66,11 +71,14 @@ def choose(budget_s: float, peak_flops: float, train_tokens: int, vocab: int
     depth = max(fitting, default=DEPTHS[0])
     epochs = tokens(depth) / max(1, train_tokens)
     dropout = DROPOUT if epochs > EPOCHS_BEFORE_DROPOUT else 0.0
-    size = Size(depth, depth, depth * HEAD_DIM, block, BATCH_SIZE, dropout)
+    decay = WEIGHT_DECAY if epochs > EPOCHS_BEFORE_DECAY else 0.0
+    size = Size(depth, depth, depth * HEAD_DIM, block, BATCH_SIZE, dropout, decay)
+    against = " and ".join(([f"weight decay {decay}"] if decay else [])
+                           + ([f"dropout {dropout}"] if dropout else []))
     why = (f"depth {depth}: {fmt(tokens(depth))} tokens fit the budget at "
            f"{peak_flops / 1e9:.0f} GFLOP/s, >= {TOKENS_PER_PARAM:.0f} per parameter "
            f"({params(depth, vocab) / 1e6:.2f}M)"
-           + (f"; {epochs:.0f} epochs of the data, so dropout {DROPOUT}" if dropout else ""))
+           + (f"; {epochs:.0f} epochs of the data, so {against}" if against else ""))
     return size, why
 
 
