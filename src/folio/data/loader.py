@@ -143,8 +143,9 @@ def open_split(dataset_dir: Path, split: str, meta: dict) -> np.ndarray | Shards
 
 class ChatLoader(Loader):
     """Windows of block_size+1 tokens that each start at a conversation: the conversations
-    that follow are packed in after it (separated by the start token; attention is not
-    masked between them), a conversation longer than the window is cut at its end. Only
+    that follow are packed in after it (each opened by the start token; the trainer keeps
+    attention within each, model/gpt.py's `documents`), a conversation longer than the window
+    is cut at its end. Only
     windows with at least one assistant target are drawn, so no batch is without loss."""
 
     def __init__(self, tokens: ChatTokens, batch_size: int, block_size: int, seed: int,

@@ -5,7 +5,9 @@ finetune (Llama, SmolLM2, Qwen3: learned RMSNorm scales, SwiGLU, grouped-query a
 another rotary base or head width); the defaults are GPT-2's.
 
 One forward pass serves training, evaluation, prefill and cached decoding: `GPT.forward`
-takes an optional KV cache (cache.py) that the attention layers write into and read from.
+takes an optional KV cache (cache.py) that the attention layers write into and read from, or
+(a chat run's packed conversations) the token that opens each document: attention then stays
+within a document and positions restart at each (`documents`).
 Parameter names match nanoGPT (and so, after a transpose, Hugging Face GPT-2). The model is
 plain PyTorch math with no device, dtype or distributed code: folio.speed swaps its
 parameter-free pieces (dropout, `CausalAttention`, `CrossEntropy`) for faster kernels of the
@@ -200,6 +202,21 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+def documents(idx: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents packed in idx (B, T), each opened by a `start` token (a chat run's
+    conversations, each beginning with <|endoftext|>; tokens before a row's first one count as
+    a document too): each token's position within its document (B, T), and the block-diagonal
+    causal mask (B, 1, T, T), True where a query sees a key (its own document's past and
+    itself). Positions restart so that a conversation reads as it does alone at position 0,
+    as `folio chat` and the server show it to the model."""
+    T = idx.size(1)
+    at = torch.arange(T, device=idx.device)  # (T,)
+    first = torch.where(idx == start, at, 0).cummax(dim=1).values  # (B, T): its document's start
+    same = first[:, :, None] == first[:, None, :]  # (B, T, T)
+    causal = at[:, None] >= at[None, :]  # (T, T)
+    return at - first, (same & causal)[:, None]  # (B, T), (B, 1, T, T)
+
+
 class CausalAttention(nn.Module):
     """The one attention call: softmax(q kᵀ / √hs + causal mask) v, with dropout on the
     weights while training. Parameter-free, so folio.speed can swap in a faster kernel."""
@@ -212,8 +229,9 @@ class CausalAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """T queries (B, nh, T, hs) at the last T of S positions, over keys and values
         (B, nh, S, hs) of every position so far -> (B, nh, T, hs). `mask` (B, 1, T, S), where
-        given (rows at positions of their own, model/cache.py's RowCache), is added to the
-        scores: 0 where a query sees a key, -inf where it does not."""
+        given, replaces the causal pattern: a float one (rows at positions of their own,
+        model/cache.py's RowCache) is added to the scores, 0 where a query sees a key and -inf
+        where it does not; a bool one (packed documents, `documents`) is True where it sees."""
         T, S = q.size(2), k.size(2)
         if mask is None and 1 < T < S:  # queries after cached positions: t sees 0..S-T+t
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
@@ -240,9 +258,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) at positions cache.length.. (0.. without a cache; a RowCache: each
-        row's own) -> (B, T, C); rope: the rotary cos/sin of those positions, or None."""
+        row's own) -> (B, T, C); rope: the rotary cos/sin of those positions, or None;
+        mask: without a cache, packed documents' (B, 1, T, T) (`documents`), or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
@@ -251,7 +271,6 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # before the keys are cached: cached keys keep their rotation
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        mask = None
         if cache is not None:  # keys and values of every position so far (in the cache's dtype)
             k, v = cache.update(self.layer, k, v)  # (B, nkv, length + T, hs)
             mask = cache.mask(T)  # None but for a RowCache
@@ -295,8 +314,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope, mask)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -378,17 +398,25 @@ class GPT(nn.Module):
             return RowCache(*shape, dtype, like.device)
         return KVCache(*shape, batch_size, dtype, like.device)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | RowCache | None = None
-               ) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | RowCache | None = None,
+               doc_start: int | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) for token ids idx (B, T), placed after what
         `cache` holds (and then added to it; a RowCache: each row after its own), or at
-        positions 0..T-1 without one."""
+        positions 0..T-1 without one; with `doc_start` (no cache), idx holds documents packed
+        one after another, each opened by that token: each attends within itself only, from
+        position 0 (`documents`)."""
         T = idx.size(1)
         end = T + (0 if cache is None else cache.length)
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        pos = positions(cache, T, idx.device)  # (T,), or (B, T) for a RowCache
+        mask = None
+        if doc_start is None:
+            pos = positions(cache, T, idx.device)  # (T,), or (B, T) for a RowCache
+        elif cache is None:
+            pos, mask = documents(idx, doc_start)  # (B, T), (B, 1, T, T)
+        else:
+            raise ValueError("packed documents (doc_start) are for passes without a KV cache")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.rope:
@@ -398,21 +426,23 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache, rope)  # (B, T, C)
+            x = block(x, cache, rope, mask)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | RowCache | None = None) -> torch.Tensor:
+                cache: KVCache | RowCache | None = None, doc_start: int | None = None
+                ) -> torch.Tensor:
         """The model's one forward pass, for training, evaluation, prefill and decoding.
 
         idx (B, T): token ids. With targets (B, T), returns the mean cross-entropy over the
         real vocabulary, a scalar (targets of -1 do not count). Without, returns the logits
         (B, V) for the token after each sequence: only the last position goes through the
-        output head. With a cache, idx continues the sequences it holds (see KVCache).
+        output head. With a cache, idx continues the sequences it holds (see KVCache). With
+        `doc_start`, idx packs documents each opened by that token, kept apart (`hidden`).
         """
-        x = self.hidden(idx, cache)  # (B, T, C)
+        x = self.hidden(idx, cache, doc_start)  # (B, T, C)
         if targets is None:
             return self.logits(x[:, -1, :])  # (B, V)
         return self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten())

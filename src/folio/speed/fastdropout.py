@@ -65,7 +65,8 @@ class FastDropout(nn.Dropout):
 
 
 class _CausalDropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(hs) + causal) with dropout, times v, keeping O(T) per query.
+    """softmax(q k^T / sqrt(hs) + causal) with dropout, times v, keeping O(T) per query; with
+    a bool mask (B, 1, T, T) (packed documents), only where it is True as well.
 
     Work goes in tiles of (g sequences x QUERY_BLOCK queries x the keys they may see), so the
     future half of the scores is never computed and each tile's scores stay in cache. Matmuls
@@ -73,8 +74,8 @@ class _CausalDropoutAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
-                ) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                mask: torch.Tensor | None) -> torch.Tensor:
         B, nh, T, hs = q.shape
         qf, kf, vf = (t.reshape(B * nh, T, hs) for t in (q, k, v))  # (G, T, hs)
         tiles = _tiles(B * nh, T)
@@ -82,19 +83,19 @@ class _CausalDropoutAttention(torch.autograd.Function):
         out = torch.empty_like(qf)  # (G, T, hs)
         lse = torch.empty(B * nh, T, 1, dtype=torch.float32, device=q.device)
         for n, (g, t) in enumerate(tiles):
-            probs = _scores(qf, kf, g, t, scale)  # (g, tq, tk)
+            probs = _scores(qf, kf, g, t, scale, mask)  # (g, tq, tk)
             top = probs.amax(dim=-1, keepdim=True)  # (g, tq, 1)
             total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
             lse[g, t] = top + total.log()
             probs.mul_(keep_mask(tuple(probs.shape), p, seed + n)).mul_(1 / (1 - p) / total)
             out[g, t] = torch.bmm(probs.to(vf.dtype), vf[g, :t.stop])  # (g, tq, hs)
-        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.save_for_backward(qf, kf, vf, out, lse, mask)
         ctx.p, ctx.seed, ctx.scale, ctx.tiles = p, seed, scale, tiles
         return out.view(B, nh, T, hs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qf, kf, vf, out, lse = ctx.saved_tensors
+        qf, kf, vf, out, lse, mask = ctx.saved_tensors
         dout = grad_out.reshape(qf.shape).to(qf.dtype)  # (G, T, hs)
         delta = (dout.float() * out.float()).sum(dim=-1, keepdim=True)  # (G, T, 1)
         dq = torch.empty_like(qf)
@@ -103,7 +104,7 @@ class _CausalDropoutAttention(torch.autograd.Function):
         low = qf.dtype
         for n, (g, t) in enumerate(ctx.tiles):
             keys = slice(0, t.stop)
-            probs = _scores(qf, kf, g, t, ctx.scale).sub_(lse[g, t]).exp_()  # (g, tq, tk)
+            probs = _scores(qf, kf, g, t, ctx.scale, mask).sub_(lse[g, t]).exp_()  # (g, tq, tk)
             kept = keep_mask(tuple(probs.shape), ctx.p, ctx.seed + n).float()
             kept.mul_(1 / (1 - ctx.p))
             dv[g, keys] += torch.bmm((probs * kept).transpose(1, 2).to(low), dout[g, t])
@@ -112,7 +113,7 @@ class _CausalDropoutAttention(torch.autograd.Function):
             dq[g, t] = torch.bmm(dscores, kf[g, keys])  # (g, tq, hs)
             dk[g, keys] += torch.bmm(dscores.transpose(1, 2), qf[g, t])
         shape = grad_out.shape
-        return dq.view(shape), dk.to(low).view(shape), dv.to(low).view(shape), None
+        return dq.view(shape), dk.to(low).view(shape), dv.to(low).view(shape), None, None
 
 
 QUERY_BLOCK = 64  # queries per tile: the causal mask then skips (1 - (n+1)/2n) of the scores
@@ -126,17 +127,25 @@ def _tiles(G: int, T: int) -> list[tuple[slice, slice]]:
             for s in range(0, G, g) for i in range(0, T, tq)]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, g: slice, t: slice, scale: float
-            ) -> torch.Tensor:
-    """Float32 scaled scores (g, tq, tk) of queries t against keys 0..t.stop, future -inf."""
+def _scores(q: torch.Tensor, k: torch.Tensor, g: slice, t: slice, scale: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 scaled scores (g, tq, tk) of queries t against keys 0..t.stop, future -inf;
+    and where the bool `mask` (B, 1, T, T) of the g sequences' rows is False."""
     scores = torch.bmm(q[g, t], k[g, :t.stop].transpose(1, 2)).float().mul_(scale)
     future = torch.ones(t.stop - t.start, t.stop, dtype=torch.bool, device=q.device)
-    return scores.masked_fill_(future.triu_(t.start + 1), float("-inf"))
+    scores.masked_fill_(future.triu_(t.start + 1), float("-inf"))
+    if mask is not None:  # sequence s of the G = B * nh is row s // nh's head s % nh
+        heads = q.size(0) // mask.size(0)
+        rows = torch.arange(g.start, g.stop, device=q.device) // heads  # (g,)
+        scores.masked_fill_(~mask[rows, 0, t, :t.stop], float("-inf"))
+    return scores
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
-                     ) -> torch.Tensor:
-    """Causal self-attention of q, k, v (B, nh, T, hs) with attention dropout p."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal self-attention of q, k, v (B, nh, T, hs) with attention dropout p; with `mask`
+    (B, 1, T, T) bool, a query sees only the keys it marks True (itself always among them)."""
     if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
-        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-    return _CausalDropoutAttention.apply(q, k, v, p)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                          is_causal=mask is None)
+    return _CausalDropoutAttention.apply(q, k, v, p, mask)

@@ -43,7 +43,8 @@ PLAIN = Kernels()  # the model's own math, as built
 
 class CpuAttention(CausalAttention):
     """`CausalAttention` with the CPU's faster kernels: attention dropout in tiles that keep
-    no (T, T) masks (fastdropout.py), and SDPA in float32 under bfloat16 autocast."""
+    no (T, T) dropout masks (fastdropout.py; packed documents' bool mask too), and SDPA in
+    float32 under bfloat16 autocast."""
 
     def __init__(self, dropout: float, fast_dropout: bool, float32: bool):
         super().__init__(dropout)
@@ -52,11 +53,14 @@ class CpuAttention(CausalAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if dropout and self.fast_dropout and mask is None and q.size(2) == k.size(2):
-            return causal_attention(q, k, v, dropout)  # no cache: training; tiles of matmuls
+        documents = mask is not None and mask.dtype == torch.bool  # (B, 1, T, T), no cache
+        if dropout and self.fast_dropout and (mask is None or documents) \
+                and q.size(2) == k.size(2):
+            return causal_attention(q, k, v, dropout, mask)  # training; tiles of matmuls
         if self.float32 and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
-                mask = None if mask is None else mask.float()
+                if mask is not None and not documents:  # an additive mask in SDPA's dtype
+                    mask = mask.float()
                 return super().forward(q.float(), k.float(), v.float(), mask).to(q.dtype)
         return super().forward(q, k, v, mask)
 

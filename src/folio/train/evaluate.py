@@ -59,15 +59,16 @@ def batches_per_pass(eval_iters: int, batch_size: int, block_size: int, max_toke
 def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], eval_iters: int,
                   batch_size: int, block_size: int, device: torch.device,
                   autocast: Callable[[], contextlib.AbstractContextManager], seed_offset: int = 0,
-                  max_tokens: int = 0, token_bytes: torch.Tensor | None = None
-                  ) -> dict[str, Score]:
+                  max_tokens: int = 0, token_bytes: torch.Tensor | None = None,
+                  doc_start: int | None = None) -> dict[str, Score]:
     """Loss over `eval_iters` fixed batches of each split (model left in train mode), and
     with `token_bytes` (each id's byte length) the bytes its targets stand for.
 
     With `max_tokens`, batches are stacked into fewer, larger forward passes (the same batches,
     the same mean up to float rounding): small matmuls waste most of a CPU's time. Targets of
     -1 (a chat dataset's tokens that are not the assistant's) are not scored: each pass's mean
-    loss counts as many times as it scored targets.
+    loss counts as many times as it scored targets. `doc_start`: as in training, the token
+    opening each packed conversation (attention within one only), or None.
     """
     stack = batches_per_pass(eval_iters, batch_size, block_size, max_tokens)
     passes = eval_iters // stack
@@ -82,7 +83,7 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], eval_it
         for _ in range(passes):
             x, y = loader.next_batch()  # (stack * B, T): the next `stack` batches
             with autocast():
-                loss = model(x, y)
+                loss = model(x, y, doc_start=doc_start)
             scored = y != -1  # (stack * B, T)
             count = scored.sum()
             total += loss.float() * count

@@ -167,6 +167,8 @@ class Trainer:
         self.dataset_dir = ensure_dataset(cfg, info)
         self.meta = read_meta(self.dataset_dir)
         check_task(cfg, self.meta)
+        # (chat) packed conversations kept apart: attention within each, from position 0
+        self.doc_start = self.meta["conversation_start_id"] if cfg.task == "chat" else None
         self.progress = Progress()
         self.evals_done = 0  # tenths of a budgeted run's time already evaluated
         self.eval_iters = cfg.eval_iters  # a budgeted run may take fewer (check_budget_fits)
@@ -213,7 +215,8 @@ class Trainer:
                                              training_choice.ns_dtype(knobs))
         self.step_fn = TrainStep(self.train_model, model, self.optimizer, device, self.dtype,
                                  cfg.grad_clip, torch.amp.GradScaler(
-                                     device.type, enabled=self.dtype == torch.float16))
+                                     device.type, enabled=self.dtype == torch.float16),
+                                 self.doc_start)
         if resumed is not None:
             self._restore(resumed.state)
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
@@ -241,6 +244,8 @@ class Trainer:
         shape = {**model.config.to_dict(), "dropout": cfg.dropout}
         batch = {"batch_size": cfg.batch_size, "block_size": model.config.block_size,
                  "grad_clip": cfg.grad_clip > 0}
+        if self.doc_start is not None:  # attention under a mask: timed apart
+            batch["documents"] = True
         key = autotune.cache_key(shape, batch, self.device.type, found)
 
         def batches() -> list[Batch]:
@@ -260,7 +265,8 @@ class Trainer:
                                         training_choice.ns_dtype(knobs))
         step = TrainStep(twin, twin, optimizer, self.device, DTYPES[knobs["dtype"]],
                          self.cfg.grad_clip, torch.amp.GradScaler(self.device.type,
-                                                                  enabled=False))
+                                                                  enabled=False),
+                         self.doc_start)
         return lambda x, y: step(lambda: (x, y))
 
     def fixed_batches(self, n: int) -> list[Batch]:
@@ -394,7 +400,7 @@ class Trainer:
                                cfg.batch_size, self.model.config.block_size, self.device,
                                lambda: autocast(self.device, self.dtype),
                                seed_offset=self.info.rank, max_tokens=self.eval_tokens,
-                               token_bytes=self.token_bytes)
+                               token_bytes=self.token_bytes, doc_start=self.doc_start)
         train, val = (all_reduce_scores(scores, self.info)[s] for s in ("train", "val"))
         if self.budget is not None:
             self.budget.record_eval(self.clock() - tick)
@@ -543,7 +549,7 @@ class Trainer:
             with torch.no_grad(), autocast(self.device, self.dtype):
                 for _ in range(2):
                     tick = self.clock()
-                    twin(x, y)
+                    twin(x, y, doc_start=self.doc_start)
                     forward_s = self.clock() - tick
         del twin
         budget.record_step(step_s)

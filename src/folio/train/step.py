@@ -24,6 +24,8 @@ class TrainStep:
     dtype: torch.dtype  # autocast dtype (float32: none)
     grad_clip: float  # max gradient norm; 0 leaves gradients as they are
     scaler: torch.amp.GradScaler  # float16 loss scaling; disabled otherwise
+    doc_start: int | None = None  # (chat) the token opening each packed conversation: the
+    # model attends within a conversation only (GPT.forward); None: plain language modelling
 
     def __call__(self, next_batch: Callable[[], Batch], micro_batches: int = 1) -> torch.Tensor:
         """One step over `micro_batches` batches from next_batch(); their mean loss (no sync)."""
@@ -32,7 +34,7 @@ class TrainStep:
             x, y = next_batch()
             last = micro == micro_batches - 1
             with distributed.no_sync(self.model, sync=last), autocast(self.device, self.dtype):
-                loss = self.model(x, y) / micro_batches  # the mean over all micro-batches
+                loss = self.model(x, y, doc_start=self.doc_start) / micro_batches  # mean of all
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.grad_clip > 0:
