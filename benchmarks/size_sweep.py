@@ -9,6 +9,9 @@ tokens, wall time, tokens per parameter) and one per budget with the best depth;
 The rule in sizing.py (TOKENS_PER_PARAM) is read off these lines. Run it alone:
 
     python benchmarks/size_sweep.py --datasets char --budgets 60,180 --depths 2,3,4,5,6 --plot
+
+The context and regularisation runs in docs/training.md are single cells of it, e.g.
+`--datasets char --budgets 600 --depths 3 --block char=256,bpe=64 --weight_decay 0.1`.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ DATASETS = {"char": "shakespeare_char", "bpe": "shakespeare"}
 
 
 def run(dataset: str, depth: int, budget_s: int, data_dir: Path, out_dir: Path,
-        block: int, batch: int, dropout: float) -> dict:
+        block: int, batch: int, dropout: float, weight_decay: float) -> dict:
     """One `folio train --time` run of the dial's model at `depth`; its figures."""
     args = [sys.executable, "-m", "folio", "train", f"--dataset={dataset}",
             f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--time={budget_s}s",
             f"--n_layer={depth}", f"--n_head={depth}", f"--n_embd={32 * depth}",
             f"--block_size={block}", f"--batch_size={batch}", f"--dropout={dropout}",
+            f"--weight_decay={weight_decay}",
             "--device=cpu", "--recipe=modern", "--log_interval=1000000"]
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
@@ -81,6 +85,7 @@ def main() -> int:
     parser.add_argument("--block", default="char=128,bpe=64")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--data_dir", default="", help="prepared datasets (default: a temp dir)")
     parser.add_argument("--plot", action="store_true", help="draw docs/size_sweep.png")
     args = parser.parse_args()
@@ -105,7 +110,8 @@ def main() -> int:
                 for depth in (int(d) for d in args.depths.split(",")):
                     out = Path(tmp) / f"{kind}-{budget}-{depth}"
                     result = run(DATASETS[kind], depth, budget, data_dir, out,
-                                 int(blocks[kind]), args.batch, args.dropout)
+                                 int(blocks[kind]), args.batch, args.dropout,
+                                 args.weight_decay)
                     line = {"dataset": kind, "budget_s": budget, "depth": depth, **result}
                     lines.append(line)
                     print(json.dumps(line), flush=True)

@@ -119,7 +119,8 @@ class TrainConfig:
     time: str = setting("", "wall-clock budget, e.g. 90s, 10m, 1.5h: the schedule ends at the "
                         "deadline with a finished model; whichever of time and max_iters ends "
                         "first")
-    weight_decay: float = setting(1e-1, "AdamW weight decay on 2-D parameters", min=0.0)
+    weight_decay: float = setting(1e-1, "decoupled weight decay on 2-D parameters (AdamW's and "
+                                  "Muon's)", min=0.0)
     beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=0.999999)
     beta2: float = setting(0.95, "AdamW beta2", min=0.0, max=0.999999)
     grad_clip: float = setting(1.0, "clip gradient norm at this value; 0 disables", min=0.0)
