@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from folio.infer.decode import BatchDecoder
+from folio.infer.decode import BatchDecoder, use_threads
 from folio.infer.sample import TextStream, generate_tokens, sample_tokens
 from folio.infer.serve.runs import LoadedModel
 from folio.model.gpt import GPT
@@ -120,8 +120,13 @@ class Choice:
 class Engine:
     """The decoding thread and its bounded queue."""
 
-    def __init__(self, max_active: int, queue_size: int, batch: bool = True) -> None:
+    def __init__(self, max_active: int, queue_size: int, batch: bool = True,
+                 after_step: Callable[[], None] | None = None) -> None:
+        """`after_step` is called from the decoding thread after every step, when the step's
+        events have all been emitted (the server hands them to its event loop there)."""
         self.max_active, self.capacity, self.batch = max_active, max_active + queue_size, batch
+        self.after_step = after_step
+        self._threads = torch.get_num_threads()  # torch's intra-op threads in this process
         self.steps = 0  # engine steps so far: first-token latency is counted in these
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -175,6 +180,11 @@ class Engine:
             with self._cond:
                 self._active = [j for j in self._active if j not in jobs]
 
+    def _stepped(self) -> None:
+        self.steps += 1
+        if self.after_step is not None:
+            self.after_step()
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # thread-local: this thread only ever decodes
         (self._run_batched if self.batch else self._run_in_turn)()
@@ -191,10 +201,11 @@ class Engine:
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                     self._finish([job])
             for model, decoder in list(decoders.items()):
+                use_threads(decoder.threads or self._threads, self._threads)
                 self._step(decoder)
                 if not decoder.rows:
                     del decoders[model]  # its cache's memory goes with it
-            self.steps += 1
+            self._stepped()
 
     def _start(self, job: Job, decoders: dict[GPT, BatchDecoder[Choice]]) -> None:
         """Add a job's choices as rows of its model's decoder (made when none is running)."""
@@ -271,4 +282,4 @@ class Engine:
             for job in finished:
                 del running[job]
             self._finish(finished)
-            self.steps += 1
+            self._stepped()
