@@ -8,14 +8,13 @@ keeps a `RowCache`: each row (a request's window) at its own position.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
-from folio.model.gpt import GATED, GPT, GPTConfig
+from folio.model.gpt import GPT
 from folio.speed.packed import decoding_copy
 
 # When the window outgrows block_size, drop this fraction of it (at least one token) and
@@ -23,14 +22,6 @@ from folio.speed.packed import decoding_copy
 # of one per token (learned absolute positions make a one-token slide a full recompute).
 # Every token still sees at least 3/4 of block_size tokens of context once that many exist.
 SLIDE_FRACTION = 0.25
-
-
-# A model whose matrices (blocks and head) hold fewer weights than this decodes its batched
-# steps on one intra-op thread: its matmuls take microseconds, too little to split, and a
-# second thread only adds a wait at every op's barrier, the longer when the server's event
-# loop (or anything else) holds the other core. (README char model, 4 x 128, 8 rows, AMD
-# EPYC 2 cores under load: 0.76 ms of CPU per token on one thread, 5.1 ms on two.)
-ONE_THREAD_WEIGHTS = 4_000_000
 
 
 def slide(window: list[int], block_size: int) -> list[int]:
@@ -50,33 +41,6 @@ def decoding_model(model: GPT) -> GPT:
     if type(model.lm_head) is nn.Linear and model.lm_head.weight.device.type == "cpu":
         return decoding_copy(model, pack=False)
     return model
-
-
-def matrix_weights(config: GPTConfig) -> int:
-    """Weights of the model's matrices that each decoded token multiplies: the blocks' and the
-    output head's (what a decoding step's time grows with)."""
-    c, attention = config.n_embd, config.n_head * config.head_size
-    kv = 2 * config.kv_heads * config.head_size
-    mlp = config.mlp_width * c * (3 if config.mlp in GATED else 2)
-    return config.n_layer * (c * (attention + kv) + attention * c + mlp) + config.vocab_size * c
-
-
-def decoding_threads(config: GPTConfig) -> int | None:
-    """The intra-op threads to decode batched steps of this model with: 1 for a small one
-    (ONE_THREAD_WEIGHTS), else None (torch's default)."""
-    return 1 if matrix_weights(config) < ONE_THREAD_WEIGHTS else None
-
-
-def use_threads(threads: int, default: int) -> None:
-    """Run this thread's torch ops on `threads` intra-op threads. torch.set_num_threads also
-    sets the default of threads that start later, so `default` is put back for them (by a
-    thread of its own: the call sets its caller's threads too)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-        if threads != default:
-            restore = threading.Thread(target=torch.set_num_threads, args=(default,))
-            restore.start()
-            restore.join()
 
 
 class CachedDecoder:
@@ -129,7 +93,6 @@ class BatchDecoder(Generic[Owner]):
     def __init__(self, model: GPT) -> None:
         self.model = decoding_model(model)
         self.block_size = self.model.config.block_size
-        self.threads = decoding_threads(self.model.config)  # None: torch's default
         self.cache = self.model.new_cache(rows=True)
         self.owners: list[Owner] = []  # whatever the caller keeps per row, in row order
         self._windows: list[list[int]] = []  # each row's context of its next token

@@ -4,9 +4,11 @@ once; up to `queue_size` more wait; beyond that `submit` refuses at once.
 Batched (the default): each engine step is one forward pass over every active request's
 choices (infer/decode.py's `BatchDecoder`: each row at its own position, the rows that
 arrived or slid prefilled first), then one token sampled per row with the row's own
-generator (sample.py's `sample_tokens`: top-k and softmax of rows alike in one call). A
-request that arrives during a step is prefilled and decoded in the next one: its first
-token comes within two steps plus its prefill. Each row decodes the windows, and
+generator (sample.py's `sample_tokens`: top-k, softmax and the draw of rows alike in one call
+each, only the noise drawn row by row). A request that arrives during a step is admitted at
+the step's end, prefilled and decoded in the next one: its first token comes within two
+steps plus its prefill. A step's events are emitted, then `after_step` runs (the server hands
+them to its event loop there, all at once). Each row decodes the windows, and
 samples with the generator, that it would alone, so its text is the one it gets alone; the
 logits agree to float rounding only (a matmul over 8 rows sums in another order than over
 one: ~1e-7 relative), so a token could differ only where two candidates are that close.
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-from folio.infer.decode import BatchDecoder, use_threads
+from folio.infer.decode import BatchDecoder
 from folio.infer.sample import TextStream, generate_tokens, sample_tokens
 from folio.infer.serve.runs import LoadedModel
 from folio.model.gpt import GPT
@@ -126,7 +128,6 @@ class Engine:
         events have all been emitted (the server hands them to its event loop there)."""
         self.max_active, self.capacity, self.batch = max_active, max_active + queue_size, batch
         self.after_step = after_step
-        self._threads = torch.get_num_threads()  # torch's intra-op threads in this process
         self.steps = 0  # engine steps so far: first-token latency is counted in these
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -201,7 +202,6 @@ class Engine:
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                     self._finish([job])
             for model, decoder in list(decoders.items()):
-                use_threads(decoder.threads or self._threads, self._threads)
                 self._step(decoder)
                 if not decoder.rows:
                     del decoders[model]  # its cache's memory goes with it
