@@ -12,7 +12,7 @@ import torch
 
 from folio.data.tokenizer import CharTokenizer
 from folio.infer.decode import BatchDecoder, slide
-from folio.infer.sample import generate_tokens, sample_token, sample_tokens
+from folio.infer.sample import draw, generate_tokens, sample_token, sample_tokens
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import LoadedModel
 from folio.model.cache import RowCache
@@ -125,6 +125,24 @@ def test_rows_sampled_together_draw_what_each_draws_alone():
                  for r in range(7)]
         assert together == alone
     assert len(set(together)) > 3
+
+
+def test_the_batched_draw_is_torch_multinomials_draw_for_every_row():
+    """`draw` races each row's exponential noise against its probabilities in one op: the
+    index multinomial picks and the generator left where multinomial leaves it, so seeded
+    texts are those of the per-row sampler before it."""
+    probs = torch.softmax(2 * torch.randn(6, 65, generator=torch.Generator().manual_seed(1)), -1)
+    probs[5] = 0.0
+    probs[5, [3, 60]] = 0.5  # a row with zeros and a tie
+    for seed in range(50):
+        ours = [torch.Generator().manual_seed(seed + r) for r in range(6)]
+        theirs = [torch.Generator().manual_seed(seed + r) for r in range(6)]
+        for _ in range(3):  # consecutive draws: each generator advanced as multinomial does
+            want = [int(torch.multinomial(probs[r], 1, generator=theirs[r])) for r in range(6)]
+            assert draw(probs, ours).tolist() == want
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
+    with pytest.raises(RuntimeError, match="nan"):
+        draw(torch.full((1, 4), float("nan")), [None])
 
 
 # ---------------------------------------------------------------------------- the engine

@@ -20,6 +20,7 @@ from folio.cli import main
 from folio.cli.args import parse_args
 from folio.config import ServeConfig
 from folio.infer.serve.app import background, exposure_warning
+from folio.infer.serve.engine import Engine
 
 MANY = 10**6  # max_tokens for generations that only a cancel ends within a test's time
 
@@ -499,6 +500,80 @@ def test_concurrent_requests_get_the_text_each_gets_alone(tiny_run):
         alone = [text(body) for body in bodies]
     assert [together.get(i) for i in range(len(bodies))] == alone
     assert len(set(alone)) == len(bodies)
+
+
+class StepGate:
+    """Paces the engine: after each step (its events handed to the event loop) the decoding
+    thread waits until the test allows more; `free` lets it run."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.allowed: int | None = None  # None: run freely
+        self.parked = False
+
+    def __call__(self) -> None:  # from the decoding thread, after a step
+        with self.cond:
+            while self.allowed == 0:
+                self.parked = True
+                self.cond.notify_all()
+                self.cond.wait()
+            self.parked = False
+            if self.allowed is not None:
+                self.allowed -= 1
+
+    def allow(self, steps: int | None) -> None:
+        with self.cond:
+            self.allowed = steps
+            self.cond.notify_all()
+
+    def wait_parked(self) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.parked, timeout=60)
+
+
+def test_a_late_request_over_http_streams_its_first_token_after_one_engine_step(
+        tiny_run, monkeypatch):
+    """Seven streams decode; the engine is held at a step boundary while an eighth request
+    comes in over HTTP and is queued; then the engine may make exactly one more step, and
+    never another: the late request's first token must come out of that step (admitted at
+    the boundary, prefilled and decoded in it, flushed to its stream right after), or it
+    never comes and the read times out. Steps are counted, not seconds."""
+    gate, stepped, init, ours = StepGate(), Engine._stepped, Engine.__init__, []
+
+    def tracked(engine: Engine, *args, **kwargs) -> None:  # this test's server's engine
+        init(engine, *args, **kwargs)
+        ours.append(engine)
+
+    def gated(engine: Engine) -> None:
+        stepped(engine)
+        if engine in ours:  # not another test's server
+            gate()
+
+    monkeypatch.setattr(Engine, "__init__", tracked)
+    monkeypatch.setattr(Engine, "_stepped", gated)
+    cfg = ServeConfig(run_dirs=[str(tiny_run)], port=0, dtype="float32", max_active=8,
+                      queue_size=0, max_tokens=MANY)
+    with background(cfg) as base:
+        busy = [open_stream(base) for _ in range(7)]
+        gate.allow(0)
+        gate.wait_parked()
+        steps = status(base)["steps"]
+        parts = urlsplit(base)
+        late = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        late.request("POST", "/v1/completions", body=json.dumps(
+            {"model": "tiny", "prompt": "KING", "max_tokens": 5, "stream": True}),
+            headers={"Content-Type": "application/json"})
+        wait_for(lambda: status(base)["waiting"] == 1, timeout=60)
+        gate.allow(1)
+        response = late.getresponse()  # headers come before any token
+        first = response.readline()
+        assert first.startswith(b"data: {") and json.loads(first[6:])["choices"][0]["text"]
+        gate.wait_parked()
+        assert status(base)["steps"] == steps + 1 and status(base)["active"] == 8
+        gate.allow(None)
+        late.close()
+        for conn in busy:
+            conn.close()
 
 
 # ---------------------------------------------------------------------------- pathological bodies

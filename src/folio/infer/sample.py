@@ -119,21 +119,28 @@ def _sample_rows(logits: torch.Tensor, temperature: float, top_k: int | None, to
     if top_k is not None and top_k < values.size(-1):
         values, ids = top_k_candidates(values, top_k)  # scaling by 1/T keeps the order
     values = values / temperature
-    if top_p < 1.0:  # each row keeps a prefix of its own length
+    if top_p < 1.0:  # each row keeps a prefix of its own length: drawn one by one
         if ids is None:
             values, ids = torch.sort(values, descending=True)
         rows = [top_p_candidates(v, i, top_p) for v, i in zip(values, ids, strict=True)]
-        probs = [F.softmax(v, dim=-1).cpu() for v, _ in rows]
-        ids = [i for _, i in rows]
-    else:
-        probs = F.softmax(values, dim=-1).cpu()  # (G, n)
-    # Draw on the CPU with a CPU generator: reproducible on every device, and the id is
-    # needed on the host anyway to print it.
-    tokens = []
-    for g, generator in enumerate(generators):
-        choice = int(torch.multinomial(probs[g], 1, generator=generator))
-        tokens.append(choice if ids is None else int(ids[g][choice]))
-    return tokens
+        return [int(i[draw(F.softmax(v, dim=-1).cpu()[None], [g])[0]])
+                for (v, i), g in zip(rows, generators, strict=True)]
+    choices = draw(F.softmax(values, dim=-1).cpu(), generators)  # (G,) positions in values
+    return (choices if ids is None else ids.cpu().gather(1, choices[:, None])[:, 0]).tolist()
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One index per row of probs (G, n), row g drawn with generators[g]: exactly the draw of
+    `torch.multinomial(probs[g], 1, generator=generators[g])` (which races exponential clocks:
+    argmax of p / Exp(1) noise), the noise drawn row by row but the race run once for all rows.
+    On the CPU with CPU generators: reproducible on every device (the ids go to the host
+    anyway, to be printed)."""
+    noise = torch.empty_like(probs)
+    for row, generator in zip(noise, generators, strict=True):
+        row.exponential_(1, generator=generator)
+    if probs.isnan().any():  # multinomial refuses these too; argmax would pick one
+        raise RuntimeError("probability tensor contains nan")
+    return (probs / noise).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------- text

@@ -4,9 +4,11 @@ once; up to `queue_size` more wait; beyond that `submit` refuses at once.
 Batched (the default): each engine step is one forward pass over every active request's
 choices (infer/decode.py's `BatchDecoder`: each row at its own position, the rows that
 arrived or slid prefilled first), then one token sampled per row with the row's own
-generator (sample.py's `sample_tokens`: top-k and softmax of rows alike in one call). A
-request that arrives during a step is prefilled and decoded in the next one: its first
-token comes within two steps plus its prefill. Each row decodes the windows, and
+generator (sample.py's `sample_tokens`: top-k, softmax and the draw of rows alike in one call
+each, only the noise drawn row by row). A request that arrives during a step is admitted at
+the step's end, prefilled and decoded in the next one: its first token comes within two
+steps plus its prefill. A step's events are emitted, then `after_step` runs (the server hands
+them to its event loop there, all at once). Each row decodes the windows, and
 samples with the generator, that it would alone, so its text is the one it gets alone; the
 logits agree to float rounding only (a matmul over 8 rows sums in another order than over
 one: ~1e-7 relative), so a token could differ only where two candidates are that close.
@@ -120,8 +122,12 @@ class Choice:
 class Engine:
     """The decoding thread and its bounded queue."""
 
-    def __init__(self, max_active: int, queue_size: int, batch: bool = True) -> None:
+    def __init__(self, max_active: int, queue_size: int, batch: bool = True,
+                 after_step: Callable[[], None] | None = None) -> None:
+        """`after_step` is called from the decoding thread after every step, when the step's
+        events have all been emitted (the server hands them to its event loop there)."""
         self.max_active, self.capacity, self.batch = max_active, max_active + queue_size, batch
+        self.after_step = after_step
         self.steps = 0  # engine steps so far: first-token latency is counted in these
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -175,6 +181,11 @@ class Engine:
             with self._cond:
                 self._active = [j for j in self._active if j not in jobs]
 
+    def _stepped(self) -> None:
+        self.steps += 1
+        if self.after_step is not None:
+            self.after_step()
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # thread-local: this thread only ever decodes
         (self._run_batched if self.batch else self._run_in_turn)()
@@ -194,7 +205,7 @@ class Engine:
                 self._step(decoder)
                 if not decoder.rows:
                     del decoders[model]  # its cache's memory goes with it
-            self.steps += 1
+            self._stepped()
 
     def _start(self, job: Job, decoders: dict[GPT, BatchDecoder[Choice]]) -> None:
         """Add a job's choices as rows of its model's decoder (made when none is running)."""
@@ -271,4 +282,4 @@ class Engine:
             for job in finished:
                 del running[job]
             self._finish(finished)
-            self.steps += 1
+            self._stepped()

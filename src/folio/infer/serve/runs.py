@@ -192,6 +192,21 @@ class ModelPool:
                 self._models.popitem(last=False)
             return loaded
 
+    def ready(self, name: str) -> LoadedModel | None:
+        """Run `name`'s model if it is loaded with its newest weights, else None (`get`
+        loads it): at once, no load and no wait for one, so the event loop may call it."""
+        run_dir = self.index.get(name)
+        if run_dir is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            loaded = self._models.get(name)
+            if loaded is None or loaded.stamp != _weights_stamp(run_dir):
+                return None
+            self._models.move_to_end(name)
+            return loaded
+        finally:
+            self._lock.release()
+
     def loaded_names(self) -> list[str]:
         with self._lock:
             return list(self._models)
