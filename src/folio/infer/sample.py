@@ -135,6 +135,8 @@ def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> t
     argmax of p / Exp(1) noise), the noise drawn row by row but the race run once for all rows.
     On the CPU with CPU generators: reproducible on every device (the ids go to the host
     anyway, to be printed)."""
+    if probs.size(0) == 1:  # one row (a single stream): multinomial itself, fewer calls
+        return torch.multinomial(probs, 1, generator=generators[0])[:, 0]
     noise = torch.empty_like(probs)
     for row, generator in zip(noise, generators, strict=True):
         row.exponential_(1, generator=generator)
