@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -85,6 +86,16 @@ def tiny_run(char_data_dir, tmp_path_factory) -> Path:
     assert main(["train", *tiny_args(char_data_dir, out, max_iters=40, eval_interval=20,
                                      lr_decay_iters=40)]) == 0
     return out
+
+
+def copy_run(run: Path, dest: Path, **config) -> Path:
+    """A copy of `run` at `dest`, its run.json's config changed by `config`."""
+    shutil.copytree(run, dest)
+    if config:
+        info = json.loads((dest / "run.json").read_text())
+        info["config"].update(config)
+        (dest / "run.json").write_text(json.dumps(info))
+    return dest
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+from conftest import copy_run
 
 from folio.cli import main
 from folio.cli.args import parse_args
@@ -336,14 +337,10 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(tiny_run):
 def test_runs_show_status_and_broken_runs_never_break_the_server(tiny_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "done")
-    info = json.loads((runs / "done" / "run.json").read_text())
-    shutil.copytree(tiny_run, runs / "stopped")
-    info["config"]["max_iters"] = 1000
-    (runs / "stopped" / "run.json").write_text(json.dumps(info))
+    copy_run(tiny_run, runs / "stopped", max_iters=1000)
     an_hour_ago = time.time() - 3600
     os.utime(runs / "stopped" / "metrics.jsonl", (an_hour_ago, an_hour_ago))
-    shutil.copytree(tiny_run, runs / "live")
-    (runs / "live" / "run.json").write_text(json.dumps(info))
+    copy_run(tiny_run, runs / "live", max_iters=1000)
     (runs / "corrupt").mkdir()
     (runs / "corrupt" / "run.json").write_text('{"model": {"n_layer": 2')
     (runs / "corrupt" / "metrics.jsonl").write_text("")
@@ -384,10 +381,7 @@ def get_page(url: str, path: str) -> tuple[int, str]:
 def test_each_run_has_a_report_card_and_ticked_runs_compare(tiny_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "a")
-    shutil.copytree(tiny_run, runs / "b")
-    info = json.loads((runs / "b" / "run.json").read_text())
-    info["config"]["learning_rate"] = 0.5
-    (runs / "b" / "run.json").write_text(json.dumps(info))
+    copy_run(tiny_run, runs / "b", learning_rate=0.5)
     with background(ServeConfig(runs_dir=str(runs), port=0)) as base:
         code, page = get_page(base, "/api/runs/a/report")
         assert code == 200 and "<title>folio report · a</title>" in page

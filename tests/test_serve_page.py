@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -44,10 +45,7 @@ def runs(tiny_run, tmp_path) -> Path:
     """`tiny` (finished) and `live` (training: holds .lock, metrics cut to the first rows)."""
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny")
-    shutil.copytree(tiny_run, runs / "live")
-    info = json.loads((runs / "live" / "run.json").read_text())
-    info["config"]["max_iters"] = 1000
-    (runs / "live" / "run.json").write_text(json.dumps(info))
+    copy_run(tiny_run, runs / "live", max_iters=1000)
     lines = (runs / "live" / "metrics.jsonl").read_text().splitlines(keepends=True)
     (runs / "live" / "metrics.jsonl").write_text("".join(lines[:4]))
     return runs
