@@ -23,7 +23,7 @@ TOKENS_PER_PARAM = 8.0  # benchmarks/size_sweep.py on tiny Shakespeare, char, a 
 EPOCHS_BEFORE_DROPOUT = 20.0  # nanoGPT's GPU char config: dropout 0.2 for ~80 epochs; the sweep
 # (no dropout) never saw a run past 5 epochs overfit
 DROPOUT = 0.1
-EPOCHS_BEFORE_DECAY = 2.0
+EPOCHS_BEFORE_DECAY = 2.0  # the 2-minute runs (4-5 epochs) gained from it; fewer: not measured
 WEIGHT_DECAY = 0.1  # benchmarks/time_budget sweep at 10 minutes (3 x 96, 12 epochs): decay 0.05
 # and 0.2 both took val from 1.544 to 1.506, dropout 0.1 made it worse (1.585)
 BLOCK_SIZE = {"char": 256, "bpe": 64}  # context: tokens per sequence (char: 256 took the 2-minute
