@@ -1,12 +1,15 @@
 """`folio serve` speed: tokens/s of one stream, the aggregate of N concurrent streams, and the
 time to first token, for the batched engine (one forward pass per step over every stream) and
 the one-at-a-time engine (`--batch=False`) side by side, against `generate_tokens` called
-directly in the same process (the ratio is the server's overhead). One JSON line per case,
-then a summary line per model: N streams' aggregate over one stream's tokens/s, per engine.
+directly in the same process (the ratio is the server's overhead). The server runs in this
+process; its clients in another (serve_clients.py), as real clients do. Each engine runs
+`--rounds` rounds of: one stream alone, N streams together, a late arrival; the figures are
+the medians of the rounds (the N-vs-1 ratio: of each round's own ratio). One JSON line per
+case, then a summary line per model: N streams' aggregate over one stream's tokens/s, per engine.
 
-The N-stream case also times a late arrival: a stream started while N-1 others decode, its
-time to first token in milliseconds and in engine steps (ms per step from the engine's step
-count: /api/status), and in steps beyond one stream's first token on an idle server.
+The late arrival is a stream started while N-1 others decode: its time to first token in
+milliseconds and in engine steps (ms per step from the engine's step count: /api/status), and
+in steps beyond one stream's first token on an idle server.
 
 Models are a run dir you give (--run_dir) or random weights of a named shape saved as a run
 (speed does not depend on the weights):
@@ -14,23 +17,25 @@ Models are a run dir you give (--run_dir) or random weights of a named shape sav
   bpe:  the same body on GPT-2 BPE (vocab 50,257), block 256
 
     flock /tmp/folio-cpu.lock python benchmarks/serve_speed.py --models=char,bpe
-    python benchmarks/serve_speed.py --models=char,bpe --max_tokens=8 --concurrent=2  # a check
+    python benchmarks/serve_speed.py --models=char --max_tokens=8 --concurrent=2 --rounds=1
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
+from serve_clients import PROMPT
 
 from folio.config import ServeConfig
 from folio.data.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -46,7 +51,7 @@ SHAPES = {
                      bias=False),
 }
 CHARS = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
-PROMPT = "ROMEO:"
+CLIENTS = Path(__file__).with_name("serve_clients.py")
 
 
 def random_run(path: Path, shape: str) -> Path:
@@ -63,43 +68,12 @@ def random_run(path: Path, shape: str) -> Path:
     return path
 
 
-def stream(url: str, model: str, max_tokens: int, seed: int = 1,
-           first: threading.Event | None = None) -> dict[str, float]:
-    """One streamed completion: seconds to the first text, to the end, and tokens; `first`
-    is set at the first text."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                       "temperature": 0.8, "top_k": 200, "stream": True, "seed": seed,
-                       "stream_options": {"include_usage": True}})
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", body=body,
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    ttft, tokens = None, 0
-    for line in response:
-        if not line.startswith(b"data: {"):
-            continue
-        event = json.loads(line[6:])
-        if ttft is None and event["choices"] and event["choices"][0]["text"]:
-            ttft = time.perf_counter() - start
-            if first is not None:
-                first.set()
-        if event.get("usage"):
-            tokens = event["usage"]["completion_tokens"]
-    conn.close()
-    if first is not None:
-        first.set()
-    return {"ttft_s": ttft or 0.0, "seconds": time.perf_counter() - start, "tokens": tokens}
-
-
-def engine_steps(url: str) -> int:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    conn.request("GET", "/api/status")
-    steps = json.loads(conn.getresponse().read())["steps"]
-    conn.close()
-    return steps
+def clients(url: str, model: str, case: str, max_tokens: int, concurrent: int = 2) -> dict:
+    """One case of serve_clients.py, run in a process of its own."""
+    out = subprocess.run([sys.executable, str(CLIENTS), url, model, case,
+                          f"--max_tokens={max_tokens}", f"--concurrent={concurrent}"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
 
 
 def direct(run: Path, max_tokens: int) -> float:
@@ -123,37 +97,8 @@ def direct(run: Path, max_tokens: int) -> float:
     return rate[0]
 
 
-def concurrently(url: str, model: str, max_tokens: int, concurrent: int
-                 ) -> tuple[list[dict[str, float]], float, int]:
-    """`concurrent` streams started together: their results, the wall time, engine steps."""
-    results: list[dict[str, float]] = []
-    threads = [threading.Thread(target=lambda i=i: results.append(
-        stream(url, model, max_tokens, seed=i))) for i in range(concurrent)]
-    steps = engine_steps(url)
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, time.perf_counter() - start, engine_steps(url) - steps
-
-
-def late_arrival(url: str, model: str, max_tokens: int, concurrent: int) -> float:
-    """Seconds to the first token of a stream started while concurrent-1 others decode."""
-    firsts = [threading.Event() for _ in range(concurrent - 1)]
-    threads = [threading.Thread(target=stream, args=(url, model, max_tokens, i, first))
-               for i, first in enumerate(firsts)]
-    for t in threads:
-        t.start()
-    for first in firsts:
-        first.wait()
-    late = stream(url, model, min(max_tokens, 16), seed=concurrent)
-    for t in threads:
-        t.join()
-    return late["ttft_s"]
-
-
-def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[str]) -> None:
+def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[str],
+          rounds: int) -> None:
     common = {"benchmark": "serve_speed", "model": name, "max_tokens": max_tokens,
               "threads": torch.get_num_threads(), "cpu": platform.processor()
               or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
@@ -167,41 +112,54 @@ def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[
                           max_active=concurrent, max_tokens=max_tokens,
                           batch=engine == "batched")
         with background(cfg) as url:
-            stream(url, run.name, 16)  # warm-up: loads the model
-            one = stream(url, run.name, max_tokens)
-            one_rate = one["tokens"] / one["seconds"]
-            print(json.dumps({**common, "engine": engine, "case": "one_stream",
-                              "tokens_per_sec": round(one_rate, 1),
-                              "ttft_ms": round(one["ttft_s"] * 1000, 1)}), flush=True)
-            results, wall, steps = concurrently(url, run.name, max_tokens, concurrent)
-            late = late_arrival(url, run.name, max_tokens, concurrent)
-        aggregate = sum(r["tokens"] for r in results) / wall
-        step_s = wall / max(steps, 1)
-        ttfts = sorted(r["ttft_s"] for r in results)
+            clients(url, run.name, "one", 16)  # warm-up: loads the model
+            measured = [measure(url, run.name, max_tokens, concurrent) for _ in range(rounds)]
+        middle = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+        print(json.dumps({**common, "engine": engine, "case": "one_stream",
+                          "tokens_per_sec": round(middle["one_rate"], 1),
+                          "ttft_ms": round(middle["one_ttft_s"] * 1000, 1)}), flush=True)
         print(json.dumps({**common, "engine": engine, "case": f"{concurrent}_streams",
-                          "aggregate_tokens_per_sec": round(aggregate, 1),
-                          "per_stream_tokens_per_sec": round(
-                              sum(r["tokens"] / r["seconds"] for r in results) / concurrent, 1),
-                          "ttft_ms_median": round(ttfts[len(ttfts) // 2] * 1000, 1),
-                          "ttft_ms_max": round(ttfts[-1] * 1000, 1),
-                          "ms_per_step": round(step_s * 1000, 2),
-                          "late_ttft_ms": round(late * 1000, 1),
-                          "late_ttft_steps": round(late / step_s, 2),
+                          "aggregate_tokens_per_sec": round(middle["aggregate"], 1),
+                          "per_stream_tokens_per_sec": round(middle["per_stream"], 1),
+                          "ttft_ms_median": round(middle["ttft_s"] * 1000, 1),
+                          "ms_per_step": round(middle["step_s"] * 1000, 2),
+                          "late_ttft_ms": round(middle["late_s"] * 1000, 1),
+                          "late_ttft_steps": round(middle["late_steps"], 2),
                           # what arriving under load adds to an idle server's first token
                           # (HTTP, prefill, one step): the wait for the step in flight
-                          "late_ttft_over_idle_steps": round((late - one["ttft_s"]) / step_s,
-                                                             2),
+                          "late_ttft_over_idle_steps": round(middle["late_over_idle"], 2),
+                          f"{concurrent}_vs_1_each_round": [round(m["ratio"], 2)
+                                                           for m in measured],
                           "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
-        summary[f"{engine}_{concurrent}_vs_1"] = round(aggregate / one_rate, 2)
-        summary[f"{engine}_1_stream_tokens_per_sec"] = round(one_rate, 1)
-        summary[f"{engine}_{concurrent}_streams_tokens_per_sec"] = round(aggregate, 1)
+        summary[f"{engine}_{concurrent}_vs_1"] = round(middle["ratio"], 2)
+        summary[f"{engine}_1_stream_tokens_per_sec"] = round(middle["one_rate"], 1)
+        summary[f"{engine}_{concurrent}_streams_tokens_per_sec"] = round(middle["aggregate"], 1)
     if len(engines) == 2:  # the batched engine's N streams against the old engine's 1 and N
         batched = summary[f"batched_{concurrent}_streams_tokens_per_sec"]
         summary[f"batched_{concurrent}_vs_in_turn_1"] = round(
             batched / summary["in_turn_1_stream_tokens_per_sec"], 2)
         summary[f"batched_vs_in_turn_{concurrent}_streams"] = round(
             batched / summary[f"in_turn_{concurrent}_streams_tokens_per_sec"], 2)
-    print(json.dumps({**common, "case": "summary", **summary}), flush=True)
+    print(json.dumps({**common, "case": "summary", "rounds": rounds, **summary}), flush=True)
+
+
+def measure(url: str, model: str, max_tokens: int, concurrent: int) -> dict[str, float]:
+    """One round: one stream alone, then `concurrent` together, then a late arrival; the
+    figures of each and the ratio of the round (one round's cases run back to back, so a
+    machine whose speed drifts moves both sides of it alike)."""
+    one = clients(url, model, "one", max_tokens)
+    together = clients(url, model, "many", max_tokens, concurrent)
+    late = clients(url, model, "late", max_tokens, concurrent)
+    streams, wall = together["streams"], together["seconds"]
+    one_rate = one["tokens"] / one["seconds"]
+    aggregate = sum(r["tokens"] for r in streams) / wall
+    step_s = wall / max(together["steps"], 1)
+    return {"one_rate": one_rate, "one_ttft_s": one["ttft_s"], "aggregate": aggregate,
+            "ratio": aggregate / one_rate,
+            "per_stream": statistics.mean(r["tokens"] / r["seconds"] for r in streams),
+            "ttft_s": statistics.median(r["ttft_s"] for r in streams), "step_s": step_s,
+            "late_s": late["ttft_s"], "late_steps": late["ttft_s"] / step_s,
+            "late_over_idle": (late["ttft_s"] - one["ttft_s"]) / step_s}
 
 
 def main() -> None:
@@ -210,6 +168,8 @@ def main() -> None:
     parser.add_argument("--run_dir", default="", help="benchmark this run instead")
     parser.add_argument("--max_tokens", type=int, default=256)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every case per engine; figures are their medians")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--engines", default="in_turn,batched",
                         help="comma-separated: in_turn (--batch=False), batched")
@@ -223,7 +183,7 @@ def main() -> None:
         cases = ([(Path(args.run_dir).name, Path(args.run_dir))] if args.run_dir else
                  [(m, random_run(Path(tmp) / m, m)) for m in args.models.split(",")])
         for name, run in cases:
-            bench(name, run, args.max_tokens, args.concurrent, engines)
+            bench(name, run, args.max_tokens, args.concurrent, engines, args.rounds)
 
 
 if __name__ == "__main__":
