@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from folio.model.gpt import GPT, CausalAttention
+from folio.model.gpt import GPT
 
 MIN_PACKED_ELEMENTS = 1 << 16  # smaller weights lose more to the call's overhead than they gain
 ROWS_HINT = 8  # the rows a weight is packed for when a call has several (batched decoding)
@@ -103,34 +103,13 @@ class DecodingHead(nn.Module):
         return x.float() @ self.head  # (..., V)
 
 
-class StepAttention(CausalAttention):
-    """The attention of a decoding step: one query per row (T = 1) as two matmuls and a
-    softmax over that row's keys (plus the mask of rows at positions of their own). SDPA's CPU
-    kernel, made for blocks of queries, took 3-4x as long for the 8 rows of a batched step of
-    the 4 x 128 char model (~230 us a layer against ~70 for one row); longer queries
-    (prefills) still go to `inner`, the model's own attention module."""
-
-    def __init__(self, inner: CausalAttention) -> None:
-        super().__init__(inner.dropout)
-        self.inner = inner
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        if q.size(2) != 1 or q.dtype != torch.float32:
-            return self.inner(q, k, v, mask)
-        scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, 1, S)
-        if mask is not None:
-            scores = scores + mask
-        return scores.softmax(dim=-1) @ v  # (B, nh, 1, hs)
-
-
 def decoding_copy(model: GPT, pack: bool) -> GPT:
     """A copy of `model` for decoding: without dropout layers (no-ops in eval mode, but each
     call costs a few microseconds: ~9% of a decoding step of the 6 x 384 char model), with
-    float32 KV caches (a CPU's attention kernels are 3-5x faster than bfloat16's), one-query
-    steps' attention as two matmuls (`StepAttention`), the output head as a `DecodingHead`
-    and, with `pack`, its large linear layers (blocks and output head) packed. Embeddings,
-    norms and unpacked layers are shared with `model`, not copied."""
+    float32 KV caches (a CPU's attention kernels are 3-5x faster than bfloat16's), the output
+    head as a `DecodingHead` and, with `pack`, its large linear layers (blocks and output
+    head) packed. Embeddings, norms, attention and unpacked layers are shared with `model`,
+    not copied."""
     head, pack = model.lm_head, pack and can_pack(model)
     twin = _for_decoding(model, pack, skip=head)
     real = nn.Linear(head.in_features, model.config.vocab_size, bias=False, device="meta")
@@ -149,8 +128,6 @@ def _for_decoding(module: nn.Module, pack: bool, skip: nn.Module) -> nn.Module:
         return module
     if isinstance(module, nn.Dropout):
         return nn.Identity()
-    if isinstance(module, CausalAttention):
-        return StepAttention(module)
     if isinstance(module, nn.Linear):
         return PackedLinear(module) if pack and worth_packing(module) else module
     twin = copy.copy(module)
