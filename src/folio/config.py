@@ -342,7 +342,8 @@ class EvalConfig:
                         "encoded with the run's tokenizer; default: the run's dataset")
     split: str = setting("val", "split of a prepared dataset", choices=("val", "train"))
     tokens: int = setting(1 << 18, "targets scored, from the start (fewer if the text is "
-                          "shorter): the same number makes runs compare", min=1)
+                          "shorter; of a chat dataset, the assistant's among them): the same "
+                          "number makes runs compare", min=1)
     device: str = setting(AUTO, "auto | cpu | cuda | cuda:N | mps")
     dtype: str = setting("float32", "compute dtype", choices=(AUTO, "float32", "bfloat16",
                                                               "float16"))

@@ -94,11 +94,7 @@ class Loader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (B, T) int64 on the loader's device."""
-        where = self.starts()[:, None] + self.offsets  # (B, T+1)
-        batch = torch.from_numpy(self.tokens[where].astype(np.int64))  # one gather
-        x, y = batch[:, :-1], batch[:, 1:]
-        if isinstance(self.tokens, ChatTokens):  # targets that are not the assistant's: -1
-            y = y.masked_fill(torch.from_numpy(self.tokens.mask[where[:, 1:]] == 0), -1)
+        x, y = read_windows(self.tokens, self.starts()[:, None] + self.offsets)
         if self.device.type == "cuda":  # pinned memory lets the copy overlap compute
             x, y = x.pin_memory(), y.pin_memory()
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -111,12 +107,25 @@ class Loader:
         self.generator.set_state(state["generator"])
 
 
+def read_windows(tokens: np.ndarray | Shards | ChatTokens, where: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (B, T) int64 on the CPU, of the windows of token
+    positions `where` (B, T+1) of a split as open_split returns it; in a chat split the targets
+    that are not the assistant's are -1 (they carry no loss). Training, its evaluation and
+    `folio eval` all read windows here."""
+    batch = torch.from_numpy(tokens[where].astype(np.int64))  # one gather
+    x, y = batch[:, :-1], batch[:, 1:]
+    if isinstance(tokens, ChatTokens):
+        y = y.masked_fill(torch.from_numpy(tokens.mask[where[:, 1:]] == 0), -1)
+    return x, y
+
+
 class ChatTokens:
     """A chat split: its token ids, the mask of the assistant's tokens (1) and where each
-    conversation starts (its first token, the conversation start id)."""
+    conversation starts (its first token, the conversation start id `start_id`)."""
 
     def __init__(self, tokens: np.ndarray | Shards, mask: np.ndarray, start_id: int) -> None:
-        self.tokens, self.mask = tokens, mask
+        self.tokens, self.mask, self.start_id = tokens, mask, start_id
         self.dtype = tokens.dtype
         self.conversations = np.flatnonzero(np.asarray(tokens[np.arange(len(tokens))])
                                             == start_id)  # (n,)
