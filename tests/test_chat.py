@@ -232,6 +232,24 @@ def train_chat(data_dir: Path, out: Path, *extra: str) -> int:
                  "--task=chat", f"--out_dir={out}", *extra])
 
 
+def test_chat_finetune_trains_with_muon_and_plots(chat_data, tmp_path):
+    # the modern recipe (Muon) and the loss plot on a chat task: the masked val loss falls
+    # and the plot is drawn from its metrics (a --time budget on a chat task: chat_sft.py)
+    out = tmp_path / "modern"
+    settings = [a for a in CHAT_TINY if not a.startswith(("--recipe", "--learning_rate",
+                                                          "--min_lr", "--warmup"))]
+    assert main(["train", *settings, f"--data_dir={chat_data}", "--dataset=sums",
+                 "--task=chat", f"--out_dir={out}", "--recipe=modern", "--max_iters=60",
+                 "--eval_interval=20"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["optimizer"] == "muon" and info["config"]["task"] == "chat"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.5, val
+    assert main(["plot", str(out), f"--output={tmp_path / 'loss.png'}"]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.fixture(scope="module")
 def quick_chat_run(chat_data, tmp_path_factory) -> Path:
     """A chat run trained from scratch for a few iterations: it has the template."""
