@@ -242,6 +242,25 @@ def test_concurrent_requests_get_the_text_each_gets_alone():
     assert len({t for g in together for t in g.texts}) == 9  # 9 choices, all different
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "in turn"])
+def test_a_client_told_done_finds_its_slot_free(batch):
+    # regression: "done" was emitted before the job left its slot, so a client that sent
+    # its next request on "done" to a full server could be refused (429) for a moment
+    loaded = loaded_tiny()
+    engine = Engine(max_active=1, queue_size=0, batch=batch)
+    accepted: list[bool] = []
+
+    def emit(event: tuple) -> None:  # the decoding thread: a job is done, submit the next
+        if event[0] == "done" and len(accepted) < 3:
+            accepted.append(engine.submit(job(loaded, REQUESTS[4], emit)))
+    try:
+        assert engine.submit(job(loaded, REQUESTS[4], emit))
+        wait(lambda: len(accepted) == 3 or False in accepted)
+    finally:
+        engine.close()
+    assert accepted == [True, True, True]
+
+
 def test_a_request_arriving_under_load_gets_its_first_token_within_two_steps():
     loaded = loaded_tiny()
     engine = Engine(max_active=8, queue_size=0)

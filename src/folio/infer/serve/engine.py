@@ -70,7 +70,7 @@ class Job:
 
     def steps(self) -> Iterator[None]:
         """Decode all choices one after another, yielding after every token (the unbatched
-        engine switches jobs there)."""
+        engine switches jobs there); the engine emits "done" once the job's slot is free."""
         for index in range(self.n):
             choice = Choice(self, index)
             for token in generate_tokens(self.loaded.model, self.prompt_ids, self.max_tokens,
@@ -80,7 +80,6 @@ class Job:
                     break
                 yield
             choice.end()
-        self.emit(("done",))
 
 
 @dataclass(eq=False)
@@ -176,10 +175,14 @@ class Engine:
             self._active += started
             return started
 
-    def _finish(self, jobs: list[Job]) -> None:
+    def _finish(self, jobs: list[Job], done: bool = False) -> None:
+        """Free the jobs' slots; with `done`, then tell each it is done (a client told so
+        may send its next request at once: its slot is free by then)."""
         if jobs:
             with self._cond:
                 self._active = [j for j in self._active if j not in jobs]
+        for job in jobs if done else ():
+            job.emit(("done",))
 
     def _stepped(self) -> None:
         self.steps += 1
@@ -212,8 +215,7 @@ class Engine:
         if job.max_tokens <= 0 or not job.prompt_ids:
             for index in range(job.n):  # nothing to decode
                 Choice(job, index).end()
-            job.emit(("done",))
-            self._finish([job])
+            self._finish([job], done=True)
             return
         model = job.loaded.model
         decoder = decoders.get(model)
@@ -253,10 +255,8 @@ class Engine:
             decoder.owners[row].end()
         done = [job for job in dict.fromkeys(decoder.owners[row].job for row in ended)
                 if job not in left]
-        for job in done:
-            job.emit(("done",))
         decoder.remove(ended)
-        self._finish(done)
+        self._finish(done, done=True)
 
     # ------------------------------------------------------------------------ in turn
 
@@ -266,20 +266,21 @@ class Engine:
         while not self._closed:
             for job in self._admit():
                 running[job] = job.steps()
-            finished = []
+            failed, completed = [], []  # failed: cancelled or broken
             for job, steps in list(running.items()):
                 if job.cancelled.is_set():
                     steps.close()
-                    finished.append(job)
+                    failed.append(job)
                     continue
                 try:
                     next(steps)
                 except StopIteration:
-                    finished.append(job)
+                    completed.append(job)
                 except Exception as e:  # a broken run must not stop the other requests
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
-                    finished.append(job)
-            for job in finished:
+                    failed.append(job)
+            for job in failed + completed:
                 del running[job]
-            self._finish(finished)
+            self._finish(failed)
+            self._finish(completed, done=True)
             self._stepped()
