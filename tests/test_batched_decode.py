@@ -74,6 +74,31 @@ def test_each_row_of_a_step_gets_its_own_windows_logits(rope):
             windows[owner] = slide(windows[owner] + [token], BLOCK)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_of_one_length_start_and_slide_in_the_steps_own_pass(rows):
+    # a lone request, or requests that began together, (re)fill their caches in the step's
+    # own pass over their whole windows: the full window's logits, one pass a step
+    model = tiny()
+    decoder: BatchDecoder[int] = BatchDecoder(model)
+    windows = {i: seq(5, i) for i in range(rows)}
+    for i, w in windows.items():
+        decoder.add(w, i)
+    passes = []  # the embedding runs once a pass (a hook the reference passes share)
+    decoder.model.transformer.wte.register_forward_hook(lambda *_: passes.append(1))
+    steps_passes = 0
+    for step in range(2 * BLOCK):  # slides at least once
+        logits = decoder.step()
+        steps_passes += len(passes)
+        for row, owner in enumerate(decoder.owners):
+            torch.testing.assert_close(logits[row], full_logits(model, windows[owner]),
+                                       rtol=1e-5, atol=1e-5, msg=f"step {step}, row {owner}")
+            token = (3 * step + owner) % len(CHARS)
+            decoder.push(row, token)
+            windows[owner] = slide(windows[owner] + [token], BLOCK)
+        passes.clear()
+    assert steps_passes == 2 * BLOCK
+
+
 def test_a_row_cache_writes_each_row_at_its_length_and_masks_the_rest():
     cache = RowCache(n_layer=1, n_head=1, head_size=2, capacity=8, dtype=torch.float32,
                      device=torch.device("cpu"))
