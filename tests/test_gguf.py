@@ -199,6 +199,16 @@ def split(pattern: str) -> dict:
          "use_regex": False}]}
 
 
+def smollm(digits: dict | None = None, byte_level: dict | None = None, last: bool = False
+           ) -> dict:
+    """SmolLM2's pre-tokenizer (Digits each alone, then GPT-2's ByteLevel), changed."""
+    steps = [{"type": "Digits", "individual_digits": True, **(digits or {})},
+             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+              "use_regex": True, **(byte_level or {})}]
+    return {"type": "Sequence", "pretokenizers": steps[::-1] if last else steps}
+
+
+SHAPE = "GPT-2's ByteLevel or one regex Split"
 HF_CHANGES = {
     "normalizer": (lambda d: d.update(normalizer={"type": "NFC"}), ["no normalizer"]),
     "pattern": (lambda d: d.update(pre_tokenizer=split(r"\p{L}+|\s+|.")),
@@ -206,9 +216,22 @@ HF_CHANGES = {
     "ignore_merges": (lambda d: d["model"].update(ignore_merges=True),
                       ["looks whole pieces up", "gpt-2"]),
     "prefix_space": (lambda d: d["pre_tokenizer"].update(add_prefix_space=True),
-                     ["GPT-2's ByteLevel or one regex Split"]),
+                     [SHAPE]),
     "byte_fallback": (lambda d: d["model"].update(byte_fallback=True), ["no byte fallback"]),
+    "digits_grouped": (lambda d: d.update(pre_tokenizer=smollm({"individual_digits": False})),
+                       [SHAPE, "Digits(individual_digits)"]),
+    "digits_last": (lambda d: d.update(pre_tokenizer=smollm(last=True)), [SHAPE]),
+    "digits_no_regex": (lambda d: d.update(pre_tokenizer=smollm(byte_level={"use_regex": False})),
+                        [SHAPE]),
+    "digits_prefix": (lambda d: d.update(pre_tokenizer=smollm(
+        byte_level={"add_prefix_space": True})), [SHAPE]),
 }
+
+
+def test_smollm2s_digits_then_byte_level_is_llama_cpps_smollm(tmp_path, gpt2_tokenizer_json):
+    # llama.cpp's smollm: \p{N} isolated, then GPT-2's regex (test_gguf_llama_cpp.py runs it)
+    hf_tokenizer_dir(tmp_path, gpt2_tokenizer_json, lambda d: d.update(pre_tokenizer=smollm()))
+    assert gguf_vocab.hf_vocab(tmp_path / "tokenizer.json").pre == "smollm"
 
 
 @pytest.mark.parametrize("recipe, changes, tokenizer, words", [

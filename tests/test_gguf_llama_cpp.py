@@ -2,11 +2,12 @@
 files: its tokenization of tiny Shakespeare is folio's, and its greedy continuation (its own
 sampler, temperature 0) is `folio sample --top_k=1`'s, for both recipes (the modern one with
 and without QK-norm: llama.cpp's apertus and arcee), char and GPT-2 vocabularies, at f32; and
-every other byte-level vocabulary (tiktoken:NAME, `folio tokenizer train` dirs, hf:PATH)
-tokenizes as folio does."""
+every other byte-level vocabulary (tiktoken:NAME, `folio tokenizer train` dirs, hf:PATH, a
+SmolLM2-style digits-then-ByteLevel one) tokenizes as folio does, numbers included."""
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import llama_cpp
@@ -27,6 +28,9 @@ PROMPT = "ROMEO:\nBut soft"
 ODD_TEXT = ("café 🙂\u00a0x\r\n\t  \n\n 12345 'll 'S  ...\u200b e ﬁ THE End. e\u0301cole "
             "Ελληνικά Русский हिन्दी 日本語のテキスト ǅemal ʰa THEY'LL\n\n  ")
 SLICE = SHAKESPEARE[:20_000]
+NUMBERS = (" 12345 3.14 1,000,000 x2y 2024-12-04\n007 " +  # then every \p{N} of Unicode 14
+           " ".join(c * 3 for c in map(chr, range(0x110000))
+                    if unicodedata.category(c).startswith("N")))
 pytestmark = pytest.mark.slow  # a llama.cpp model per test and 100 decoding steps: seconds
 
 
@@ -116,6 +120,28 @@ def gpt2_fast_dir(root: Path) -> Path:
     return root / "g"
 
 
+def smollm_dir(root: Path) -> Path:
+    """A SmolLM2-style tokenizer.json: Digits(individual_digits) then GPT-2's ByteLevel. Its
+    merges are learnt by GPT-2's ByteLevel alone from text rich in numbers, so they join digits
+    (`12`, ` 1`) that only a split isolating each digit leaves apart."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    numbers = " ".join(str(i * 37) for i in range(3000))
+    tok.train_from_iterator([SLICE, numbers, ODD_TEXT], trainer)
+    assert {"12", "Ġ1"} <= set(tok.get_vocab())  # merges the digit split must not make
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    (root / "smol").mkdir()
+    tok.save(str(root / "smol" / "tokenizer.json"))
+    return root / "smol"
+
+
 VOCABS = {  # name: (how to make the run's tokenizer spec, llama.cpp's pre-tokenizer)
     "tiktoken-r50k": (lambda root, mp: fake_tiktoken(mp, "r50k_base", gguf_vocab.R50K_PATTERN),
                       "gpt-2"),
@@ -130,6 +156,7 @@ VOCABS = {  # name: (how to make the run's tokenizer spec, llama.cpp's pre-token
     "hf-trained": (lambda root, mp: {"kind": "hf", "path": str(hf_dir(
         root, trained_dir(root, bpe_files.GPT4_PATTERN)))}, "llama-bpe"),
     "hf-gpt2": (lambda root, mp: {"kind": "hf", "path": str(gpt2_fast_dir(root))}, "gpt-2"),
+    "hf-smollm": (lambda root, mp: {"kind": "hf", "path": str(smollm_dir(root))}, "smollm"),
 }
 
 
@@ -142,7 +169,7 @@ def test_every_byte_level_vocabulary_tokenizes_in_llama_cpp_as_in_folio(tmp_path
     llm = llama(out)
     assert llm.metadata["tokenizer.ggml.pre"] == pre
     tokenizer = tokenizer_from_spec(spec)
-    for text in (SLICE, ODD_TEXT):
+    for text in (SLICE, ODD_TEXT, NUMBERS):
         ids = tokenize(llm, text)
         assert ids == tokenizer.encode(text), text[:40]
         assert llm.detokenize(ids).decode("utf-8") == text

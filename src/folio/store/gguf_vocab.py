@@ -10,7 +10,15 @@
   the patterns folio maps, each checked equivalent (possessive quantifiers, `\\s++$` before
   `\\s+(?!\\S)` and `'(?i:...)` versus the spelled-out contractions match the same pieces).
   tiktoken's cl100k_base has no exact one: its `\\s++$` keeps text-final whitespace holding a
-  newline as one piece, which llama.cpp's `llama-bpe` splits at the newline.
+  newline as one piece, which llama.cpp's `llama-bpe` splits at the newline. SmolLM2's
+  Digits(individual_digits) then GPT-2's ByteLevel is `smollm`: `\\p{N}` isolated, then
+  GPT-2's regex (the same ids on text, numbers and every \\p{N} character llama.cpp knows).
+
+llama.cpp's character classes (src/unicode-data.cpp) are Unicode 15.1's, Hugging Face's
+`tokenizers`' (its regex and Digits) Unicode 16's: a character new in 16 may split differently
+under any of these names (a Garay digit after a space is one piece in llama.cpp's `smollm` and
+`llama-bpe`, two in Hugging Face's), which changes the ids where a merge joins the two (a
+space and a 4-byte character's lead byte).
 
 A token no merge makes is found only by whole-piece lookup (tiktoken's, and llama.cpp's under
 `llama-bpe`, which ignores merges for a piece in the vocabulary); a vocabulary holding one is
@@ -44,10 +52,13 @@ O200K_PATTERN = "|".join([
     r"""\s+"""])
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                   r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-PRE_TOKENIZERS = {  # split pattern -> llama.cpp's pre-tokenizer with that regex
+DIGITS = r"\p{N}"  # Hugging Face's Digits(individual_digits=true): each digit alone
+Pattern = str | tuple[str, ...]  # a split pattern, or isolating patterns applied in turn
+PRE_TOKENIZERS: dict[Pattern, str] = {  # split -> llama.cpp's pre-tokenizer with those regexes
     GPT2_PATTERN: "gpt-2", R50K_PATTERN: "gpt-2",
     GPT4_PATTERN: "llama-bpe", LLAMA3_PATTERN: "llama-bpe",
     O200K_PATTERN: "gpt-4o",
+    (DIGITS, GPT2_PATTERN): "smollm",
 }
 IGNORES_MERGES = {"llama-bpe"}  # llama.cpp looks a whole piece up first under these
 NEAREST = {CL100K_PATTERN: "; the nearest, llama-bpe, splits text-final whitespace holding a "
@@ -97,7 +108,7 @@ def char_vocab(chars: list[str]) -> Vocab:
     return Vocab("llama", [SPM_SPACE if c == " " else c for c in chars], ["NORMAL"] * len(chars))
 
 
-def pre_tokenizer(pattern: str, what: str, ignore_merges: bool | None) -> str:
+def pre_tokenizer(pattern: Pattern, what: str, ignore_merges: bool | None) -> str:
     """llama.cpp's name for `pattern`; `ignore_merges`: whether the tokenizer looks whole
     pieces up first (None: it does not matter, every token being one merge)."""
     pre = PRE_TOKENIZERS.get(pattern)
@@ -163,14 +174,15 @@ def hf_vocab(file: Path) -> Vocab:
     return Vocab("gpt2", *dense(by_id), pre=pre, merges=merges)
 
 
-def hf_pattern(pre: Any, what: str) -> str:
-    """The split pattern of a byte-level pre-tokenizer: GPT-2's ByteLevel (its own regex), or
-    one isolating regex Split then a ByteLevel without regex."""
+def hf_pattern(pre: Any, what: str) -> Pattern:
+    """The split of a byte-level pre-tokenizer: GPT-2's ByteLevel (its own regex), optionally
+    after Digits(individual_digits=true) (each digit alone, then GPT-2's regex between them),
+    or one isolating regex Split then a ByteLevel without regex."""
     pre = pre or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and \
-            steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        return GPT2_PATTERN
+    digits = [{"type": "Digits", "individual_digits": True}]
+    if steps[:-1] in ([], digits) and gpt2_byte_level(steps[-1:]):
+        return (DIGITS, GPT2_PATTERN) if steps[:-1] else GPT2_PATTERN
     if len(steps) == 2 and [s.get("type") for s in steps] == ["Split", "ByteLevel"]:
         split, byte_level = steps
         if "Regex" in (split.get("pattern") or {}) and split.get("behavior") == "Isolated" \
@@ -179,7 +191,14 @@ def hf_pattern(pre: Any, what: str) -> str:
             return split["pattern"]["Regex"]
     raise ConfigError(f"cannot export {what} as GGUF: llama.cpp's byte-level BPE needs a "
                       "pre-tokenizer that is GPT-2's ByteLevel or one regex Split then a "
-                      "ByteLevel without regex or prefix space")
+                      "ByteLevel without regex or prefix space, or Digits(individual_digits) "
+                      "then GPT-2's ByteLevel")
+
+
+def gpt2_byte_level(steps: list[Any]) -> bool:
+    """Whether `steps` is one ByteLevel splitting with GPT-2's regex, no prefix space."""
+    return len(steps) == 1 and steps[0].get("type") == "ByteLevel" and \
+        steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space")
 
 
 def dense(by_id: dict[int, tuple[str, str]]) -> tuple[list[str], list[str]]:
