@@ -46,6 +46,18 @@ def full_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens]))[0]
 
 
+def check_and_push(model: GPT, decoder: BatchDecoder[int], windows: dict[int, list[int]],
+                   logits: torch.Tensor, step: int) -> None:
+    """Each row's logits are its window's full pass's; then a token for each row, its window
+    sliding as generate_tokens slides it."""
+    for row, owner in enumerate(decoder.owners):
+        torch.testing.assert_close(logits[row], full_logits(model, windows[owner]),
+                                   rtol=1e-5, atol=1e-5, msg=f"step {step}, row {owner}")
+        token = (7 * step + owner) % len(CHARS)
+        decoder.push(row, token)
+        windows[owner] = slide(windows[owner] + [token], BLOCK)
+
+
 # ---------------------------------------------------------------------------- the model
 
 @pytest.mark.parametrize("rope", [False, True], ids=["learned positions", "rotary"])
@@ -66,12 +78,7 @@ def test_each_row_of_a_step_gets_its_own_windows_logits(rope):
             assert decoder.owners[row] == 9 and decoder.rows == len(windows)
         logits = decoder.step()
         assert logits.shape == (len(windows), len(CHARS))
-        for row, owner in enumerate(decoder.owners):
-            torch.testing.assert_close(logits[row], full_logits(model, windows[owner]),
-                                       rtol=1e-5, atol=1e-5, msg=f"step {step}, row {owner}")
-            token = (7 * step + owner) % len(CHARS)
-            decoder.push(row, token)
-            windows[owner] = slide(windows[owner] + [token], BLOCK)
+        check_and_push(model, decoder, windows, logits, step)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -89,12 +96,7 @@ def test_rows_of_one_length_start_and_slide_in_the_steps_own_pass(rows):
     for step in range(2 * BLOCK):  # slides at least once
         logits = decoder.step()
         steps_passes += len(passes)
-        for row, owner in enumerate(decoder.owners):
-            torch.testing.assert_close(logits[row], full_logits(model, windows[owner]),
-                                       rtol=1e-5, atol=1e-5, msg=f"step {step}, row {owner}")
-            token = (3 * step + owner) % len(CHARS)
-            decoder.push(row, token)
-            windows[owner] = slide(windows[owner] + [token], BLOCK)
+        check_and_push(model, decoder, windows, logits, step)
         passes.clear()
     assert steps_passes == 2 * BLOCK
 
