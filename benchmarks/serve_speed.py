@@ -18,6 +18,7 @@ Models are a run dir you give (--run_dir) or random weights of a named shape sav
 
     flock /tmp/folio-cpu.lock python benchmarks/serve_speed.py --models=char,bpe
     python benchmarks/serve_speed.py --models=char --max_tokens=8 --concurrent=2 --rounds=1
+    python benchmarks/serve_speed.py --models=char,bpe --device=cuda
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +42,7 @@ from folio.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from folio.infer.sample import generate_tokens, load_run
 from folio.infer.serve.app import background
 from folio.model.gpt import GPT, GPTConfig
+from folio.speed.autotune import cpu_identity
 from folio.store import checkpoint, rundir
 
 SHAPES = {
@@ -76,11 +77,11 @@ def clients(url: str, model: str, case: str, max_tokens: int, concurrent: int = 
     return json.loads(out)
 
 
-def direct(run: Path, max_tokens: int) -> float:
+def direct(run: Path, max_tokens: int, device: str) -> float:
     """tokens/s of generate_tokens on the same model, no server, in a fresh thread as the
     server's decoding thread is (on a busy 2-core machine the main thread's 2-thread
     intra-op pool ran tiny models up to 10x slower than a fresh thread did)."""
-    model, tokenizer, _ = load_run(run, "cpu", "float32")
+    model, tokenizer, _ = load_run(run, device, "float32")
     generator = torch.Generator().manual_seed(1)
     rate = []
 
@@ -98,17 +99,18 @@ def direct(run: Path, max_tokens: int) -> float:
 
 
 def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[str],
-          rounds: int) -> None:
+          rounds: int, device: str) -> None:
     common = {"benchmark": "serve_speed", "model": name, "max_tokens": max_tokens,
-              "threads": torch.get_num_threads(), "cpu": platform.processor()
-              or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+              "device": device, "threads": torch.get_num_threads(), "cpu": cpu_identity(),
               "torch": torch.__version__}
-    direct(run, 16)  # warm-up
+    if device.startswith("cuda"):
+        common["gpu"] = torch.cuda.get_device_name(device)
+    direct(run, 16, device)  # warm-up
     print(json.dumps({**common, "case": "direct", "tokens_per_sec":
-                      round(direct(run, max_tokens), 1)}), flush=True)
+                      round(direct(run, max_tokens, device), 1)}), flush=True)
     summary: dict[str, float] = {}
     for engine in engines:
-        cfg = ServeConfig(run_dirs=[str(run)], port=0, device="cpu", dtype="float32",
+        cfg = ServeConfig(run_dirs=[str(run)], port=0, device=device, dtype="float32",
                           max_active=concurrent, max_tokens=max_tokens,
                           batch=engine == "batched")
         with background(cfg) as url:
@@ -171,6 +173,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every case per engine; figures are their medians")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--engines", default="in_turn,batched",
                         help="comma-separated: in_turn (--batch=False), batched")
     args = parser.parse_args()
@@ -183,7 +186,8 @@ def main() -> None:
         cases = ([(Path(args.run_dir).name, Path(args.run_dir))] if args.run_dir else
                  [(m, random_run(Path(tmp) / m, m)) for m in args.models.split(",")])
         for name, run in cases:
-            bench(name, run, args.max_tokens, args.concurrent, engines, args.rounds)
+            bench(name, run, args.max_tokens, args.concurrent, engines, args.rounds,
+                  args.device)
 
 
 if __name__ == "__main__":

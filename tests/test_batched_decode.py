@@ -15,15 +15,18 @@ from folio.infer.decode import BatchDecoder, slide
 from folio.infer.sample import draw, generate_tokens, sample_token, sample_tokens
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import LoadedModel
+from folio.machine.device import available_devices
 from folio.model.cache import RowCache
 from folio.model.gpt import GPT, GPTConfig
 from folio.store.rundir import RunInfo
 
 CHARS = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 BLOCK = 16
+# the CPU, and where this machine has one a GPU (CI has none; a GPU session runs these)
+DEVICES = [d for d in available_devices() if ":" not in d]
 
 
-def tiny(rope: bool = False) -> GPT:
+def tiny(rope: bool = False, device: str = "cpu") -> GPT:
     """A random 2-layer model with lively logits (weights scaled up), so greedy text varies
     and near-ties between tokens are rare."""
     torch.manual_seed(0)
@@ -33,7 +36,7 @@ def tiny(rope: bool = False) -> GPT:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def seq(n: int, seed: int) -> list[int]:
@@ -43,7 +46,7 @@ def seq(n: int, seed: int) -> list[int]:
 def full_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
     """The reference: a plain forward pass over the whole window."""
     with torch.no_grad():
-        return model(torch.tensor([tokens]))[0]
+        return model(torch.tensor([tokens], device=model.transformer.wte.weight.device))[0]
 
 
 def check_and_push(model: GPT, decoder: BatchDecoder[int], windows: dict[int, list[int]],
@@ -60,9 +63,10 @@ def check_and_push(model: GPT, decoder: BatchDecoder[int], windows: dict[int, li
 
 # ---------------------------------------------------------------------------- the model
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rope", [False, True], ids=["learned positions", "rotary"])
-def test_each_row_of_a_step_gets_its_own_windows_logits(rope):
-    model = tiny(rope)
+def test_each_row_of_a_step_gets_its_own_windows_logits(rope, device):
+    model = tiny(rope, device)
     decoder: BatchDecoder[int] = BatchDecoder(model)
     windows = {i: seq(n, i) for i, n in enumerate([1, 4, 9, BLOCK])}  # a full block too
     for i, w in windows.items():
@@ -211,8 +215,8 @@ REQUESTS = [
 ]
 
 
-def loaded_tiny() -> LoadedModel:
-    model = tiny()
+def loaded_tiny(device: str = "cpu") -> LoadedModel:
+    model = tiny(device=device)
     info = RunInfo(model=model.config.to_dict(), tokenizer={"kind": "char", "chars": CHARS})
     return LoadedModel("tiny", model, CharTokenizer(CHARS), info, ())
 
@@ -245,11 +249,12 @@ def alone(loaded: LoadedModel, batch: bool) -> list[Collected]:
     return results
 
 
-def test_concurrent_requests_get_the_text_each_gets_alone():
+@pytest.mark.parametrize("device", DEVICES)
+def test_concurrent_requests_get_the_text_each_gets_alone(device):
     """Eight requests (different prompts, lengths, seeds and settings), arriving while others
     decode, batched into one forward pass per step: each one's text, finish reason and token
     count are those of the request run alone, batched or by the one-at-a-time engine."""
-    loaded = loaded_tiny()
+    loaded = loaded_tiny(device)
     engine = Engine(max_active=8, queue_size=0)
     together = [Collected(engine, r[-1]) for r in REQUESTS]
     try:

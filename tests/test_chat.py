@@ -27,9 +27,12 @@ from folio.data.tokenizer import (
     special_ids,
     tokenizer_from_spec,
 )
+from folio.machine.device import available_devices
 from folio.model.gpt import GPT, GPTConfig
 
 WORDS = "zero one two three four five six seven eight".split()
+# the CPU, and where this machine has one a GPU (CI has none; a GPU session runs these)
+DEVICES = [d for d in available_devices() if ":" not in d]
 CHAT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=48", "--batch_size=8",
              "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=4",
              "--log_interval=50", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4",
@@ -232,12 +235,16 @@ def train_chat(data_dir: Path, out: Path, *extra: str) -> int:
                  "--task=chat", f"--out_dir={out}", *extra])
 
 
-def test_chat_finetune_trains_with_muon_and_plots(chat_data, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chat_finetune_trains_with_muon_and_plots(chat_data, tmp_path, device):
     # the modern recipe (Muon) and the loss plot on a chat task: the masked val loss falls
-    # and the plot is drawn from its metrics (a --time budget on a chat task: chat_sft.py)
+    # and the plot is drawn from its metrics (a --time budget on a chat task: chat_sft.py);
+    # on a GPU too where this machine has one (bfloat16, its attention kernels' mask)
     out = tmp_path / "modern"
     settings = [a for a in CHAT_TINY if not a.startswith(("--recipe", "--learning_rate",
-                                                          "--min_lr", "--warmup"))]
+                                                          "--min_lr", "--warmup", "--device",
+                                                          "--dtype"))]
+    settings += [f"--device={device}", "--dtype=float32" if device == "cpu" else "--dtype=bfloat16"]
     assert main(["train", *settings, f"--data_dir={chat_data}", "--dataset=sums",
                  "--task=chat", f"--out_dir={out}", "--recipe=modern", "--max_iters=60",
                  "--eval_interval=20"]) == 0

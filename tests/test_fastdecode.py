@@ -135,8 +135,8 @@ def test_folio_sample_counts_the_parameters_of_a_packed_model(char_data_dir, tmp
 @pytest.mark.parametrize("pack", [False, True], ids=["head only", "packed"])
 def test_several_rows_at_once_decode_as_each_row_alone(pack):
     """A batched step's rows go through weights packed for several rows (made on first use):
-    each row's output matches its own one-row output."""
-    twin = decoding_copy(wide_model(), pack=pack)
+    each row's output matches its own one-row output; a small head is not packed for rows."""
+    twin = decoding_copy(wide_model(vocab_size=4096), pack=pack)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
     layers = [twin.lm_head, twin.transformer.h[0].mlp.c_fc]
     with torch.no_grad():
@@ -147,3 +147,4 @@ def test_several_rows_at_once_decode_as_each_row_alone(pack):
     assert twin.lm_head.rows.packed is not None  # the head's packing for rows, made now
     c_fc = twin.transformer.h[0].mlp.c_fc  # the blocks' layers keep one packing
     assert not isinstance(c_fc, PackedLinear) or c_fc.rows is None
+    assert decoding_copy(wide_model(vocab_size=65), pack=pack).lm_head.rows is None

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from folio.machine.device import available_devices
 from folio.model.gpt import GPT, GPTConfig, documents
 from folio.speed.fastdropout import causal_attention, keep_mask
 from folio.speed.kernels import PLAIN, Kernels, apply
@@ -16,6 +17,9 @@ from folio.train.step import TrainStep
 START = 0  # the token that opens a document
 GPT2 = dict()  # a position table, LayerNorm, GELU
 MODERN = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_head=False, bias=False)
+# the CPU, and where this machine has one a GPU (its kernels take the mask another way)
+KERNELS = [(PLAIN, "cpu"), (Kernels.for_device("cpu"), "cpu")] + [
+    (Kernels.for_device(d), d) for d in available_devices()[1:] if ":" not in d]
 
 
 def model(kernels: Kernels = PLAIN, dropout: float = 0.0, **shape) -> GPT:
@@ -33,8 +37,9 @@ def conversation(n: int, low: int, seed: int) -> torch.Tensor:
 
 
 def all_logits(m: GPT, idx: torch.Tensor, doc_start: int | None = None) -> torch.Tensor:
+    device = m.transformer.wte.weight.device
     with torch.no_grad():
-        return m.logits(m.hidden(idx, doc_start=doc_start))  # (B, T, V)
+        return m.logits(m.hidden(idx.to(device), doc_start=doc_start)).cpu()  # (B, T, V)
 
 
 def test_documents_give_positions_within_each_and_a_block_diagonal_causal_mask():
@@ -49,10 +54,11 @@ def test_documents_give_positions_within_each_and_a_block_diagonal_causal_mask()
     assert mask[1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("kernels", [PLAIN, Kernels.for_device("cpu")], ids=["plain", "cpu"])
+@pytest.mark.parametrize("kernels, device", KERNELS,
+                         ids=["plain", "cpu", *(d for _, d in KERNELS[2:])])
 @pytest.mark.parametrize("shape", [GPT2, MODERN], ids=["gpt2", "modern"])
-def test_a_conversation_packed_after_another_has_its_logits_alone(shape, kernels):
-    m = model(kernels, **shape).eval()
+def test_a_conversation_packed_after_another_has_its_logits_alone(shape, kernels, device):
+    m = model(kernels, **shape).to(device).eval()
     a, b = conversation(11, 1, seed=1), conversation(9, 11, seed=2)
     packed = torch.cat([a, b], dim=1)  # (1, 20)
     alone = all_logits(m, b)  # (1, 9, V)
@@ -66,7 +72,7 @@ def test_a_conversation_packed_after_another_has_its_logits_alone(shape, kernels
     rows = torch.cat([packed, torch.cat([b, a], dim=1)])  # (2, 20)
     both = all_logits(m, rows, START)
     torch.testing.assert_close(both[1:, :b.size(1)], alone, rtol=0, atol=1e-5)
-    assert m(packed, doc_start=START).shape == (1, 40)  # the next token's logits
+    assert m(packed.to(device), doc_start=START).shape == (1, 40)  # the next token's logits
 
 
 def test_a_kv_cache_refuses_packed_documents():
