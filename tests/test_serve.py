@@ -20,7 +20,8 @@ from conftest import copy_run
 from folio.cli import main
 from folio.cli.args import parse_args
 from folio.config import ServeConfig
-from folio.infer.serve.app import background, exposure_warning
+from folio.infer.serve import api
+from folio.infer.serve.app import ChunkWriter, background, exposure_warning
 from folio.infer.serve.engine import Engine
 
 MANY = 10**6  # max_tokens for generations that only a cancel ends within a test's time
@@ -133,6 +134,19 @@ def test_streamed_chat_names_the_role_and_reports_usage(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert chunks[-1].usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_a_streamed_pieces_frame_is_the_whole_chunks_json(chat):
+    # text frames are rendered once around a placeholder: the bytes must be the chunk's own
+    body = {"model": 'a "run"', "n": 2, **({"messages": [{"role": "user", "content": "x"}]}
+                                         if chat else {"prompt": "x"})}
+    req = api.parse_request(body, chat, api.Limits(16, 100, 2))
+    writer = ChunkWriter(req, 1)
+    for piece in ["a", '"\\\n', "é", "\u2028😀", "\x00", "", "</script>"]:
+        for index in (0, 1):
+            want = api.sse(api.chunk(req, writer.id, writer.created, index, piece))
+            assert writer.text(index, piece) == want, piece
 
 
 def test_stop_string_ends_the_answer(client):

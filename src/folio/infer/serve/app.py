@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import socket
 import sys
 import threading
@@ -320,12 +321,28 @@ async def collect(req: CompletionRequest, prompt_tokens: int, events: asyncio.Qu
                                        api.usage(prompt_tokens, used)))
 
 
+PLACEHOLDER = "\x00"  # stands for a text piece in a frame rendered once (JSON: "\u0000")
+
+
 class ChunkWriter:
     """A request's events as server-sent `chunk` objects, ending with `data: [DONE]`."""
 
     def __init__(self, req: CompletionRequest, prompt_tokens: int) -> None:
         self.req, self.prompt_tokens, self.used = req, prompt_tokens, 0
         self.id, self.created = api.new_id(req.chat), api.now()
+        self._around: dict[int, tuple[bytes, bytes]] = {}  # per choice: a text frame's ends
+
+    def text(self, index: int, piece: str) -> bytes:
+        """The frame of a piece of choice `index`'s text: the bytes of `sse(chunk(...))`,
+        from that frame rendered once around a placeholder, the piece's JSON string put in
+        its place (encoding the whole chunk for every token was a third of the event loop's
+        work with 8 streams)."""
+        if index not in self._around:
+            frame = api.sse(api.chunk(self.req, self.id, self.created, index, PLACEHOLDER))
+            head, _, tail = frame.partition(json.dumps(PLACEHOLDER).encode())
+            self._around[index] = head, tail
+        head, tail = self._around[index]
+        return b"".join((head, json.dumps(piece).encode(), tail))
 
     def start(self) -> list[bytes]:
         if not self.req.chat:
@@ -337,7 +354,7 @@ class ChunkWriter:
         """The frames for one event, and whether the stream ends after them."""
         req = self.req
         if event[0] == "text":
-            return [api.sse(api.chunk(req, self.id, self.created, event[1], event[2]))], False
+            return [self.text(event[1], event[2])], False
         if event[0] == "end":
             self.used += event[3]
             return [api.sse(api.chunk(req, self.id, self.created, event[1], None,
