@@ -1,8 +1,8 @@
 """`folio serve` speed: tokens/s of one stream, the aggregate of N concurrent streams, and the
 time to first token, for the batched engine (one forward pass per step over every stream) and
 the one-at-a-time engine (`--batch=False`) side by side, against `generate_tokens` called
-directly in the same process (the ratio is the server's overhead). The server runs in this
-process; its clients in another (serve_clients.py), as real clients do. Each engine runs
+directly in this process (the ratio is the server's overhead). The server is `folio serve` in a
+process of its own, its clients in another (serve_clients.py), as users run them. Each engine runs
 `--rounds` rounds of: one stream alone, N streams together, a late arrival; the figures are
 the medians of the rounds (the N-vs-1 ratio: of each round's own ratio). One JSON line per
 case, then a summary line per model: N streams' aggregate over one stream's tokens/s, per engine.
@@ -24,23 +24,26 @@ Models are a run dir you give (--run_dir) or random weights of a named shape sav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from serve_clients import PROMPT
 
-from folio.config import ServeConfig
 from folio.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from folio.infer.sample import generate_tokens, load_run
-from folio.infer.serve.app import background
 from folio.model.gpt import GPT, GPTConfig
 from folio.speed.autotune import cpu_identity
 from folio.store import checkpoint, rundir
@@ -53,6 +56,7 @@ SHAPES = {
 }
 CHARS = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 CLIENTS = Path(__file__).with_name("serve_clients.py")
+T = TypeVar("T")
 
 
 def random_run(path: Path, shape: str) -> Path:
@@ -69,6 +73,34 @@ def random_run(path: Path, shape: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def served(run: Path, device: str, concurrent: int, max_tokens: int, batch: bool
+           ) -> Iterator[str]:
+    """`folio serve` of `run` in a process of its own, as users run it; yields its URL. (In
+    this process, beside the benchmark's own torch work, its steps ran up to 2x slower: on 2
+    cores, torch ops on another thread of the process slowed the decoding thread's.)"""
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "folio", "serve", str(run), f"--port={port}", f"--device={device}",
+         "--dtype=float32", f"--max_active={concurrent}", f"--max_tokens={max_tokens}",
+         f"--batch={batch}"], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(url + "/api/status", timeout=5).close()
+                break
+            if server.poll() is not None:
+                raise RuntimeError("folio serve did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def clients(url: str, model: str, case: str, max_tokens: int, concurrent: int = 2) -> dict:
     """One case of serve_clients.py, run in a process of its own."""
     out = subprocess.run([sys.executable, str(CLIENTS), url, model, case,
@@ -78,24 +110,29 @@ def clients(url: str, model: str, case: str, max_tokens: int, concurrent: int = 
 
 
 def direct(run: Path, max_tokens: int, device: str) -> float:
-    """tokens/s of generate_tokens on the same model, no server, in a fresh thread as the
-    server's decoding thread is (on a busy 2-core machine the main thread's 2-thread
-    intra-op pool ran tiny models up to 10x slower than a fresh thread did)."""
+    """tokens/s of generate_tokens on the same model, no server."""
+    return in_thread(lambda: one_stream(run, max_tokens, device))
+
+
+def one_stream(run: Path, max_tokens: int, device: str) -> float:
+    torch.set_grad_enabled(False)
     model, tokenizer, _ = load_run(run, device, "float32")
     generator = torch.Generator().manual_seed(1)
-    rate = []
+    start = time.perf_counter()
+    n = sum(1 for _ in generate_tokens(model, tokenizer.encode(PROMPT), max_tokens, 0.8, 200,
+                                       1.0, generator))
+    return n / (time.perf_counter() - start)
 
-    def decode() -> None:
-        torch.set_grad_enabled(False)
-        start = time.perf_counter()
-        n = sum(1 for _ in generate_tokens(model, tokenizer.encode(PROMPT), max_tokens,
-                                           0.8, 200, 1.0, generator))
-        rate.append(n / (time.perf_counter() - start))
 
-    thread = threading.Thread(target=decode)
+def in_thread(fn: Callable[[], T]) -> T:
+    """fn() in a thread that ends with it: this process's torch work all runs so, since a
+    thread that lives on keeps its OpenMP team, and beside it another thread's small torch
+    ops ran up to 2x slower (see folio serve's in_own_thread)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
     thread.start()
     thread.join()
-    return rate[0]
+    return result[0]
 
 
 def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[str],
@@ -110,10 +147,7 @@ def bench(name: str, run: Path, max_tokens: int, concurrent: int, engines: list[
                       round(direct(run, max_tokens, device), 1)}), flush=True)
     summary: dict[str, float] = {}
     for engine in engines:
-        cfg = ServeConfig(run_dirs=[str(run)], port=0, device=device, dtype="float32",
-                          max_active=concurrent, max_tokens=max_tokens,
-                          batch=engine == "batched")
-        with background(cfg) as url:
+        with served(run, device, concurrent, max_tokens, engine == "batched") as url:
             clients(url, run.name, "one", 16)  # warm-up: loads the model
             measured = [measure(url, run.name, max_tokens, concurrent) for _ in range(rounds)]
         middle = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
@@ -182,9 +216,11 @@ def main() -> None:
         parser.error("--engines takes in_turn and/or batched; --concurrent at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server's
     with tempfile.TemporaryDirectory() as tmp:
         cases = ([(Path(args.run_dir).name, Path(args.run_dir))] if args.run_dir else
-                 [(m, random_run(Path(tmp) / m, m)) for m in args.models.split(",")])
+                 [(m, in_thread(lambda m=m: random_run(Path(tmp) / m, m)))
+                  for m in args.models.split(",")])
         for name, run in cases:
             bench(name, run, args.max_tokens, args.concurrent, engines, args.rounds,
                   args.device)

@@ -3,6 +3,7 @@ real uvicorn server on 127.0.0.1; concurrency, the queue bound, disconnects; run
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import http.client
 import json
@@ -21,8 +22,9 @@ from folio.cli import main
 from folio.cli.args import parse_args
 from folio.config import ServeConfig
 from folio.infer.serve import api
-from folio.infer.serve.app import ChunkWriter, background, exposure_warning
+from folio.infer.serve.app import ChunkWriter, background, exposure_warning, in_own_thread
 from folio.infer.serve.engine import Engine
+from folio.infer.serve.runs import ModelPool
 
 MANY = 10**6  # max_tokens for generations that only a cancel ends within a test's time
 
@@ -308,6 +310,23 @@ def test_a_disconnect_mid_stream_frees_its_slot(tiny_run):
         stream.close()  # a million tokens would take minutes: only the cancel frees the slot
         wait_for(lambda: status(base)["active"] == 0, timeout=10)
         assert request(base, "POST", *post(OK)[1:])[0] == 200
+
+
+def test_a_model_loads_in_a_thread_that_ends_with_it(tiny_run, monkeypatch):
+    # regression: loads ran in asyncio's thread pool, whose threads outlive them with their
+    # OpenMP teams, and beside those the decoding thread's steps ran slower (see in_own_thread)
+    loaders: list[threading.Thread] = []
+    get = ModelPool.get
+    monkeypatch.setattr(ModelPool, "get", lambda pool, name: (
+        loaders.append(threading.current_thread()), get(pool, name))[1])
+    with background(ServeConfig(run_dirs=[str(tiny_run)], port=0)) as base:
+        assert request(base, "POST", *post(OK)[1:])[0] == 200
+        assert len(loaders) == 1 and loaders[0] is not threading.main_thread()
+        loaders[0].join(timeout=10)
+        assert not loaders[0].is_alive()
+        assert request(base, "POST", *post(OK)[1:])[0] == 200  # the loaded model serves on
+    with pytest.raises(ZeroDivisionError):  # a failed load fails its request
+        asyncio.run(in_own_thread(lambda: 1 / 0))
 
 
 def test_a_full_queue_answers_429_at_once(tiny_run):

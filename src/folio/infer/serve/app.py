@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -33,6 +33,8 @@ from folio.infer.serve.api import ApiError, CompletionRequest
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import ModelPool, RunIndex, read_metrics_chunk, summarise
 from folio.watch.report import load_cards, render_report
+
+T = TypeVar("T")
 
 STATIC = resources.files("folio.infer.serve") / "static"
 
@@ -157,7 +159,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if engine.full():  # before a model load, which can take a while
             raise busy
         try:  # a model loaded with the newest weights at once; else loaded off the loop
-            loaded = pool.ready(req.model) or await asyncio.to_thread(pool.get, req.model)
+            loaded = pool.ready(req.model) or await in_own_thread(pool.get, req.model)
         except KeyError:  # the run dir vanished since
             raise not_found from None
         except FolioError as e:  # a run being written, or a corrupt one
@@ -258,6 +260,37 @@ def report_html(dirs: list, names: list[str], x: str) -> str:
 
 def error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a thread that ends with it (model loads: torch work off the event loop).
+    A thread that outlives its torch work (asyncio.to_thread's pool) keeps its OpenMP thread
+    team, and with more such threads than cores GNU OpenMP's threads sleep between parallel
+    regions instead of spinning: the decoding thread's many small regions slow down (2-core
+    Zen 3, one stream of generate_tokens: a 30M-parameter model 10-20% slower after a load in
+    a pool thread; the README char model ~2x slower beside a thread that had run large ops).
+    A team ends with its thread."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting request
+            loop.call_soon_threadsafe(_settle, done, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+    threading.Thread(target=run, name="folio-load", daemon=True).start()
+    return await done
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():  # the request went away meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
