@@ -445,8 +445,9 @@ class EventStream(Response):
 
 @contextlib.contextmanager
 def background(cfg: ServeConfig) -> Iterator[str]:
-    """A server for `cfg` in a thread of this process (for tests, benchmarks, notebooks);
-    yields its base URL. `cfg.port` 0 picks a free port."""
+    """A server for `cfg` in a thread of this process (for tests, notebooks); yields its base
+    URL. `cfg.port` 0 picks a free port. Beside threads that ran large torch ops (and keep
+    their OpenMP teams: see in_own_thread) it decodes slower than `folio serve` does."""
     import uvicorn
     sock = socket.create_server((cfg.host, cfg.port))
     server = uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning"))
