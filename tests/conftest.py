@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from folio.data.prepare import SHAKESPEARE_SHA256
+from folio.machine.device import available_devices
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny Shakespeare (public domain) ships with the tests, so a fresh clone runs every test.
 SHAKESPEARE_TEXT = REPO / "tests" / "data" / "tinyshakespeare" / "input.txt"
 
+# Tests of device-specific paths run on each device this machine has: the CPU (CI has no
+# other), and a GPU in a session that has one (scripts/gpu_check.sh runs those).
+DEVICES = [d for d in available_devices() if ":" not in d]
 # Tests use few threads so helpers and CI runners do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test writes the user's cache (downloads, measured autotune choices): a fresh one per

@@ -9,21 +9,19 @@ import time
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from folio.data.tokenizer import CharTokenizer
 from folio.infer.decode import BatchDecoder, slide
 from folio.infer.sample import draw, generate_tokens, sample_token, sample_tokens
 from folio.infer.serve.engine import Engine, Job
 from folio.infer.serve.runs import LoadedModel
-from folio.machine.device import available_devices
 from folio.model.cache import RowCache
 from folio.model.gpt import GPT, GPTConfig
 from folio.store.rundir import RunInfo
 
 CHARS = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 BLOCK = 16
-# the CPU, and where this machine has one a GPU (CI has none; a GPU session runs these)
-DEVICES = [d for d in available_devices() if ":" not in d]
 
 
 def tiny(rope: bool = False, device: str = "cpu") -> GPT:

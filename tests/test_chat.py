@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 
 from folio.cli import main
 from folio.config import ChatConfig, PrepareConfig
@@ -27,12 +28,9 @@ from folio.data.tokenizer import (
     special_ids,
     tokenizer_from_spec,
 )
-from folio.machine.device import available_devices
 from folio.model.gpt import GPT, GPTConfig
 
 WORDS = "zero one two three four five six seven eight".split()
-# the CPU, and where this machine has one a GPU (CI has none; a GPU session runs these)
-DEVICES = [d for d in available_devices() if ":" not in d]
 CHAT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=48", "--batch_size=8",
              "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=4",
              "--log_interval=50", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4",

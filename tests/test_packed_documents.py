@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES
 
-from folio.machine.device import available_devices
 from folio.model.gpt import GPT, GPTConfig, documents
 from folio.speed.fastdropout import causal_attention, keep_mask
 from folio.speed.kernels import PLAIN, Kernels, apply
@@ -18,8 +18,7 @@ START = 0  # the token that opens a document
 GPT2 = dict()  # a position table, LayerNorm, GELU
 MODERN = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_head=False, bias=False)
 # the CPU, and where this machine has one a GPU (its kernels take the mask another way)
-KERNELS = [(PLAIN, "cpu"), (Kernels.for_device("cpu"), "cpu")] + [
-    (Kernels.for_device(d), d) for d in available_devices()[1:] if ":" not in d]
+KERNELS = [(PLAIN, "cpu")] + [(Kernels.for_device(d), d) for d in DEVICES]
 
 
 def model(kernels: Kernels = PLAIN, dropout: float = 0.0, **shape) -> GPT:
@@ -55,7 +54,7 @@ def test_documents_give_positions_within_each_and_a_block_diagonal_causal_mask()
 
 
 @pytest.mark.parametrize("kernels, device", KERNELS,
-                         ids=["plain", "cpu", *(d for _, d in KERNELS[2:])])
+                         ids=["plain", *(d for _, d in KERNELS[1:])])
 @pytest.mark.parametrize("shape", [GPT2, MODERN], ids=["gpt2", "modern"])
 def test_a_conversation_packed_after_another_has_its_logits_alone(shape, kernels, device):
     m = model(kernels, **shape).to(device).eval()
