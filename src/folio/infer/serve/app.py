@@ -9,6 +9,7 @@ OpenAI-shaped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -270,27 +271,15 @@ async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
     Zen 3, one stream of generate_tokens: a 30M-parameter model 10-20% slower after a load in
     a pool thread; the README char model ~2x slower beside a thread that had run large ops).
     A team ends with its thread."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
+    done: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            result = fn(*args)
+            done.set_result(fn(*args))
         except BaseException as e:  # handed to the awaiting request
-            loop.call_soon_threadsafe(_settle, done, None, e)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
+            done.set_exception(e)
     threading.Thread(target=run, name="folio-load", daemon=True).start()
-    return await done
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():  # the request went away meanwhile
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
+    return await asyncio.wrap_future(done)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
