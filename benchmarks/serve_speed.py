@@ -95,6 +95,8 @@ def served(run: Path, device: str, concurrent: int, max_tokens: int, batch: bool
             if server.poll() is not None:
                 raise RuntimeError("folio serve did not start")
             time.sleep(0.1)
+        else:
+            raise RuntimeError("folio serve did not answer within a minute")
         yield url
     finally:
         server.terminate()
