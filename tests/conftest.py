@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 
 from folio.data.prepare import SHAKESPEARE_SHA256
-from folio.machine.device import available_devices
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny Shakespeare (public domain) ships with the tests, so a fresh clone runs every test.
 SHAKESPEARE_TEXT = REPO / "tests" / "data" / "tinyshakespeare" / "input.txt"
 
-# Tests of device-specific paths run on each device this machine has: the CPU (CI has no
-# other), and a GPU in a session that has one (scripts/gpu_check.sh runs those).
-DEVICES = [d for d in available_devices() if ":" not in d]
 # Tests use few threads so helpers and CI runners do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test writes the user's cache (downloads, measured autotune choices): a fresh one per
@@ -29,6 +25,15 @@ if "FOLIO_CACHE" not in os.environ:
     os.environ["FOLIO_CACHE"] = tempfile.mkdtemp(prefix="folio-test-cache-")
     (Path(os.environ["FOLIO_CACHE"]) / "tinyshakespeare").mkdir()
     shutil.copy(SHAKESPEARE_TEXT, Path(os.environ["FOLIO_CACHE"]) / "tinyshakespeare")
+
+
+def devices() -> list[str]:
+    """The devices tests of device-specific paths run on: the CPU (CI has no other), and a GPU
+    where this machine has one (scripts/gpu_check.sh runs those). Imported here, not at the
+    top: torch must start after OMP_NUM_THREADS is set above (a run in this process and one in
+    a subprocess must sum in one order: test_crash_safety compares their losses bitwise)."""
+    from folio.machine.device import available_devices
+    return [d for d in available_devices() if ":" not in d]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import devices
 
 from folio.data.tokenizer import CharTokenizer
 from folio.infer.decode import BatchDecoder, slide
@@ -61,7 +61,7 @@ def check_and_push(model: GPT, decoder: BatchDecoder[int], windows: dict[int, li
 
 # ---------------------------------------------------------------------------- the model
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("rope", [False, True], ids=["learned positions", "rotary"])
 def test_each_row_of_a_step_gets_its_own_windows_logits(rope, device):
     model = tiny(rope, device)
@@ -247,7 +247,7 @@ def alone(loaded: LoadedModel, batch: bool) -> list[Collected]:
     return results
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_concurrent_requests_get_the_text_each_gets_alone(device):
     """Eight requests (different prompts, lengths, seeds and settings), arriving while others
     decode, batched into one forward pass per step: each one's text, finish reason and token

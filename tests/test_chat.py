@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import devices
 
 from folio.cli import main
 from folio.config import ChatConfig, PrepareConfig
@@ -233,7 +233,7 @@ def train_chat(data_dir: Path, out: Path, *extra: str) -> int:
                  "--task=chat", f"--out_dir={out}", *extra])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_chat_finetune_trains_with_muon_and_plots(chat_data, tmp_path, device):
     # the modern recipe (Muon) and the loss plot on a chat task: the masked val loss falls
     # and the plot is drawn from its metrics (a --time budget on a chat task: chat_sft.py);

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import devices
 
 from folio.model.gpt import GPT, GPTConfig, documents
 from folio.speed.fastdropout import causal_attention, keep_mask
@@ -18,7 +18,7 @@ START = 0  # the token that opens a document
 GPT2 = dict()  # a position table, LayerNorm, GELU
 MODERN = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_head=False, bias=False)
 # the CPU, and where this machine has one a GPU (its kernels take the mask another way)
-KERNELS = [(PLAIN, "cpu")] + [(Kernels.for_device(d), d) for d in DEVICES]
+KERNELS = [(PLAIN, "cpu")] + [(Kernels.for_device(d), d) for d in devices()]
 
 
 def model(kernels: Kernels = PLAIN, dropout: float = 0.0, **shape) -> GPT:
